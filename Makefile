@@ -1,0 +1,86 @@
+# One command each, on a fresh machine: `make demo` (the main job) and `make test` (all tests).
+# Both create .venv, install the pinned requirements and the Debian packages the C++ tests and
+# benchmarks need, and build the extension; a second run with nothing changed rebuilds nothing.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CMAKE_BUILD := build/cmake
+CUDA_CHECK := build/cuda-check
+APT_PACKAGES := g++ cmake ninja-build libgtest-dev libbenchmark-dev
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+NVCC := $(shell command -v nvcc 2>/dev/null)
+
+EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
+CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
+
+.PHONY: test demo bench lint cpp-test py-test cuda-check apt clean
+
+test: lint cpp-test cuda-check py-test
+
+demo: $(VENV)/.ext-built
+	$(PY) -m spatium_torch.demo
+
+bench: $(CMAKE_BUILD)/build.ninja $(VENV)/.ext-built
+	cmake --build $(CMAKE_BUILD) --target core_benchmarks
+	$(PY) benchmarks/run_cpp_benchmarks.py --binary $(CMAKE_BUILD)/core_benchmarks --out benchmarks/RESULTS.md
+
+# --- set-up ------------------------------------------------------------------------------------
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.requirements-installed: requirements.txt | $(PY)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.ext-built: $(VENV)/.requirements-installed $(EXT_SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+$(CMAKE_BUILD)/build.ninja: CMakeLists.txt | apt
+	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release
+
+# --- tests -------------------------------------------------------------------------------------
+lint: $(VENV)/.requirements-installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+cpp-test: $(CMAKE_BUILD)/build.ninja
+	cmake --build $(CMAKE_BUILD) -j 2
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+py-test: $(VENV)/.ext-built
+	$(PY) -m pytest -q tests
+
+# Compiles the CUDA sources with nvcc where the extension itself is built without CUDA (a CPU
+# torch), so that they keep compiling on machines with no GPU. A CPU torch lacks one generated
+# CUDA header; a stand-in defines what a real CUDA build of torch defines there.
+ifeq ($(NVCC),)
+cuda-check:
+	@echo "cuda-check: no nvcc on this machine, CUDA sources not compiled"
+else
+cuda-check: $(patsubst csrc/cuda/%.cu,$(CUDA_CHECK)/%.o,$(CUDA_SOURCES))
+
+$(CUDA_CHECK)/include/c10/cuda/impl/cuda_cmake_macros.h:
+	mkdir -p $(dir $@)
+	printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > $@
+
+$(CUDA_CHECK)/%.o: csrc/cuda/%.cu $(shell find csrc -name '*.h') $(VENV)/.requirements-installed \
+		$(CUDA_CHECK)/include/c10/cuda/impl/cuda_cmake_macros.h
+	$(NVCC) -c -std=c++20 -O3 --expt-relaxed-constexpr -arch=sm_90 -Icsrc -I$(CUDA_CHECK)/include \
+	  $$($(PY) -c "import sysconfig, torch.utils.cpp_extension as c; \
+	    print(' '.join('-I' + p for p in c.include_paths() + [sysconfig.get_paths()['include']]))") \
+	  $< -o $@
+endif
+
+clean:
+	rm -rf build spatium_torch/*.so $(VENV)/.ext-built

@@ -1,0 +1,52 @@
+"""Builds spatium_torch._C: the torch-free core (csrc/core), the op bindings (csrc) and, when
+torch has CUDA and a CUDA toolkit is found, the CUDA impls (csrc/cuda). USE_CUDA=0 forces a
+CPU-only build. Install with `pip install --no-build-isolation -e .`."""
+
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    """CUDA is built when torch was built with it and a toolkit exists, never by probing a GPU."""
+    if os.environ.get("USE_CUDA", "").strip() == "0":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+# Two parallel compile jobs by default: the reference machine has two cores.
+os.environ.setdefault("MAX_JOBS", "2")
+
+with_cuda = want_cuda()
+# -fopenmp on compile *and* link: at::parallel_for is inline and runs serially without it.
+# The language standard is torch's own (C++20 for torch 2.13); csrc/core stays C++17 (CMake).
+cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+extension_sources = sources("csrc/*.cpp") + sources("csrc/core/*.cpp")
+extension_kwargs = dict(
+    include_dirs=[os.path.join(ROOT, "csrc")],
+    extra_compile_args={"cxx": cxx_flags},
+    extra_link_args=["-fopenmp"],
+)
+if with_cuda:
+    extension_kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
+    extension_kwargs["define_macros"] = [("SPATIUM_WITH_CUDA", "1")]
+    extension = CUDAExtension(
+        "spatium_torch._C", extension_sources + sources("csrc/cuda/*.cu"), **extension_kwargs
+    )
+else:
+    extension = CppExtension("spatium_torch._C", extension_sources, **extension_kwargs)
+
+setup(
+    packages=find_packages(include=["spatium_torch", "spatium_torch.*"]),
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
