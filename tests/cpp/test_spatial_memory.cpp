@@ -1,0 +1,286 @@
+#include <gtest/gtest.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <vector>
+
+#include "core/half.h"
+#include "core/quantize.h"
+#include "core/spatial_memory.h"
+
+namespace spatium {
+namespace {
+
+std::vector<uint64_t> iota_codes(int64_t n) {
+  std::vector<uint64_t> codes(static_cast<size_t>(n));
+  std::iota(codes.begin(), codes.end(), uint64_t{0});
+  return codes;
+}
+
+std::vector<float> random_weights(size_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 0.5f);
+  std::vector<float> w(n);
+  for (auto& v : w) v = normal(rng);
+  return w;
+}
+
+[[gnu::target("f16c")]] uint16_t hardware_half(float f) {
+  return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+}
+
+TEST(Half, EveryHalfRoundTrips) {
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    const auto half = static_cast<uint16_t>(h);
+    const float f = half_to_float(half);
+    if (std::isnan(f)) continue;
+    ASSERT_EQ(float_to_half(f), half) << std::hex << h;
+  }
+}
+
+TEST(Half, MatchesHardwareRounding) {
+  if (!__builtin_cpu_supports("f16c")) GTEST_SKIP() << "no F16C";
+  std::mt19937 rng(1);
+  for (int i = 0; i < 2000000; ++i) {
+    uint32_t bits = rng();
+    float f;
+    std::memcpy(&f, &bits, 4);
+    if (std::isnan(f)) continue;
+    ASSERT_EQ(float_to_half(f), hardware_half(f)) << f;
+  }
+}
+
+class Quantize : public ::testing::TestWithParam<int> {};
+
+TEST_P(Quantize, CodesInSetAndErrorWithinHalfAScale) {
+  const int bits = GetParam();
+  for (int64_t count : {1, 7, 64, 100, 128}) {
+    const auto w = random_weights(static_cast<size_t>(count), 10 + count);
+    std::vector<uint8_t> codes(static_cast<size_t>(quant::code_bytes(bits, count)));
+    const uint16_t scale_half = quant::quantize_block(w.data(), count, bits, codes.data());
+    const float scale = half_to_float(scale_half);
+    std::vector<float> back(static_cast<size_t>(count));
+    quant::dequantize_block(codes.data(), count, bits, scale_half, back.data());
+    double abs_mean = 0.0;
+    for (int64_t j = 0; j < count; ++j) {
+      const uint32_t stored = quant::get_stored(codes.data(), bits, j);
+      ASSERT_TRUE(quant::valid_stored(bits, stored));
+      const int code = quant::from_stored(bits, stored);
+      ASSERT_LE(std::abs(code), quant::max_code(bits));
+      ASSERT_FLOAT_EQ(back[j], scale * static_cast<float>(code));
+      if (bits >= 2) ASSERT_LE(std::fabs(w[j] - back[j]), scale / 2 * (1 + 1e-6f));
+      if (bits == 1) ASSERT_EQ(code, w[j] >= 0 ? 1 : -1);
+      abs_mean += std::fabs(w[j]) / static_cast<double>(count);
+    }
+    if (bits == 1) EXPECT_EQ(scale_half, float_to_half(static_cast<float>(abs_mean)));
+    if (bits == 2) {
+      const auto it = std::max_element(w.begin(), w.end(), [](float a, float b) {
+        return std::fabs(a) < std::fabs(b);
+      });
+      EXPECT_GE(scale, std::fabs(*it));  // absmax / 1, rounded up to fp16
+    }
+  }
+}
+
+TEST_P(Quantize, ZeroAndNonFiniteBlocks) {
+  const int bits = GetParam();
+  std::vector<float> w(16, 0.0f), back(16);
+  std::vector<uint8_t> codes(16);
+  uint16_t scale = quant::quantize_block(w.data(), 16, bits, codes.data());
+  quant::dequantize_block(codes.data(), 16, bits, scale, back.data());
+  for (float v : back) ASSERT_EQ(v, 0.0f);
+  w[3] = std::nanf("");
+  scale = quant::quantize_block(w.data(), 16, bits, codes.data());
+  quant::dequantize_block(codes.data(), 16, bits, scale, back.data());
+  for (float v : back) ASSERT_TRUE(std::isnan(v));
+}
+
+INSTANTIATE_TEST_SUITE_P(Bits, Quantize, ::testing::Values(1, 2, 4, 8));
+
+TEST(SpatialMemory, RegionsAreRunsOfSortedInputs) {
+  const SpatialMemory m(2, {0, 1, 2, 64, 65, 200}, 4, 6);
+  ASSERT_EQ(m.num_regions(), 3);
+  EXPECT_EQ(m.region_key(0), 0u);
+  EXPECT_EQ(m.region_key(1), 1u);
+  EXPECT_EQ(m.region_key(2), 3u);
+  EXPECT_EQ(m.region_size(0), 3);
+  EXPECT_EQ(m.region_size(1), 2);
+  EXPECT_EQ(m.region_size(2), 1);
+  EXPECT_EQ(m.region_of_input(4), 1);
+  EXPECT_EQ(SpatialMemory(1, iota_codes(64), 4, 6).num_regions(), 1);
+  EXPECT_EQ(SpatialMemory(1, iota_codes(64), 4, 3).num_regions(), 8);
+}
+
+// A memory of `out` neurons over `in` default-layout inputs with a random mask and weights.
+struct Fixture {
+  SpatialMemory memory;
+  std::vector<uint8_t> mask;
+  std::vector<float> latent;
+};
+
+Fixture make(int64_t out, int64_t in, int bits, int region_bits, double density, uint64_t seed) {
+  SpatialMemory memory(out, iota_codes(in), bits, region_bits);
+  std::mt19937_64 rng(seed);
+  std::bernoulli_distribution keep(density);
+  std::vector<uint8_t> mask(static_cast<size_t>(out * memory.num_regions()));
+  for (auto& m : mask) m = keep(rng);
+  memory.set_active(mask.data());
+  auto latent = random_weights(static_cast<size_t>(out * in), seed + 1);
+  memory.quantize_rows(0, out, latent.data(), in);
+  return {std::move(memory), std::move(mask), std::move(latent)};
+}
+
+TEST(SpatialMemory, DequantizeIsBlockwiseQuantizationOfTheLatent) {
+  for (int bits : {1, 2, 4, 8}) {
+    for (int rb : {0, 3, 6, 7}) {
+      const int64_t out = 9, in = 150;
+      Fixture f = make(out, in, bits, rb, 0.5, 7 * bits + rb);
+      const SpatialMemory& m = f.memory;
+      std::vector<float> dense(static_cast<size_t>(out * in), -1.0f);
+      m.dequantize_rows(0, out, dense.data(), in);
+      int64_t active = 0;
+      for (int64_t n = 0; n < out; ++n) {
+        for (int64_t r = 0; r < m.num_regions(); ++r) {
+          const bool on = f.mask[n * m.num_regions() + r] != 0;
+          ASSERT_EQ(m.is_active(n, r), on);
+          active += on;
+          const int64_t size = m.region_size(r), begin = m.region_begin(r);
+          std::vector<uint8_t> codes(static_cast<size_t>(quant::code_bytes(bits, size)));
+          std::vector<float> expected(static_cast<size_t>(size), 0.0f);
+          if (on) {
+            const uint16_t s = quant::quantize_block(f.latent.data() + n * in + begin, size, bits,
+                                                     codes.data());
+            quant::dequantize_block(codes.data(), size, bits, s, expected.data());
+          }
+          for (int64_t j = 0; j < size; ++j) ASSERT_EQ(dense[n * in + begin + j], expected[j]);
+        }
+      }
+      EXPECT_EQ(m.active_blocks(), active);
+      // Column panels agree with rows.
+      for (int64_t r0 = 0; r0 < m.num_regions(); r0 += 2) {
+        const int64_t r1 = std::min(r0 + 2, m.num_regions());
+        const int64_t cols = m.region_begin(r1) - m.region_begin(r0);
+        std::vector<float> panel(static_cast<size_t>(out * cols));
+        m.dequantize_regions(r0, r1, panel.data(), cols);
+        for (int64_t n = 0; n < out; ++n) {
+          for (int64_t c = 0; c < cols; ++c) {
+            ASSERT_EQ(panel[n * cols + c], dense[n * in + m.region_begin(r0) + c]);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(SpatialMemory, SetActiveKeepsSurvivingBlocks) {
+  Fixture f = make(5, 64, 4, 3, 0.6, 3);
+  std::vector<float> before(5 * 64), after(5 * 64);
+  f.memory.dequantize_rows(0, 5, before.data(), 64);
+  auto mask = f.mask;
+  mask[0] = !mask[0];  // flip one block of neuron 0, and one of neuron 4
+  mask[4 * 8 + 5] = !mask[4 * 8 + 5];
+  f.memory.set_active(mask.data());
+  f.memory.dequantize_rows(0, 5, after.data(), 64);
+  for (int64_t n = 0; n < 5; ++n) {
+    for (int64_t r = 0; r < 8; ++r) {
+      for (int64_t j = r * 8; j < r * 8 + 8; ++j) {
+        const float expected = (f.mask[n * 8 + r] && mask[n * 8 + r]) ? before[n * 64 + j] : 0.0f;
+        ASSERT_EQ(after[n * 64 + j], expected) << n << " " << r;
+      }
+    }
+  }
+}
+
+TEST(SpatialMemory, PointApi) {
+  SpatialMemory m(3, iota_codes(128), 4, 6);
+  EXPECT_FALSE(m.contains(1, 5));
+  EXPECT_EQ(m.read(1, 5), 0.0f);
+  m.write(1, 5, 0.75f);
+  EXPECT_TRUE(m.contains(1, 5));
+  EXPECT_TRUE(m.contains(1, 63));   // same region: the block covers it
+  EXPECT_FALSE(m.contains(1, 64));  // next region
+  EXPECT_FALSE(m.contains(0, 5));
+  // A lone weight is its block's absmax: code 7 under the scale 0.75 / 7 rounded up to fp16.
+  const float scale = half_to_float(float_to_half_up(0.75f / 7));
+  EXPECT_FLOAT_EQ(m.read(1, 5), 7 * scale);
+  EXPECT_NEAR(m.read(1, 5), 0.75f, 0.75f / 7 / 2);
+  m.write(1, 6, -0.1f);  // quantized under the same scale
+  EXPECT_FLOAT_EQ(m.read(1, 6), scale * std::nearbyint(-0.1f / scale));
+  EXPECT_EQ(m.active_blocks(), 1);
+  EXPECT_THROW(m.read(1, 999), std::invalid_argument);
+  EXPECT_THROW(m.write(3, 5, 1.0f), std::out_of_range);
+  EXPECT_THROW((void)m.contains(-1, 5), std::out_of_range);
+  EXPECT_FALSE(m.contains(2, uint64_t{1} << 40));  // no input there
+}
+
+TEST(SpatialMemory, StatsOnAHandBuiltMemory) {
+  SpatialMemory m(2, iota_codes(100), 2, 5);  // regions of 32, 32, 32, 4
+  const std::vector<uint8_t> mask = {1, 0, 0, 1,  // neuron 0: 32 + 4 inputs
+                                     0, 1, 1, 0};  // neuron 1: 64 inputs
+  m.set_active(mask.data());
+  std::vector<float> latent(200, 0.0f);
+  latent[0] = 1.0f;        // neuron 0: one non-zero code
+  latent[100 + 40] = 2.0f;  // neuron 1: two
+  latent[100 + 70] = -2.0f;
+  m.quantize_rows(0, 2, latent.data(), 100);
+  const MemoryStats n0 = m.neuron_stats(0), n1 = m.neuron_stats(1), all = m.stats();
+  EXPECT_EQ(n0.total_capacity, 100);
+  EXPECT_EQ(n0.used_capacity, 36);
+  EXPECT_EQ(n0.active_regions, 2);
+  EXPECT_EQ(n0.nonzero, 1);
+  EXPECT_EQ(n1.used_capacity, 64);
+  EXPECT_EQ(n1.nonzero, 2);
+  EXPECT_EQ(all.used_capacity, 100);
+  EXPECT_EQ(all.total_capacity, 200);
+  EXPECT_EQ(all.active_regions, 4);
+  // neuron 0: codes 8 + 1 bytes, 2 scales, one bitmap word, two offsets.
+  EXPECT_EQ(n0.bytes, 9 + 4 + 8 + 16);
+  EXPECT_EQ(n1.bytes, 16 + 4 + 8 + 16);
+  EXPECT_EQ(all.bytes, n0.bytes + n1.bytes + 8 * 100 + 8 * 4 + 8 * 5 + 16 +
+                           static_cast<int64_t>(m.bloom().size_bytes()));
+}
+
+TEST(SpatialMemory, FromPartsRoundTripsAndValidates) {
+  Fixture f = make(6, 200, 4, 5, 0.5, 11);
+  const SpatialMemory& m = f.memory;
+  const SpatialMemory back = SpatialMemory::from_parts(6, m.input_codes(), 4, 5, m.bitmap(),
+                                                       m.scales(), m.codes());
+  EXPECT_EQ(back.codes(), m.codes());
+  EXPECT_EQ(back.scales(), m.scales());
+  EXPECT_EQ(back.code_begin(), m.code_begin());
+  auto load = [&](std::vector<uint64_t> bitmap, std::vector<uint16_t> scales,
+                  std::vector<uint8_t> codes) {
+    return SpatialMemory::from_parts(6, m.input_codes(), 4, 5, std::move(bitmap),
+                                     std::move(scales), std::move(codes));
+  };
+  auto codes = m.codes();
+  codes.pop_back();
+  EXPECT_THROW(load(m.bitmap(), m.scales(), codes), std::invalid_argument);
+  auto scales = m.scales();
+  scales.push_back(0);
+  EXPECT_THROW(load(m.bitmap(), scales, m.codes()), std::invalid_argument);
+  auto bitmap = m.bitmap();
+  bitmap[0] |= uint64_t{1} << 63;  // only 7 regions
+  EXPECT_THROW(load(bitmap, m.scales(), m.codes()), std::invalid_argument);
+  codes = m.codes();
+  codes[0] = 0xFF;  // stored 15: not a 4-bit code
+  EXPECT_THROW(load(m.bitmap(), m.scales(), codes), std::invalid_argument);
+  EXPECT_THROW(load({}, m.scales(), m.codes()), std::invalid_argument);
+}
+
+TEST(SpatialMemory, BadConfigurationsThrow) {
+  EXPECT_THROW(SpatialMemory(1, iota_codes(8), 3, 6), std::invalid_argument);
+  EXPECT_THROW(SpatialMemory(1, iota_codes(8), 4, 49), std::invalid_argument);
+  EXPECT_THROW(SpatialMemory(1, iota_codes(8), 4, -1), std::invalid_argument);
+  EXPECT_THROW(SpatialMemory(0, iota_codes(8), 4, 6), std::invalid_argument);
+  EXPECT_THROW(SpatialMemory(1, {}, 4, 6), std::invalid_argument);
+  EXPECT_THROW(SpatialMemory(1, {1, 1}, 4, 6), std::invalid_argument);
+  EXPECT_THROW(SpatialMemory(1, {2, 1}, 4, 6), std::invalid_argument);
+  EXPECT_THROW(SpatialMemory(1, {uint64_t{1} << 48}, 4, 6), std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace spatium
