@@ -69,3 +69,77 @@ def _morton_decode_fake(codes: torch.Tensor) -> torch.Tensor:
     if not _is_integer(codes):
         raise TypeError(f"morton_decode: expected an integer tensor, got {codes.dtype}")
     return codes.new_empty((codes.shape[0], 3), dtype=torch.int64)
+
+
+# --- spatial memory ops ------------------------------------------------------------------------
+# `memory` is the list of six tensors of SpatialMemory.views(): region_begin, bitmap, block_begin,
+# code_begin, scales, codes. Output sizes come from shapes only (block_begin has out + 1 entries).
+
+
+def _out_features(memory: list[torch.Tensor]) -> int:
+    return memory[2].shape[0] - 1
+
+
+@torch.library.register_fake("spatium::spatial_linear")
+def _spatial_linear_fake(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    memory: list[torch.Tensor],
+    bits: int,
+) -> torch.Tensor:
+    return x.new_empty((x.shape[0], _out_features(memory)))
+
+
+@torch.library.register_fake("spatium::spatial_linear_backward_input")
+def _spatial_linear_backward_input_fake(
+    grad_y: torch.Tensor, memory: list[torch.Tensor], bits: int, in_features: int
+) -> torch.Tensor:
+    return grad_y.new_empty((grad_y.shape[0], in_features))
+
+
+@torch.library.register_fake("spatium::active_mask")
+def _active_mask_fake(memory: list[torch.Tensor], in_features: int) -> torch.Tensor:
+    return memory[0].new_empty((_out_features(memory), in_features), dtype=torch.bool)
+
+
+@torch.library.register_fake("spatium::dequantize")
+def _dequantize_fake(memory: list[torch.Tensor], bits: int, in_features: int) -> torch.Tensor:
+    return memory[0].new_empty((_out_features(memory), in_features), dtype=torch.float32)
+
+
+@torch.library.register_fake("spatium::requantize_")
+def _requantize_fake(latent: torch.Tensor, memory: list[torch.Tensor], bits: int) -> None:
+    return None
+
+
+def _spatial_linear_setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
+    x, weight, bias, memory, bits = inputs
+    ctx.save_for_backward(x, *memory)
+    ctx.bits = bits
+    ctx.weight_dtype = weight.dtype if weight is not None else None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _spatial_linear_backward(ctx: object, grad_y: torch.Tensor) -> tuple:
+    """Input gradient through the quantized weights; latent-weight gradient straight through
+    the quantizer, inside active blocks only; bias gradient as in nn.Linear."""
+    x, *memory = ctx.saved_tensors
+    grad_x = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.spatium.spatial_linear_backward_input(
+            grad_y, memory, ctx.bits, x.shape[1]
+        )
+    if ctx.needs_input_grad[1]:
+        mask = torch.ops.spatium.active_mask(memory, x.shape[1])
+        grad_weight = (grad_y.t() @ x).mul_(mask).to(ctx.weight_dtype)
+    if ctx.needs_input_grad[2]:
+        grad_bias = grad_y.sum(0).to(ctx.bias_dtype)
+    return grad_x, grad_weight, grad_bias, [None] * len(memory), None
+
+
+torch.library.register_autograd(
+    "spatium::spatial_linear",
+    _spatial_linear_backward,
+    setup_context=_spatial_linear_setup_context,
+)

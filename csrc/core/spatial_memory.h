@@ -11,13 +11,17 @@
 //   codes       [bytes]       the arena: each block's packed codes, byte-aligned, same order
 // block_begin and code_begin are derived from the bitmap (they are what makes lookups O(1)).
 // A split-block bloom filter over (neuron, region key) answers "might n hold this region?".
+// The per-block arrays live in one shared Blocks object: a layout change builds a new one, so
+// a holder of the old one (a tensor view saved for backward) never sees freed memory.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "bloom.h"
+#include "packed_view.h"
 
 namespace spatium {
 
@@ -31,10 +35,24 @@ struct MemoryStats {
 
 class SpatialMemory {
  public:
+  // The arrays that change with the layout (see the top of this file).
+  struct Blocks {
+    std::vector<uint64_t> bitmap;
+    std::vector<int64_t> block_begin;
+    std::vector<int64_t> code_begin;
+    std::vector<uint16_t> scales;
+    std::vector<uint8_t> codes;
+  };
+
   // input_codes: the Morton codes of the inputs, strictly ascending, each < 2^48. bits in
   // {1, 2, 4, 8}; region_bits in [0, 48]. Starts with no active block. Throws
   // std::invalid_argument naming the problem.
   SpatialMemory(int64_t out_features, std::vector<uint64_t> input_codes, int bits, int region_bits);
+  // Move-only: a copy would share its Blocks.
+  SpatialMemory(SpatialMemory&&) = default;
+  SpatialMemory& operator=(SpatialMemory&&) = default;
+  SpatialMemory(const SpatialMemory&) = delete;
+  SpatialMemory& operator=(const SpatialMemory&) = delete;
 
   // Rebuilds a memory from its parts (the serialized state), validating every one: sizes that
   // disagree, codes outside the code set or a bitmap with bits past the last region throw
@@ -56,10 +74,8 @@ class SpatialMemory {
   const std::vector<uint64_t>& input_codes() const { return input_codes_; }
 
   // Layout.
-  bool is_active(int64_t neuron, int64_t region) const {
-    return (bitmap_[neuron * words_ + (region >> 6)] >> (region & 63)) & 1u;
-  }
-  int64_t active_blocks() const { return block_begin_.back(); }
+  bool is_active(int64_t neuron, int64_t region) const { return view().is_active(neuron, region); }
+  int64_t active_blocks() const { return blocks_->block_begin.back(); }
   // Makes the active blocks those of mask [out][regions] (non-zero = active). Blocks active
   // before and after keep their codes and scale; newly active blocks start at zero.
   void set_active(const uint8_t* mask);
@@ -69,11 +85,9 @@ class SpatialMemory {
   // stride ld, inputs in sorted order; `latent` points at row 0). Disjoint ranges may run in
   // parallel.
   void quantize_rows(int64_t n0, int64_t n1, const float* latent, int64_t ld);
-  // Dequantized rows [n0, n1) into out (row stride ld), zeros outside active blocks.
-  void dequantize_rows(int64_t n0, int64_t n1, float* out, int64_t ld) const;
-  // Dequantized columns of regions [r0, r1) for all neurons: out[n][c] for c in
-  // [0, region_begin(r1) - region_begin(r0)), row stride ld.
-  void dequantize_regions(int64_t r0, int64_t r1, float* out, int64_t ld) const;
+  // The kernels' view of the current arrays (dequantize_rows, dequantize_regions, ...). Valid
+  // until the next layout change.
+  PackedView view() const;
 
   // Point API by input position (a Morton code). contains: whether the neuron holds the block of
   // that position (false for positions that are no input). read: the stored weight (0 outside
@@ -90,23 +104,24 @@ class SpatialMemory {
   MemoryStats stats() const;  // summed over neurons, plus the layer-wide tables in bytes
   int64_t bytes() const { return stats().bytes; }
 
-  // The raw parts, for serialization and for kernels.
-  const std::vector<uint64_t>& bitmap() const { return bitmap_; }
-  const std::vector<int64_t>& block_begin() const { return block_begin_; }
-  const std::vector<int64_t>& code_begin() const { return code_begin_; }
-  const std::vector<uint16_t>& scales() const { return scales_; }
-  const std::vector<uint8_t>& codes() const { return codes_; }
+  // The raw parts, for serialization; blocks() shares ownership of the current arrays.
+  const std::vector<int64_t>& region_begins() const { return region_begin_; }
+  const std::vector<uint64_t>& bitmap() const { return blocks_->bitmap; }
+  const std::vector<int64_t>& code_begin() const { return blocks_->code_begin; }
+  const std::vector<uint16_t>& scales() const { return blocks_->scales; }
+  const std::vector<uint8_t>& codes() const { return blocks_->codes; }
+  const std::shared_ptr<Blocks>& blocks() const { return blocks_; }
   const bloom::SplitBlockBloom& bloom() const { return bloom_; }
+  // A checksum of the configuration and every array, for detecting damaged saved states.
+  uint64_t checksum() const;
 
  private:
-  int64_t region_bytes(int64_t r) const;
   void check_neuron(int64_t neuron) const;
   static uint64_t bloom_key(int64_t neuron, uint64_t region_key);
-  // Recomputes block_begin_/code_begin_ from the bitmap and rebuilds the bloom filter.
-  void rebuild_index();
-  // Calls visit(region, block index, byte offset) for each active block of a neuron, in order.
-  template <class Visit>
-  void for_each_block(int64_t neuron, Visit&& visit) const;
+  // New Blocks for `bitmap`: offsets derived, scales and codes sized (zero-filled).
+  std::shared_ptr<Blocks> make_blocks(std::vector<uint64_t> bitmap) const;
+  // Rebuilds the bloom filter from the current bitmap.
+  void rebuild_bloom();
 
   int64_t out_features_;
   int bits_;
@@ -116,11 +131,7 @@ class SpatialMemory {
   std::vector<int64_t> region_begin_;  // [regions + 1]
   int64_t words_;                      // bitmap words per neuron
 
-  std::vector<uint64_t> bitmap_;
-  std::vector<int64_t> block_begin_;
-  std::vector<int64_t> code_begin_;
-  std::vector<uint16_t> scales_;
-  std::vector<uint8_t> codes_;
+  std::shared_ptr<Blocks> blocks_;
   bloom::SplitBlockBloom bloom_{1};
 };
 

@@ -140,7 +140,7 @@ TEST(SpatialMemory, DequantizeIsBlockwiseQuantizationOfTheLatent) {
       Fixture f = make(out, in, bits, rb, 0.5, 7 * bits + rb);
       const SpatialMemory& m = f.memory;
       std::vector<float> dense(static_cast<size_t>(out * in), -1.0f);
-      m.dequantize_rows(0, out, dense.data(), in);
+      m.view().dequantize_rows(0, out, dense.data(), in);
       int64_t active = 0;
       for (int64_t n = 0; n < out; ++n) {
         for (int64_t r = 0; r < m.num_regions(); ++r) {
@@ -164,7 +164,7 @@ TEST(SpatialMemory, DequantizeIsBlockwiseQuantizationOfTheLatent) {
         const int64_t r1 = std::min(r0 + 2, m.num_regions());
         const int64_t cols = m.region_begin(r1) - m.region_begin(r0);
         std::vector<float> panel(static_cast<size_t>(out * cols));
-        m.dequantize_regions(r0, r1, panel.data(), cols);
+        m.view().dequantize_regions(r0, r1, panel.data(), cols);
         for (int64_t n = 0; n < out; ++n) {
           for (int64_t c = 0; c < cols; ++c) {
             ASSERT_EQ(panel[n * cols + c], dense[n * in + m.region_begin(r0) + c]);
@@ -178,12 +178,12 @@ TEST(SpatialMemory, DequantizeIsBlockwiseQuantizationOfTheLatent) {
 TEST(SpatialMemory, SetActiveKeepsSurvivingBlocks) {
   Fixture f = make(5, 64, 4, 3, 0.6, 3);
   std::vector<float> before(5 * 64), after(5 * 64);
-  f.memory.dequantize_rows(0, 5, before.data(), 64);
+  f.memory.view().dequantize_rows(0, 5, before.data(), 64);
   auto mask = f.mask;
   mask[0] = !mask[0];  // flip one block of neuron 0, and one of neuron 4
   mask[4 * 8 + 5] = !mask[4 * 8 + 5];
   f.memory.set_active(mask.data());
-  f.memory.dequantize_rows(0, 5, after.data(), 64);
+  f.memory.view().dequantize_rows(0, 5, after.data(), 64);
   for (int64_t n = 0; n < 5; ++n) {
     for (int64_t r = 0; r < 8; ++r) {
       for (int64_t j = r * 8; j < r * 8 + 8; ++j) {
@@ -251,6 +251,7 @@ TEST(SpatialMemory, FromPartsRoundTripsAndValidates) {
   EXPECT_EQ(back.codes(), m.codes());
   EXPECT_EQ(back.scales(), m.scales());
   EXPECT_EQ(back.code_begin(), m.code_begin());
+  EXPECT_EQ(back.checksum(), m.checksum());
   auto load = [&](std::vector<uint64_t> bitmap, std::vector<uint16_t> scales,
                   std::vector<uint8_t> codes) {
     return SpatialMemory::from_parts(6, m.input_codes(), 4, 5, std::move(bitmap),

@@ -1,0 +1,169 @@
+// torch.classes.spatium.SpatialMemory: the C++ store, reachable from Python. The ops take its
+// arrays as tensors (views(), in the order of kMemoryParts in spatial_ops.cpp); those views keep
+// both the holder and the arrays they show alive, so a layout change (which builds new arrays)
+// never leaves a saved view pointing at freed memory.
+#include "memory_class.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "errors.h"
+
+namespace spatium {
+namespace {
+
+using Holder = c10::intrusive_ptr<MemoryHolder>;
+
+template <class T>
+std::vector<T> to_vector(const at::Tensor& t, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "SpatialMemory: ", name, " must be ", dtype,
+                   ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1, "SpatialMemory: ", name, " must be 1-D, got ", t.sizes());
+  const at::Tensor c = t.to(at::kCPU).contiguous();
+  const auto* data = static_cast<const T*>(c.const_data_ptr());
+  return std::vector<T>(data, data + c.numel());
+}
+
+// A tensor over `data` that keeps `owner` alive as long as it (or a view of it) lives.
+template <class T, class Owner>
+at::Tensor view_of(const T* data, size_t count, at::ScalarType dtype, Owner owner) {
+  return at::from_blob(const_cast<T*>(data), {static_cast<int64_t>(count)},
+                       [owner](void*) {}, at::TensorOptions().dtype(dtype));
+}
+
+template <class T>
+at::Tensor copy_of(const std::vector<T>& values, at::ScalarType dtype) {
+  at::Tensor out = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions().dtype(dtype));
+  std::memcpy(out.data_ptr(), values.data(), values.size() * sizeof(T));
+  return out;
+}
+
+Holder make(int64_t out_features, const at::Tensor& input_codes, int64_t bits, int64_t region_bits) {
+  auto codes = to_vector<uint64_t>(input_codes, at::kLong, "input_codes");
+  return with_python_errors([&] {
+    return c10::make_intrusive<MemoryHolder>(SpatialMemory(
+        out_features, std::move(codes), static_cast<int>(bits), static_cast<int>(region_bits)));
+  });
+}
+
+Holder from_parts(int64_t out_features, const at::Tensor& input_codes, int64_t bits,
+                  int64_t region_bits, const at::Tensor& bitmap, const at::Tensor& scales,
+                  const at::Tensor& codes) {
+  auto input = to_vector<uint64_t>(input_codes, at::kLong, "input_codes");
+  auto words = to_vector<uint64_t>(bitmap, at::kLong, "bitmap");
+  auto halves = to_vector<uint16_t>(scales, at::kShort, "scales");
+  auto bytes = to_vector<uint8_t>(codes, at::kByte, "codes");
+  return with_python_errors([&] {
+    return c10::make_intrusive<MemoryHolder>(SpatialMemory::from_parts(
+        out_features, std::move(input), static_cast<int>(bits), static_cast<int>(region_bits),
+        std::move(words), std::move(halves), std::move(bytes)));
+  });
+}
+
+// Serialized parts (copies): input_codes, bitmap, scales, codes.
+std::vector<at::Tensor> parts(const Holder& self) {
+  const SpatialMemory& m = self->memory;
+  return {copy_of(m.input_codes(), at::kLong), copy_of(m.bitmap(), at::kLong),
+          copy_of(m.scales(), at::kShort), copy_of(m.codes(), at::kByte)};
+}
+
+std::vector<at::Tensor> views(const Holder& self) {
+  const SpatialMemory& m = self->memory;
+  const auto& blocks = m.blocks();
+  auto keep = std::make_pair(self, blocks);
+  return {view_of(m.region_begins().data(), m.region_begins().size(), at::kLong, keep),
+          view_of(blocks->bitmap.data(), blocks->bitmap.size(), at::kLong, keep),
+          view_of(blocks->block_begin.data(), blocks->block_begin.size(), at::kLong, keep),
+          view_of(blocks->code_begin.data(), blocks->code_begin.size(), at::kLong, keep),
+          view_of(blocks->scales.data(), blocks->scales.size(), at::kShort, keep),
+          view_of(blocks->codes.data(), blocks->codes.size(), at::kByte, keep)};
+}
+
+void set_active(const Holder& self, const at::Tensor& mask) {
+  SpatialMemory& m = self->memory;
+  TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(0) == m.out_features() &&
+                        mask.size(1) == m.num_regions(),
+                    "SpatialMemory.set_active: mask must be [", m.out_features(), ", ",
+                    m.num_regions(), "] (neurons x regions), got ", mask.sizes());
+  const at::Tensor bytes = mask.to(at::kCPU, at::kByte).contiguous();
+  with_python_errors([&] { m.set_active(bytes.const_data_ptr<uint8_t>()); });
+}
+
+// Per-neuron stats [out, 5]: total_capacity, used_capacity, nonzero, active_regions, bytes.
+at::Tensor neuron_stats(const Holder& self) {
+  const SpatialMemory& m = self->memory;
+  at::Tensor out = at::empty({m.out_features(), 5}, at::kLong);
+  auto* row = out.mutable_data_ptr<int64_t>();
+  for (int64_t n = 0; n < m.out_features(); ++n, row += 5) {
+    const MemoryStats s = m.neuron_stats(n);
+    row[0] = s.total_capacity;
+    row[1] = s.used_capacity;
+    row[2] = s.nonzero;
+    row[3] = s.active_regions;
+    row[4] = s.bytes;
+  }
+  return out;
+}
+
+std::vector<int64_t> layer_stats(const Holder& self) {
+  const MemoryStats s = self->memory.stats();
+  return {s.total_capacity, s.used_capacity, s.nonzero, s.active_regions, s.bytes};
+}
+
+uint64_t code_arg(int64_t code) {
+  TORCH_CHECK_VALUE(code >= 0 && static_cast<uint64_t>(code) < (uint64_t{1} << 48),
+                    "SpatialMemory: Morton code must be in [0, 2^48), got ", code);
+  return static_cast<uint64_t>(code);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(spatium, m) {
+  m.class_<MemoryHolder>("SpatialMemory")
+      .def(torch::init(&make))
+      .def_static("from_parts", &from_parts)
+      .def("out_features", [](const Holder& self) { return self->memory.out_features(); })
+      .def("in_features", [](const Holder& self) { return self->memory.in_features(); })
+      .def("bits", [](const Holder& self) { return int64_t{self->memory.bits()}; })
+      .def("region_bits", [](const Holder& self) { return int64_t{self->memory.region_bits()}; })
+      .def("num_regions", [](const Holder& self) { return self->memory.num_regions(); })
+      .def("active_blocks", [](const Holder& self) { return self->memory.active_blocks(); })
+      .def("views", &views)
+      .def("parts", &parts)
+      .def("set_active", &set_active)
+      .def("contains",
+           [](const Holder& self, int64_t neuron, int64_t code) {
+             return with_python_errors([&] { return self->memory.contains(neuron, code_arg(code)); });
+           })
+      .def("read",
+           [](const Holder& self, int64_t neuron, int64_t code) {
+             return with_python_errors(
+                 [&] { return static_cast<double>(self->memory.read(neuron, code_arg(code))); });
+           })
+      .def("write",
+           [](const Holder& self, int64_t neuron, int64_t code, double value) {
+             with_python_errors(
+                 [&] { self->memory.write(neuron, code_arg(code), static_cast<float>(value)); });
+           })
+      .def("neuron_stats", &neuron_stats)
+      .def("stats", &layer_stats)
+      .def("bloom_bytes",
+           [](const Holder& self) { return static_cast<int64_t>(self->memory.bloom().size_bytes()); })
+      .def("checksum",
+           [](const Holder& self) { return static_cast<int64_t>(self->memory.checksum()); })
+      .def_pickle(
+          [](const Holder& self) {
+            const SpatialMemory& mem = self->memory;
+            return std::make_tuple(mem.out_features(), int64_t{mem.bits()},
+                                   int64_t{mem.region_bits()}, parts(self));
+          },
+          [](std::tuple<int64_t, int64_t, int64_t, std::vector<at::Tensor>> state) {
+            const auto& [out, bits, region_bits, p] = state;
+            TORCH_CHECK_VALUE(p.size() == 4, "SpatialMemory: pickled state must hold 4 parts");
+            return from_parts(out, p[0], bits, region_bits, p[1], p[2], p[3]);
+          });
+}
+
+}  // namespace spatium

@@ -1,0 +1,203 @@
+// Schemas and CPU impls of the spatial-memory ops. Each takes the memory as its six arrays
+// (`Tensor[] memory`, from SpatialMemory.views()):
+//   region_begin int64 [regions + 1], bitmap int64 [out * words], block_begin int64 [out + 1],
+//   code_begin int64 [out + 1], scales int16 (fp16 bits) [blocks], codes uint8 [bytes]
+// Forward and backward dequantize each block once per call into a small panel and multiply it
+// with the whole batch (at::mm on the panel), in parallel over panels.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "core/packed_view.h"
+#include "core/quantize.h"
+
+namespace spatium {
+namespace {
+
+constexpr int64_t kMemoryParts = 6;
+constexpr int64_t kPanelFloats = int64_t{1} << 16;  // 256 KiB panels: they stay in L2
+
+const at::Tensor& part(at::TensorList memory, int64_t i, at::ScalarType dtype, const char* name) {
+  const at::Tensor& t = memory[i];
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "spatium: memory ", name, " must be ", dtype,
+                   ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.is_contiguous() && t.device().is_cpu(),
+                    "spatium: memory ", name, " must be a contiguous 1-D CPU tensor");
+  return t;
+}
+
+// Checks that the six arrays describe one consistent memory and returns the kernels' view.
+PackedView view_of(at::TensorList memory, int64_t bits, int64_t in_features) {
+  TORCH_CHECK_VALUE(memory.size() == kMemoryParts, "spatium: memory must be ", kMemoryParts,
+                    " tensors (SpatialMemory.views()), got ", memory.size());
+  TORCH_CHECK_VALUE(quant::valid_bits(static_cast<int>(bits)), "spatium: bits must be 1, 2, 4 or 8, got ",
+                    bits);
+  const at::Tensor& region_begin = part(memory, 0, at::kLong, "region_begin");
+  const at::Tensor& bitmap = part(memory, 1, at::kLong, "bitmap");
+  const at::Tensor& block_begin = part(memory, 2, at::kLong, "block_begin");
+  const at::Tensor& code_begin = part(memory, 3, at::kLong, "code_begin");
+  const at::Tensor& scales = part(memory, 4, at::kShort, "scales");
+  const at::Tensor& codes = part(memory, 5, at::kByte, "codes");
+  PackedView v;
+  v.bits = static_cast<int>(bits);
+  v.num_regions = region_begin.numel() - 1;
+  v.out_features = block_begin.numel() - 1;
+  v.in_features = in_features;
+  v.words = (v.num_regions + 63) / 64;
+  TORCH_CHECK_VALUE(v.num_regions >= 1 && v.out_features >= 1, "spatium: empty memory");
+  v.region_begin = region_begin.const_data_ptr<int64_t>();
+  v.bitmap = reinterpret_cast<const uint64_t*>(bitmap.const_data_ptr<int64_t>());
+  v.block_begin = block_begin.const_data_ptr<int64_t>();
+  v.code_begin = code_begin.const_data_ptr<int64_t>();
+  v.scales = reinterpret_cast<const uint16_t*>(scales.const_data_ptr<int16_t>());
+  v.codes = codes.const_data_ptr<uint8_t>();
+  TORCH_CHECK_VALUE(v.region_begin[v.num_regions] == in_features, "spatium: memory covers ",
+                    v.region_begin[v.num_regions], " inputs, the input has ", in_features);
+  TORCH_CHECK_VALUE(bitmap.numel() == v.out_features * v.words &&
+                        scales.numel() == v.block_begin[v.out_features] &&
+                        codes.numel() == v.code_begin[v.out_features],
+                    "spatium: memory arrays disagree in size (not from one SpatialMemory?)");
+  return v;
+}
+
+void check_input(const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": ", name, " must be 2-D [batch, features], got ",
+                    x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op, ": ",
+                   name, " must be float32 or float64, got ", x.scalar_type());
+}
+
+// Rows per panel: a panel of rows x width floats fits kPanelFloats.
+int64_t panel_rows(int64_t width) { return std::clamp<int64_t>(kPanelFloats / width, 8, 256); }
+
+// Dequantized rows [n0, n1) as a tensor of x's dtype (fp32 panels are exact in fp64: scale is
+// fp16, codes are small integers).
+at::Tensor dequantized_panel(const PackedView& v, int64_t n0, int64_t n1, at::ScalarType dtype) {
+  at::Tensor panel = at::empty({n1 - n0, v.in_features}, at::kFloat);
+  v.dequantize_rows(n0, n1, panel.mutable_data_ptr<float>(), v.in_features);
+  return dtype == at::kFloat ? panel : panel.to(dtype);
+}
+
+at::Tensor spatial_linear_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias, at::TensorList memory,
+                              int64_t bits) {
+  check_input(x_in, "spatial_linear", "x");
+  const PackedView v = view_of(memory, bits, x_in.size(1));
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = panel_rows(v.in_features);
+  const int64_t panels = (v.out_features + rows - 1) / rows;
+  // y^T, so that each panel writes a contiguous block of rows.
+  at::Tensor y_t = at::empty({v.out_features, x.size(0)}, x.options());
+  if (x.size(0) > 0) {
+    const at::Tensor x_t = x.t();
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n0 = p * rows, n1 = std::min(n0 + rows, v.out_features);
+        at::Tensor out = y_t.narrow(0, n0, n1 - n0);
+        at::mm_out(out, dequantized_panel(v, n0, n1, x.scalar_type()), x_t);
+      }
+    });
+  }
+  at::Tensor y = y_t.t().contiguous();
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == v.out_features,
+                      "spatial_linear: bias must be [", v.out_features, "], got ", bias->sizes());
+    y.add_(*bias);
+  }
+  return y;
+}
+
+at::Tensor spatial_linear_backward_input_cpu(const at::Tensor& grad_y_in, at::TensorList memory,
+                                             int64_t bits, int64_t in_features) {
+  check_input(grad_y_in, "spatial_linear_backward_input", "grad_y");
+  const PackedView v = view_of(memory, bits, in_features);
+  TORCH_CHECK_VALUE(grad_y_in.size(1) == v.out_features, "spatial_linear_backward_input: grad_y "
+                    "has ", grad_y_in.size(1), " features, the memory ", v.out_features);
+  const at::Tensor grad_y = grad_y_in.contiguous();
+  const int64_t batch = grad_y.size(0);
+  const int64_t rows = panel_rows(in_features);
+  const int64_t panels = (v.out_features + rows - 1) / rows;
+  // grad_x = sum over panels of grad_y[:, panel] @ W_panel: one partial sum per task.
+  const int64_t tasks = std::min<int64_t>(panels, at::get_num_threads());
+  const int64_t per_task = (panels + tasks - 1) / tasks;
+  std::vector<at::Tensor> partial(static_cast<size_t>(tasks));
+  if (batch > 0) {
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        at::Tensor acc = at::zeros({batch, in_features}, grad_y.options());
+        for (int64_t p = t * per_task; p < std::min(panels, (t + 1) * per_task); ++p) {
+          const int64_t n0 = p * rows, n1 = std::min(n0 + rows, v.out_features);
+          acc.addmm_(grad_y.narrow(1, n0, n1 - n0),
+                     dequantized_panel(v, n0, n1, grad_y.scalar_type()));
+        }
+        partial[static_cast<size_t>(t)] = acc;
+      }
+    });
+  }
+  at::Tensor grad_x = at::zeros({batch, in_features}, grad_y.options());
+  for (const at::Tensor& p : partial) {
+    if (p.defined()) grad_x.add_(p);
+  }
+  return grad_x;
+}
+
+at::Tensor active_mask_cpu(at::TensorList memory, int64_t in_features) {
+  // The mask does not depend on the code width; 8 only satisfies the view's check.
+  const PackedView v = view_of(memory, 8, in_features);
+  at::Tensor mask = at::empty({v.out_features, in_features}, at::kBool);
+  auto* out = reinterpret_cast<uint8_t*>(mask.mutable_data_ptr<bool>());
+  at::parallel_for(0, v.out_features, 16, [&](int64_t n0, int64_t n1) {
+    v.active_mask_rows(n0, n1, out + n0 * in_features, in_features);
+  });
+  return mask;
+}
+
+at::Tensor dequantize_cpu(at::TensorList memory, int64_t bits, int64_t in_features) {
+  const PackedView v = view_of(memory, bits, in_features);
+  at::Tensor dense = at::empty({v.out_features, in_features}, at::kFloat);
+  float* out = dense.mutable_data_ptr<float>();
+  at::parallel_for(0, v.out_features, 16, [&](int64_t n0, int64_t n1) {
+    v.dequantize_rows(n0, n1, out + n0 * in_features, in_features);
+  });
+  return dense;
+}
+
+void requantize_cpu(const at::Tensor& latent_in, at::TensorList memory, int64_t bits) {
+  TORCH_CHECK_VALUE(latent_in.dim() == 2, "requantize_: latent must be 2-D [out, in], got ",
+                    latent_in.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(latent_in.scalar_type()),
+                   "requantize_: latent must be floating point, got ", latent_in.scalar_type());
+  const PackedView v = view_of(memory, bits, latent_in.size(1));
+  TORCH_CHECK_VALUE(latent_in.size(0) == v.out_features, "requantize_: latent has ",
+                    latent_in.size(0), " rows, the memory ", v.out_features, " neurons");
+  const at::Tensor latent = latent_in.to(at::kFloat).contiguous();
+  const float* w = latent.const_data_ptr<float>();
+  auto* scales = reinterpret_cast<uint16_t*>(memory[4].mutable_data_ptr<int16_t>());
+  uint8_t* codes = memory[5].mutable_data_ptr<uint8_t>();
+  at::parallel_for(0, v.out_features, 16, [&](int64_t n0, int64_t n1) {
+    v.quantize_rows(n0, n1, w, v.in_features, scales, codes);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(spatium, m) {
+  m.def("spatial_linear(Tensor x, Tensor? weight, Tensor? bias, Tensor[] memory, int bits) -> Tensor");
+  m.def("spatial_linear_backward_input(Tensor grad_y, Tensor[] memory, int bits, int in_features) -> Tensor");
+  m.def("active_mask(Tensor[] memory, int in_features) -> Tensor");
+  m.def("dequantize(Tensor[] memory, int bits, int in_features) -> Tensor");
+  m.def("requantize_(Tensor latent, Tensor(a!)[] memory, int bits) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(spatium, CPU, m) {
+  m.impl("spatial_linear", &spatial_linear_cpu);
+  m.impl("spatial_linear_backward_input", &spatial_linear_backward_input_cpu);
+  m.impl("active_mask", &active_mask_cpu);
+  m.impl("dequantize", &dequantize_cpu);
+  m.impl("requantize_", &requantize_cpu);
+}
+
+}  // namespace spatium
