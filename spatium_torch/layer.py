@@ -1,0 +1,426 @@
+"""SpatialLayer: a drop-in for nn.Linear whose weights live in a spatial memory (DESIGN §3)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from spatium_torch import layouts
+from spatium_torch.memory import LayerMemory
+from spatium_torch.ops import CODE_BITS, MAX_COORD, morton_decode, morton_encode
+
+VALID_BITS = (1, 2, 4, 8)
+CONNECTIVITIES = ("local", "random")
+_STATE_FORMAT = 1
+_STATE_KEYS = (
+    "format",
+    "in_features",
+    "out_features",
+    "bits",
+    "region_bits",
+    "frozen",
+    "input_codes",
+    "bitmap",
+    "scales",
+    "codes",
+    "checksum",
+)
+
+
+class SpatialLayer(nn.Module):
+    """A linear layer ``y = x W_q^T + b`` whose weights ``W_q`` are quantized (1/2/4/8-bit)
+    and block-sparse, held in a spatial memory addressed by the Morton codes of the inputs'
+    3D positions.
+
+    Training keeps a latent fp32 ``weight`` ``[out, in]`` (as in quantization-aware training):
+    the forward pass runs on the quantized store, gradients reach the latent weight straight
+    through the quantizer (inside active blocks only), and after any in-place change of the
+    latent weight (an optimizer step) the store re-quantizes before the next forward. After
+    :func:`freeze` the store is the only copy.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample (number of neurons).
+        bits: code width, one of 1, 2, 4, 8.
+        region_bits: a region (block) spans ``2**region_bits`` positions of Morton order.
+        density: fraction of each neuron's regions active at the start, in (0, 1].
+        connectivity: which regions start active when ``density < 1``: ``"local"`` (nearest to
+            the neuron's position, both spaces scaled to the unit cube) or ``"random"``.
+        bias: whether to learn an additive bias.
+        activation: ``None``; activation maps (``"map"``) are not available yet.
+        input_positions: ``[in_features, 3]`` distinct integer positions in ``[0, 65535]``
+            (default: input j at ``morton_decode(j)``); see :mod:`spatium_torch.layouts`.
+        grid_dims: ``(X, Y, Z)`` grid the neurons fill in Morton order (default: neuron j at
+            ``morton_decode(j)``).
+
+    Inputs ``[..., in_features]`` of float32 or float64 (bf16/fp16 are computed in fp32 and
+    returned in their dtype) give ``[..., out_features]``. NaN/Inf in the input propagate as in
+    nn.Linear; a non-finite latent weight makes its whole block NaN.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bits: int = 4,
+        region_bits: int = 6,
+        density: float = 1.0,
+        connectivity: str = "local",
+        bias: bool = True,
+        activation: str | None = None,
+        input_positions: torch.Tensor | None = None,
+        grid_dims: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        _check_count(in_features, "in_features")
+        _check_count(out_features, "out_features")
+        if isinstance(bits, bool) or bits not in VALID_BITS:
+            raise ValueError(f"bits must be one of {VALID_BITS}, got {bits!r}")
+        if isinstance(region_bits, bool) or not isinstance(region_bits, int):
+            raise ValueError(f"region_bits must be an int in [0, {CODE_BITS}], got {region_bits!r}")
+        if not 0 <= region_bits <= CODE_BITS:
+            raise ValueError(f"region_bits must be in [0, {CODE_BITS}], got {region_bits}")
+        if not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
+            raise ValueError(f"density must be in (0, 1], got {density!r}")
+        if connectivity not in CONNECTIVITIES:
+            raise ValueError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity!r}")
+        if activation is not None:
+            raise ValueError(
+                f"activation={activation!r} is not available yet: only None (a plain linear layer)"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.region_bits = region_bits
+        self.density = float(density)
+        self.connectivity = connectivity
+
+        positions = _checked_positions(input_positions, in_features)
+        sorted_codes, order = torch.sort(morton_encode(positions))
+        self.register_buffer("input_positions", positions, persistent=False)
+        self.register_buffer(
+            "neuron_positions", _neuron_grid(out_features, grid_dims), persistent=False
+        )
+        identity = torch.equal(order, torch.arange(in_features))
+        # Inputs are kept in Morton order inside the memory; _order maps that order to the user's.
+        self.register_buffer("_order", None if identity else order, persistent=False)
+        self.register_buffer("_sorted_codes", sorted_codes, persistent=False)
+
+        self.weight: nn.Parameter | None = nn.Parameter(torch.empty(out_features, in_features))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+        self._memory = torch.classes.spatium.SpatialMemory(
+            out_features, sorted_codes, bits, region_bits
+        )
+        self._views = self._memory.views()
+        self._memory.set_active(self._initial_mask())
+        self._views = self._memory.views()
+        self._synced_with: tuple[int, int] | None = None
+        self._sync()
+
+    # --- set-up -----------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation: uniform in +-1/sqrt(in_features)."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        with torch.no_grad():
+            if self.weight is not None:
+                self.weight.uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+
+    def _region_of_sorted_input(self) -> torch.Tensor:
+        region_begin = self._views[0]
+        return torch.searchsorted(region_begin[1:], torch.arange(self.in_features), right=True)
+
+    def _initial_mask(self) -> torch.Tensor:
+        regions = self._memory.num_regions()
+        if self.density >= 1.0:
+            return torch.ones(self.out_features, regions, dtype=torch.bool)
+        keep = max(1, round(self.density * regions))
+        if self.connectivity == "random":
+            scores = torch.rand(self.out_features, regions)
+        else:
+            region = self._region_of_sorted_input()
+            inputs = _unit_cube(morton_decode(self._sorted_codes))
+            centers = torch.zeros(regions, 3).index_add_(0, region, inputs)
+            centers /= torch.bincount(region, minlength=regions).unsqueeze(1)
+            scores = torch.cdist(_unit_cube(self.neuron_positions), centers)
+        chosen = torch.argsort(scores, dim=1, stable=True)[:, :keep]
+        return torch.zeros(self.out_features, regions, dtype=torch.bool).scatter_(1, chosen, True)
+
+    # --- the store ----------------------------------------------------------------------------
+    @property
+    def frozen(self) -> bool:
+        """Whether the latent weights were dropped (:func:`freeze`)."""
+        return self.weight is None
+
+    @property
+    def memory(self) -> LayerMemory:
+        """The spatial memory: point API (contains/read/write) and stats."""
+        return LayerMemory(self)
+
+    def _sorted_latent(self) -> torch.Tensor | None:
+        if self.weight is None or self._order is None:
+            return self.weight
+        return self.weight.index_select(1, self._order)
+
+    def _sync(self) -> None:
+        """Re-quantizes the store when the latent weight changed since the last time."""
+        if self.weight is None:
+            return
+        key = (id(self.weight), self.weight._version)
+        if key == self._synced_with:
+            return
+        with torch.no_grad():
+            latent = self._sorted_latent().detach().to("cpu", torch.float32)
+            torch.ops.spatium.requantize_(latent, self._views, self.bits)
+        self._synced_with = key
+
+    def _write(self, neuron: int, code: int, value: float) -> None:
+        self._sync()
+        was_active = (
+            self._memory.contains(neuron, code) if 0 <= neuron < self.out_features else True
+        )
+        self._memory.write(neuron, code, value)  # raises for a bad neuron or a non-input
+        self._views = self._memory.views()
+        if self.weight is None:
+            return
+        column = int(torch.searchsorted(self._sorted_codes, torch.tensor(code)))
+        with torch.no_grad():
+            if not was_active:
+                # A block that starts now holds only what is written into it.
+                region = self._region_of_sorted_input()
+                columns = torch.nonzero(region == region[column]).flatten()
+                self.weight[neuron, self._user_columns(columns)] = 0.0
+            self.weight[neuron, self._user_columns(torch.tensor([column]))] = value
+        self._sync()
+
+    def _user_columns(self, sorted_columns: torch.Tensor) -> torch.Tensor:
+        return sorted_columns if self._order is None else self._order[sorted_columns]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The dense ``[out, in]`` float32 weight the store holds (zeros outside active
+        blocks), columns in the order of the inputs."""
+        self._sync()
+        dense = torch.ops.spatium.dequantize(self._views, self.bits, self.in_features)
+        if self._order is None:
+            return dense
+        out = torch.empty_like(dense)
+        out[:, self._order] = dense
+        return out
+
+    def block_mask(self) -> torch.Tensor:
+        """``[out, in]`` bool: True where the weight lies in an active block."""
+        mask = torch.ops.spatium.active_mask(self._views, self.in_features)
+        if self._order is None:
+            return mask
+        out = torch.empty_like(mask)
+        out[:, self._order] = mask
+        return out
+
+    def freeze(self) -> None:
+        """Drops the latent weight: the store becomes the only copy."""
+        if self.weight is None:
+            return
+        self._sync()
+        del self.weight
+        self.register_parameter("weight", None)
+
+    # --- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"SpatialLayer: expected a tensor, got {type(x).__name__}")
+        if x.dim() == 0:
+            raise ValueError(
+                f"SpatialLayer: expected input of shape [..., {self.in_features}], got a scalar"
+            )
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"SpatialLayer: expected input of shape [..., {self.in_features}], "
+                f"got {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"SpatialLayer: expected a floating-point input, got {x.dtype}")
+        if x.device.type != "cpu":
+            raise ValueError(
+                f"SpatialLayer: input is on {x.device}, but this build computes on the CPU only"
+            )
+        self._sync()
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        flat = x.reshape(-1, self.in_features).to(compute)
+        if self._order is not None:
+            flat = flat.index_select(1, self._order)
+        y = torch.ops.spatium.spatial_linear(
+            flat, self._sorted_latent(), self.bias, self._views, self.bits
+        )
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"region_bits={self.region_bits}, density={self.density}, bias={self.bias is not None}"
+            + (", frozen" if self.frozen else "")
+        )
+
+    # --- state_dict ---------------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        """The store, as tensors and plain values only (``torch.load(weights_only=True)``)."""
+        self._sync()
+        input_codes, bitmap, scales, codes = self._memory.parts()
+        return {
+            "format": _STATE_FORMAT,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bits": self.bits,
+            "region_bits": self.region_bits,
+            "frozen": self.frozen,
+            "input_codes": input_codes,
+            "bitmap": bitmap,
+            "scales": scales,
+            "codes": codes,
+            "checksum": self._memory.checksum(),
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        memory = self._memory_from_state(state)
+        self._install(memory)
+
+    def _install(self, memory: torch.ScriptObject) -> None:
+        self._memory = memory
+        self._views = memory.views()
+        # A layer with latent weights re-quantizes from them on the next forward.
+        self._synced_with = None
+
+    def _memory_from_state(self, state: Any) -> torch.ScriptObject:
+        """Validates a saved state against this layer and builds its memory; changes nothing."""
+        where = "SpatialLayer state"
+        if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
+            missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+            raise ValueError(f"{where}: not a SpatialLayer state (missing {missing})")
+        if state["format"] != _STATE_FORMAT:
+            raise ValueError(f"{where}: unknown format {state['format']!r}")
+        for key in ("in_features", "out_features", "bits", "region_bits"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"{where}: {key} is {state[key]} in the state but {getattr(self, key)} in "
+                    "this layer"
+                )
+        for key in ("input_codes", "bitmap", "scales", "codes"):
+            if not isinstance(state[key], torch.Tensor):
+                raise ValueError(f"{where}: {key} must be a tensor")
+        if not torch.equal(state["input_codes"], self._sorted_codes.cpu()):
+            raise ValueError(f"{where}: the input positions differ from this layer's")
+        try:
+            memory = torch.classes.spatium.SpatialMemory.from_parts(
+                self.out_features,
+                state["input_codes"],
+                self.bits,
+                self.region_bits,
+                state["bitmap"],
+                state["scales"],
+                state["codes"],
+            )
+        except (ValueError, TypeError, RuntimeError) as error:
+            raise ValueError(f"{where}: damaged or inconsistent memory: {error}") from None
+        if memory.checksum() != state["checksum"]:
+            raise ValueError(f"{where}: checksum mismatch (damaged memory)")
+        return memory
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Everything is checked before anything is copied: a bad state leaves the layer as it was.
+        extra_key = prefix + "_extra_state"
+        if extra_key in state_dict:
+            state = state_dict[extra_key]
+            self._memory_from_state(state)
+            if state["frozen"] != self.frozen:
+                saved = "frozen" if state["frozen"] else "with latent weights"
+                mine = "frozen" if self.frozen else "not"
+                raise ValueError(
+                    f"SpatialLayer state at {prefix!r}: saved {saved}, this layer is {mine}; "
+                    "call st.freeze(model) first to load a frozen state"
+                )
+        for name, param in (("weight", self.weight), ("bias", self.bias)):
+            key = prefix + name
+            if key in state_dict and param is not None and state_dict[key].shape != param.shape:
+                raise ValueError(
+                    f"SpatialLayer state at {prefix!r}: {name} has shape "
+                    f"{tuple(state_dict[key].shape)}, this layer {tuple(param.shape)}"
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Drops the latent weights of every SpatialLayer in ``model``: each store becomes the only
+    copy of its weights. Forward and the backward to the input still work. Returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, SpatialLayer):
+            module.freeze()
+    return model
+
+
+def _check_count(value: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _checked_positions(positions: torch.Tensor | None, count: int) -> torch.Tensor:
+    if positions is None:
+        return layouts.default(count)
+    positions = torch.as_tensor(positions)
+    if positions.dim() != 2 or positions.shape != (count, 3):
+        raise ValueError(
+            f"input_positions must have shape [{count}, 3], got {tuple(positions.shape)}"
+        )
+    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        raise TypeError(f"input_positions must be an integer tensor, got {positions.dtype}")
+    positions = positions.to("cpu", torch.int64)
+    if (positions < 0).any() or (positions > MAX_COORD).any():
+        raise ValueError(f"input_positions must lie in [0, {MAX_COORD}]")
+    codes = torch.sort(morton_encode(positions)).values
+    if (codes[1:] == codes[:-1]).any():
+        duplicate = morton_decode(codes[1:][codes[1:] == codes[:-1]][:1])[0].tolist()
+        raise ValueError(f"input_positions must be distinct; {tuple(duplicate)} appears twice")
+    return positions
+
+
+def _neuron_grid(count: int, grid_dims: Sequence[int] | None) -> torch.Tensor:
+    """Neuron positions: the first `count` cells of the grid in Morton order."""
+    if grid_dims is None:
+        return layouts.default(count)
+    dims = tuple(grid_dims)
+    if len(dims) != 3 or any(isinstance(d, bool) or not isinstance(d, int) for d in dims):
+        raise ValueError(f"grid_dims must be three ints (X, Y, Z), got {grid_dims!r}")
+    if any(not 1 <= d <= MAX_COORD + 1 for d in dims) or not count <= math.prod(dims) <= 1 << 24:
+        raise ValueError(
+            f"grid_dims {dims} must be in [1, {MAX_COORD + 1}] with between {count} neurons "
+            "and 2**24 cells"
+        )
+    cells = torch.cartesian_prod(*(torch.arange(d) for d in dims)).reshape(-1, 3)
+    return morton_decode(torch.sort(morton_encode(cells)).values[:count])
+
+
+def _unit_cube(positions: torch.Tensor) -> torch.Tensor:
+    """Positions scaled per axis to [0, 1] (a flat axis stays at 0)."""
+    p = positions.to(torch.float32)
+    low = p.min(0).values
+    return (p - low) / (p.max(0).values - low).clamp(min=1.0)
