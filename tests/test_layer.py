@@ -1,0 +1,189 @@
+"""SpatialLayer: forward against the dense reference, gradients, quantization, training."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import train_digits_mlp
+from torch import nn
+
+import spatium_torch as st
+
+MAX_CODE = {1: 1, 2: 1, 4: 7, 8: 127}
+
+
+def make_layer(bits=4, density=1.0, region_bits=3, in_features=100, out_features=12, **kw):
+    torch.manual_seed(0)
+    return st.SpatialLayer(
+        in_features, out_features, bits=bits, density=density, region_bits=region_bits, **kw
+    )
+
+
+def reference(layer, x):
+    w = layer.dequantized_weight().to(x.dtype)
+    b = None if layer.bias is None else layer.bias.to(x.dtype)
+    return F.linear(x, w, b)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("density", [1.0, 0.25])
+@pytest.mark.parametrize("region_bits", [2, 3, 6])
+def test_forward_equals_dense_reference(bits, density, region_bits):
+    layer = make_layer(bits, density, region_bits)
+    x = torch.randn(7, 100)
+    torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(100,), (5, 100), (3, 4, 100), (0, 100), (2, 0, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_leading_shapes_and_dtypes(shape, dtype):
+    layer = make_layer(density=0.5)
+    x = torch.randn(shape, dtype=dtype)
+    y = layer(x)
+    assert y.shape == (*shape[:-1], 12) and y.dtype == dtype
+    torch.testing.assert_close(y, reference(layer, x), rtol=1e-5, atol=1e-6)
+
+
+def test_non_contiguous_input():
+    layer = make_layer()
+    x = torch.randn(100, 8).t()
+    assert not x.is_contiguous()
+    torch.testing.assert_close(layer(x), reference(layer, x.contiguous()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_compute_in_fp32(dtype):
+    layer = make_layer()
+    x = torch.randn(4, 100).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, reference(layer, x.float()).to(dtype))
+
+
+def test_custom_input_positions_follow_the_inputs():
+    positions = st.layouts.grid(10, 10)  # not Morton order: the layer permutes internally
+    layer = make_layer(density=0.3, input_positions=positions)
+    x = torch.randn(6, 100)
+    torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-5, atol=1e-6)
+    # the same weights at permuted positions compute the same function on permuted inputs
+    perm = torch.randperm(100)
+    moved = make_layer(density=1.0, input_positions=positions[perm])
+    with torch.no_grad():
+        moved.weight.copy_(layer.weight[:, perm])
+    dense = make_layer(density=1.0, input_positions=positions)
+    with torch.no_grad():
+        dense.weight.copy_(layer.weight)
+    torch.testing.assert_close(moved(x[:, perm]), dense(x), rtol=1e-5, atol=1e-6)
+
+
+def test_input_gradient_gradcheck_float64():
+    layer = make_layer(bits=4, density=0.5).double()
+    x = torch.randn(3, 100, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+    st.freeze(layer)
+    assert torch.autograd.gradcheck(layer, (x,))
+
+
+@pytest.mark.parametrize("density", [1.0, 0.25])
+def test_latent_weight_gradient_is_straight_through(density):
+    layer = make_layer(bits=2, density=density, input_positions=st.layouts.grid(10, 10))
+    x = torch.randn(9, 100)
+    layer(x).square().sum().backward()
+    w = layer.weight.detach().clone().requires_grad_()
+    b = layer.bias.detach().clone().requires_grad_()
+    mask = layer.block_mask()
+    # d/dW of F.linear(x, W * mask, b) with the quantized output: straight-through.
+    y_q = layer(x).detach()
+    (F.linear(x, w * mask, b) * (2 * y_q)).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.bias.grad, b.grad, rtol=1e-5, atol=1e-5)
+    assert (layer.weight.grad[~mask] == 0).all()
+
+
+def per_weight_scale(layer):
+    """The fp16 scale of the block each weight belongs to (0 outside active blocks)."""
+    _, bitmap, scales, _ = layer._memory.parts()
+    out, regions = layer.out_features, layer._memory.num_regions()
+    words = (regions + 63) // 64
+    bit = torch.arange(64)
+    active = ((bitmap.view(out, words, 1) >> bit) & 1).view(out, -1)[:, :regions].bool()
+    index = torch.cumsum(active.flatten(), 0).view(out, regions) - 1
+    scale = torch.where(active, scales.view(torch.float16).float()[index.clamp(min=0)], 0.0)
+    return scale[:, layer._region_of_sorted_input()]  # default layout: sorted == user order
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_codes_in_set_and_error_within_half_a_scale(bits):
+    layer = make_layer(bits=bits, density=0.5)
+    w_q = layer.dequantized_weight()
+    scale = per_weight_scale(layer)
+    mask = layer.block_mask()
+    assert ((scale > 0) <= mask).all()
+    codes = w_q[mask] / scale[mask]
+    assert torch.equal(codes, codes.round())
+    assert codes.abs().max() <= MAX_CODE[bits]
+    if bits == 1:
+        assert (codes.abs() == 1).all()
+    else:
+        err = (layer.weight.detach() - w_q)[mask].abs()
+        assert (err <= scale[mask] / 2 * (1 + 1e-6)).all()
+    assert (w_q[~mask] == 0).all()
+
+
+def test_requantizes_after_optimizer_step_and_only_then():
+    layer = make_layer()
+    before = layer.dequantized_weight()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(torch.randn(4, 100)).sum().backward()
+    optimizer.step()
+    after = layer.dequantized_weight()
+    assert not torch.equal(before, after)
+    direct = st.SpatialLayer(100, 12, bits=4, region_bits=3)
+    with torch.no_grad():
+        direct.weight.copy_(layer.weight)
+    assert torch.equal(direct.dequantized_weight(), after)
+
+
+def test_determinism_and_thread_count_independence():
+    layer = make_layer(in_features=300, out_features=200, density=0.5)
+    x = torch.randn(64, 300)
+    first = layer(x)
+    assert torch.equal(first, layer(x))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(first, single)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_identity_task_learns(bits):
+    torch.manual_seed(0)
+    net = st.SpatialNetwork([4, 16, 4], bits=bits, lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(1000):
+        x = torch.rand(32, 4, generator=generator)
+        losses.append(net.train_batch(x, x))
+    assert sum(losses[-20:]) / 20 < 0.05
+
+
+def test_digits_within_two_points_of_nn_linear():
+    dense = train_digits_mlp(lambda i, o: nn.Linear(i, o))
+    spatial = train_digits_mlp(lambda i, o: st.SpatialLayer(i, o, bits=4))
+    assert spatial >= dense - 0.02, (spatial, dense)
+
+
+def test_frozen_layer_runs_forward_and_input_backward():
+    layer = make_layer(density=0.5)
+    x = torch.randn(5, 100)
+    expected = layer(x).detach()
+    st.freeze(layer)
+    assert layer.frozen and layer.weight is None
+    assert [n for n, _ in layer.named_parameters()] == ["bias"]
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
+    assert torch.equal(y.detach(), expected)
+    y.sum().backward()
+    torch.testing.assert_close(xg.grad, layer.dequantized_weight().sum(0).expand(5, 100))

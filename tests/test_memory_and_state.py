@@ -1,0 +1,193 @@
+"""Point API, MemoryStats, state_dict round trips and bad input."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import spatium_torch as st
+
+
+def layer_of(**kw):
+    torch.manual_seed(0)
+    args = dict(in_features=100, out_features=6, bits=4, region_bits=3) | kw
+    return st.SpatialLayer(args.pop("in_features"), args.pop("out_features"), **args)
+
+
+# --- point API ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("frozen", [False, True])
+def test_write_then_read_returns_the_quantized_value(frozen):
+    layer = layer_of(density=0.25)
+    if frozen:
+        st.freeze(layer)
+    xyz = tuple(st.morton_decode(torch.tensor([77]))[0].tolist())
+    region = 77 >> 3
+    never_written = [n for n in range(6) if not layer.block_mask()[n, region * 8]]
+    assert never_written, "the test wants a neuron without that block"
+    n = never_written[0]
+    assert not layer.memory.contains(n, xyz)
+    assert layer.memory.read(n, xyz) == 0.0
+    layer.memory.write(n, xyz, 0.5)
+    assert layer.memory.contains(n, xyz)
+    scale = torch.tensor(0.5 / 7).half()
+    if scale.float() < 0.5 / 7:  # rounded up to fp16
+        scale = torch.nextafter(scale, torch.tensor(1.0).half())
+    assert layer.memory.read(n, xyz) == pytest.approx(7 * scale.float().item(), rel=1e-6)
+    assert layer.dequantized_weight()[n, 77] == pytest.approx(layer.memory.read(n, xyz))
+    # the rest of the new block is empty
+    assert (layer.dequantized_weight()[n, 72:80].count_nonzero()) == 1
+    if not frozen:
+        assert layer.weight[n, 77].item() == 0.5  # the latent weight follows
+
+
+def test_point_api_errors():
+    layer = layer_of()
+    with pytest.raises(IndexError, match="neuron 6"):
+        layer.memory.read(6, (0, 0, 0))
+    with pytest.raises(ValueError, match="no input"):
+        layer.memory.read(0, (200, 200, 200))
+    with pytest.raises(ValueError, match=r"\(x, y, z\)"):
+        layer.memory.write(0, (1, 2), 1.0)
+    assert not layer.memory.contains(0, (200, 200, 200))
+
+
+# --- stats ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_stats_hand_built(bits):
+    # 100 inputs, regions of 8 (region_bits 3): 12 full regions and one of 4.
+    layer = layer_of(bits=bits, density=0.25, connectivity="random")
+    mask = layer.block_mask()
+    s = layer.memory.stats()
+    assert s.compression_ratio == 32 / bits
+    assert s.total_capacity == 6 * 100
+    assert s.used_capacity == int(mask.sum())
+    assert s.saturation == pytest.approx(mask.sum().item() / 600)
+    per = layer.memory.neuron_stats()
+    assert [p.used_capacity for p in per] == mask.sum(1).tolist()
+    assert sum(p.active_regions for p in per) == s.active_regions == 6 * 3  # round(0.25 * 13)
+    assert s.nonzero == int(layer.dequantized_weight().count_nonzero())
+    assert s.average_density == pytest.approx(s.used_capacity / s.active_regions)
+    assert s.effective_compression == pytest.approx(4 * s.used_capacity / s.bytes)
+
+
+# --- state_dict -----------------------------------------------------------------------------------
+def save_load(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_state_dict_round_trip_is_bitwise(frozen):
+    model = nn.Sequential(layer_of(density=0.5), nn.ReLU(), layer_of(in_features=6, out_features=3))
+    if frozen:
+        st.freeze(model)
+    x = torch.randn(10, 100)
+    expected = model(x)
+    state = save_load(model.state_dict())
+    torch.manual_seed(123)
+    other = nn.Sequential(layer_of(density=0.5), nn.ReLU(), layer_of(in_features=6, out_features=3))
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    if frozen:
+        st.freeze(other)
+    assert not torch.equal(other(x), expected)
+    other.load_state_dict(state)
+    assert torch.equal(other(x), expected)
+
+
+def test_mismatched_state_fails_and_changes_nothing():
+    source = layer_of().state_dict()
+    for kw in (dict(bits=2), dict(out_features=7), dict(region_bits=4), dict(in_features=99)):
+        target = layer_of(density=0.5, **kw)
+        before = [t.clone() for t in target.state_dict().values() if isinstance(t, torch.Tensor)]
+        before_out = target(torch.ones(1, target.in_features))
+        with pytest.raises(ValueError):
+            target.load_state_dict(source)
+        after = [t for t in target.state_dict().values() if isinstance(t, torch.Tensor)]
+        assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        assert torch.equal(target(torch.ones(1, target.in_features)), before_out)
+
+
+def test_frozen_state_into_unfrozen_layer_is_refused():
+    layer = layer_of()
+    state = st.freeze(layer_of()).state_dict()
+    with pytest.raises(ValueError, match="freeze"):
+        layer.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda s: s.update(codes=s["codes"][:-1]),
+        lambda s: s.update(scales=s["scales"][:-2]),
+        lambda s: s.update(bitmap=s["bitmap"][:1]),
+        lambda s: s["codes"].__setitem__(0, s["codes"][0] ^ 0x11),
+        lambda s: s["scales"].__setitem__(0, s["scales"][0] ^ 0x400),
+        lambda s: s.update(checksum=s["checksum"] + 1),
+        lambda s: s.pop("bitmap"),
+        lambda s: s.update(bitmap=s["bitmap"].float()),
+    ],
+)
+def test_damaged_state_fails_clearly_and_changes_nothing(damage):
+    state = layer_of(density=0.5).state_dict()
+    extra = dict(state["_extra_state"])
+    extra = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in extra.items()}
+    damage(extra)
+    state["_extra_state"] = extra
+    target = layer_of(density=0.5)
+    x = torch.randn(2, 100)
+    before = target(x)
+    with pytest.raises(ValueError, match="SpatialLayer state"):
+        target.load_state_dict(state)
+    assert torch.equal(target(x), before)
+
+
+# --- bad input ------------------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors():
+    layer = layer_of()
+    with pytest.raises(ValueError, match=r"\[\.\.\., 100\].*\(4, 99\)"):
+        layer(torch.randn(4, 99))
+    with pytest.raises(ValueError, match="scalar"):
+        layer(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="floating-point"):
+        layer(torch.ones(2, 100, dtype=torch.int64))
+    with pytest.raises(ValueError, match="CPU only"):
+        layer(torch.empty(2, 100, device="meta"))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(bits=3), "bits"),
+        (dict(bits=True), "bits"),
+        (dict(region_bits=49), "region_bits"),
+        (dict(region_bits=-1), "region_bits"),
+        (dict(density=0.0), "density"),
+        (dict(density=1.5), "density"),
+        (dict(connectivity="nearest"), "connectivity"),
+        (dict(activation="map"), "activation"),
+        (dict(grid_dims=(2, 2, 1)), "grid_dims"),
+        (dict(input_positions=torch.zeros(100, 3, dtype=torch.int64)), "distinct"),
+        (dict(input_positions=st.layouts.grid(10, 10) + 65535), r"\[0, 65535\]"),
+        (dict(input_positions=st.layouts.grid(10, 10) - 1), r"\[0, 65535\]"),
+        (dict(input_positions=st.layouts.grid(10, 9)), r"shape \[100, 3\]"),
+    ],
+)
+def test_bad_configurations_raise_value_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        layer_of(**kw)
+
+
+def test_float_positions_are_type_errors():
+    with pytest.raises(TypeError, match="integer"):
+        layer_of(input_positions=st.layouts.grid(10, 10).float())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only torch cannot make CUDA tensors")
+def test_cuda_tensors_on_a_cpu_build():
+    with pytest.raises((RuntimeError, AssertionError), match="CUDA|cuda"):
+        layer_of()(torch.randn(2, 100, device="cuda"))

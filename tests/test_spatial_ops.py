@@ -1,0 +1,75 @@
+"""The spatial-memory ops on their own: opcheck, gradcheck, argument checks."""
+
+import pytest
+import torch
+
+import spatium_torch as st
+
+ops = torch.ops.spatium
+
+
+def memory_of(bits=4, out=7, inputs=90, region_bits=3, density=0.5):
+    torch.manual_seed(0)
+    layer = st.SpatialLayer(inputs, out, bits=bits, region_bits=region_bits, density=density)
+    return layer, layer._views
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("batch", [0, 1, 5])
+def test_opcheck_every_op(bits, batch):
+    layer, memory = memory_of(bits)
+    x = torch.randn(batch, 90)
+    weight = layer.weight.detach().clone()
+    bias = layer.bias.detach().clone()
+    for args in (
+        (x, weight, bias, memory, bits),
+        (x, None, None, memory, bits),
+        (x.double().requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), memory, bits),
+    ):
+        torch.library.opcheck(ops.spatial_linear.default, args)
+    torch.library.opcheck(
+        ops.spatial_linear_backward_input.default, (torch.randn(batch, 7), memory, bits, 90)
+    )
+    torch.library.opcheck(ops.active_mask.default, (memory, 90))
+    torch.library.opcheck(ops.dequantize.default, (memory, bits, 90))
+    torch.library.opcheck(ops.requantize_.default, (weight.detach(), memory, bits))
+
+
+def test_gradcheck_input_float64():
+    _, memory = memory_of(bits=2)
+    x = torch.randn(4, 90, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, b: ops.spatial_linear(x, None, b, memory, 2), (x, bias)
+    )
+
+
+def test_ops_reject_inconsistent_memory():
+    _, memory = memory_of()
+    x = torch.randn(2, 90)
+    with pytest.raises(ValueError, match="6 tensors"):
+        ops.spatial_linear(x, None, None, memory[:5], 4)
+    with pytest.raises(ValueError, match="covers 90 inputs"):
+        ops.spatial_linear(torch.randn(2, 91), None, None, memory, 4)
+    with pytest.raises(ValueError, match="disagree"):
+        ops.spatial_linear(x, None, None, [*memory[:5], memory[5][:-1].clone()], 4)
+    with pytest.raises(TypeError, match="codes must be"):
+        ops.spatial_linear(x, None, None, [*memory[:5], memory[5].long()], 4)
+    with pytest.raises(ValueError, match="bits"):
+        ops.spatial_linear(x, None, None, memory, 3)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ops.spatial_linear(x.half(), None, None, memory, 4)
+    with pytest.raises(ValueError, match="rows"):
+        ops.requantize_(torch.randn(6, 90), memory, 4)
+
+
+def test_views_outlive_a_layout_change():
+    layer, _ = memory_of()
+    x = torch.randn(3, 90, requires_grad=True)
+    y = layer(x)
+    # a write that activates a new block rebuilds the arrays; the graph keeps the old ones
+    inactive = (~layer.block_mask()).nonzero()[0].tolist()
+    xyz = st.morton_decode(torch.tensor([inactive[1]]))[0].tolist()
+    layer.memory.write(inactive[0], xyz, 1.0)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
