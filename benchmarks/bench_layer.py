@@ -1,0 +1,97 @@
+"""SpatialLayer against nn.Linear, measured in the same run: forward (inference), forward +
+backward, and a full Adam training step (zero_grad, forward, backward, step; the spatial layer's
+re-quantize happens inside the next forward, so it is counted). Writes its section of
+benchmarks/RESULTS.md.
+
+    python benchmarks/bench_layer.py            # the full grid (a few minutes)
+    python benchmarks/bench_layer.py --quick    # a smaller grid
+"""
+
+import argparse
+import datetime
+import itertools
+from collections.abc import Callable
+
+import torch
+from results_file import write_section
+from torch import nn
+from torch.utils.benchmark import Timer
+
+import spatium_torch as st
+
+
+def seconds(fn: Callable[[], object], min_run_time: float) -> float:
+    """Median seconds per call of fn."""
+    return (
+        Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+    )
+
+
+def measure(layer: nn.Module, batch: int, size: int, min_run_time: float) -> tuple[float, ...]:
+    """(forward, forward + backward, training step) seconds."""
+    x = torch.randn(batch, size)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-4)
+
+    def forward() -> None:
+        with torch.no_grad():
+            layer(x)
+
+    def forward_backward() -> None:
+        layer(x).sum().backward()
+
+    def step() -> None:
+        optimizer.zero_grad()
+        layer(x).sum().backward()
+        optimizer.step()
+
+    return tuple(seconds(fn, min_run_time) for fn in (forward, forward_backward, step))
+
+
+def main() -> None:
+    """Runs the grid and writes the results section."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller grid")
+    parser.add_argument("--out", default="benchmarks/RESULTS.md")
+    parser.add_argument("--min-run-time", type=float, default=0.3)
+    args = parser.parse_args()
+    sizes = [128, 1024] if args.quick else [128, 1024, 4096]
+    batches = [1, 32, 256]
+    bits_list = [4] if args.quick else [1, 2, 4, 8]
+    densities = [1.0, 0.25]
+
+    torch.manual_seed(0)
+    rows = []
+    for size, batch in itertools.product(sizes, batches):
+        base = measure(nn.Linear(size, size), batch, size, args.min_run_time)
+        rows.append((size, batch, "nn.Linear", "", base, None))
+        print(f"{size}^2 batch {batch}: nn.Linear {[f'{t * 1e3:.3f}' for t in base]} ms")
+        for bits, density in itertools.product(bits_list, densities):
+            layer = st.SpatialLayer(size, size, bits=bits, density=density)
+            times = measure(layer, batch, size, args.min_run_time)
+            rows.append((size, batch, f"{bits}-bit", f"{density:g}", times, base))
+            ratios = [f"{t / b:.2f}x" for t, b in zip(times, base, strict=True)]
+            print(f"  {bits}-bit density {density:g}: {ratios}")
+
+    lines = [
+        "## SpatialLayer vs nn.Linear (Python, `benchmarks/bench_layer.py`)",
+        "",
+        f"Generated on {datetime.date.today()} with torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, float32, square layers (in = out = size). "
+        "Times in ms (median); the ratio is SpatialLayer / nn.Linear from the same run "
+        "(below 1 is faster). `step` = zero_grad + forward + backward + Adam step.",
+        "",
+        "| size | batch | layer | density | forward | fwd+bwd | step |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for size, batch, name, density, times, base in rows:
+        cells = [
+            f"{t * 1e3:.3f}" if base is None else f"{t * 1e3:.3f} ({t / b:.2f}x)"
+            for t, b in zip(times, base or times, strict=True)
+        ]
+        lines.append(f"| {size} | {batch} | {name} | {density} | " + " | ".join(cells) + " |")
+    write_section(args.out, "layer", "\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
