@@ -19,6 +19,9 @@ namespace {
 
 constexpr int64_t kMemoryParts = 6;
 constexpr int64_t kPanelFloats = int64_t{1} << 16;  // 256 KiB panels: they stay in L2
+// Up to this many rows, float32 products run straight from the codes (decode a block, dot it
+// with each row); above, dense panels through at::mm amortize better.
+constexpr int64_t kSmallBatch = 16;
 
 const at::Tensor& part(at::TensorList memory, int64_t i, at::ScalarType dtype, const char* name) {
   const at::Tensor& t = memory[i];
@@ -54,6 +57,11 @@ PackedView view_of(at::TensorList memory, int64_t bits, int64_t in_features) {
   v.code_begin = code_begin.const_data_ptr<int64_t>();
   v.scales = reinterpret_cast<const uint16_t*>(scales.const_data_ptr<int16_t>());
   v.codes = codes.const_data_ptr<uint8_t>();
+  // A full region's size, as the kernels' fixed-size path wants it: the largest region, if a
+  // power of two (otherwise every block takes the generic path).
+  int64_t largest = 0;
+  for (int64_t r = 0; r < v.num_regions; ++r) largest = std::max(largest, v.region_size(r));
+  v.full_region_bits = (largest & (largest - 1)) == 0 ? __builtin_ctzll(largest) : -1;
   TORCH_CHECK_VALUE(v.region_begin[v.num_regions] == in_features, "spatium: memory covers ",
                     v.region_begin[v.num_regions], " inputs, the input has ", in_features);
   TORCH_CHECK_VALUE(bitmap.numel() == v.out_features * v.words &&
@@ -87,21 +95,33 @@ at::Tensor spatial_linear_cpu(const at::Tensor& x_in, const std::optional<at::Te
   check_input(x_in, "spatial_linear", "x");
   const PackedView v = view_of(memory, bits, x_in.size(1));
   const at::Tensor x = x_in.contiguous();
-  const int64_t rows = panel_rows(v.in_features);
-  const int64_t panels = (v.out_features + rows - 1) / rows;
-  // y^T, so that each panel writes a contiguous block of rows.
-  at::Tensor y_t = at::empty({v.out_features, x.size(0)}, x.options());
-  if (x.size(0) > 0) {
-    const at::Tensor x_t = x.t();
-    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t n0 = p * rows, n1 = std::min(n0 + rows, v.out_features);
-        at::Tensor out = y_t.narrow(0, n0, n1 - n0);
-        at::mm_out(out, dequantized_panel(v, n0, n1, x.scalar_type()), x_t);
-      }
+  const int64_t batch = x.size(0);
+  at::Tensor y;
+  if (x.scalar_type() == at::kFloat && batch <= kSmallBatch) {
+    y = at::empty({batch, v.out_features}, x.options());
+    const float* xp = x.const_data_ptr<float>();
+    float* yp = y.mutable_data_ptr<float>();
+    at::parallel_for(0, v.out_features, 16, [&](int64_t n0, int64_t n1) {
+      std::vector<float> scratch(static_cast<size_t>(v.scratch_floats(batch)));
+      v.linear_rows(n0, n1, xp, batch, v.in_features, yp, v.out_features, scratch.data());
     });
+  } else {
+    const int64_t rows = panel_rows(v.in_features);
+    const int64_t panels = (v.out_features + rows - 1) / rows;
+    // y^T, so that each panel writes a contiguous block of rows.
+    at::Tensor y_t = at::empty({v.out_features, batch}, x.options());
+    if (batch > 0) {
+      const at::Tensor x_t = x.t();
+      at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t n0 = p * rows, n1 = std::min(n0 + rows, v.out_features);
+          at::Tensor out = y_t.narrow(0, n0, n1 - n0);
+          at::mm_out(out, dequantized_panel(v, n0, n1, x.scalar_type()), x_t);
+        }
+      });
+    }
+    y = y_t.t().contiguous();
   }
-  at::Tensor y = y_t.t().contiguous();
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == v.out_features,
                       "spatial_linear: bias must be [", v.out_features, "], got ", bias->sizes());
@@ -124,14 +144,23 @@ at::Tensor spatial_linear_backward_input_cpu(const at::Tensor& grad_y_in, at::Te
   const int64_t tasks = std::min<int64_t>(panels, at::get_num_threads());
   const int64_t per_task = (panels + tasks - 1) / tasks;
   std::vector<at::Tensor> partial(static_cast<size_t>(tasks));
+  const bool small = grad_y.scalar_type() == at::kFloat && batch <= kSmallBatch;
   if (batch > 0) {
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         at::Tensor acc = at::zeros({batch, in_features}, grad_y.options());
-        for (int64_t p = t * per_task; p < std::min(panels, (t + 1) * per_task); ++p) {
-          const int64_t n0 = p * rows, n1 = std::min(n0 + rows, v.out_features);
-          acc.addmm_(grad_y.narrow(1, n0, n1 - n0),
-                     dequantized_panel(v, n0, n1, grad_y.scalar_type()));
+        const int64_t first = t * per_task, last = std::min(panels, (t + 1) * per_task);
+        if (small) {
+          std::vector<float> scratch(static_cast<size_t>(v.scratch_floats(batch)));
+          v.linear_t_rows(first * rows, std::min(last * rows, v.out_features),
+                          grad_y.const_data_ptr<float>(), batch, v.out_features,
+                          acc.mutable_data_ptr<float>(), in_features, scratch.data());
+        } else {
+          for (int64_t p = first; p < last; ++p) {
+            const int64_t n0 = p * rows, n1 = std::min(n0 + rows, v.out_features);
+            acc.addmm_(grad_y.narrow(1, n0, n1 - n0),
+                       dequantized_panel(v, n0, n1, grad_y.scalar_type()));
+          }
         }
         partial[static_cast<size_t>(t)] = acc;
       }

@@ -3,6 +3,175 @@
 #include <algorithm>
 
 namespace spatium {
+namespace {
+
+// The small-batch kernels, one instantiation per code width and full-region size S, compiled
+// per ISA below so that decoding, products and sums inline into one loop nest. Full regions
+// (S inputs) take a fixed-size path: constant trip counts unroll, and products accumulate in a
+// [batch][S] vector summed once per neuron instead of once per block. Other sizes (a partial
+// last region, irregular layouts) take the generic path.
+// Batch 1 over full regions: decode, scale and multiply fused, the S partial sums held in a
+// local array the compiler keeps in vector registers.
+template <int Bits, int S>
+[[gnu::always_inline]] inline void linear_row_fused(const PackedView& v, int64_t n0, int64_t n1,
+                                                    const float* x, float* y, float* w) {
+  constexpr uint32_t mask = (1u << Bits) - 1u;
+  constexpr int per_byte = 8 / Bits;
+  constexpr int bytes = S / per_byte;
+  for (int64_t n = n0; n < n1; ++n) {
+    float acc[S] = {};
+    float rest = 0.0f;
+    v.for_each_block(n, [&](int64_t r, int64_t blk, int64_t off) {
+      const float scale = half_to_float(v.scales[blk]);
+      const float* xr = x + v.region_begin[r];
+      const uint8_t* c = v.codes + off;
+      if (v.region_size(r) == S) {
+        for (int p = 0; p < per_byte; ++p) {
+#pragma omp simd
+          for (int i = 0; i < bytes; ++i) {
+            const auto stored = static_cast<int>((c[i] >> (p * Bits)) & mask);
+            const int code = Bits == 1 ? 2 * stored - 1 : stored - quant::offset(Bits);
+            acc[p * bytes + i] += scale * static_cast<float>(code) * xr[p * bytes + i];
+          }
+        }
+        return;
+      }
+      const int64_t size = v.region_size(r);
+      quant::decode_planes<Bits>(c, size, scale, w);
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < size; ++i) sum += w[i] * xr[i];
+      rest += sum;
+    });
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int i = 0; i < S; ++i) sum += acc[i];
+    y[n] = sum + rest;
+  }
+}
+
+template <int Bits, int S>
+[[gnu::always_inline]] inline void linear_rows_impl(const PackedView& v, int64_t n0, int64_t n1,
+                                                    const float* x, int64_t batch, int64_t ldx,
+                                                    float* y, int64_t ldy, float* scratch) {
+  float* w = scratch;                        // [max(S, in)] one decoded block
+  float* acc = scratch + v.in_features + S;  // [batch][S]
+  if (S > 0 && batch == 1) {
+    linear_row_fused<Bits, S>(v, n0, n1, x, y, w);
+    return;
+  }
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t i = 0; i < batch * S; ++i) acc[i] = 0.0f;
+    for (int64_t b = 0; b < batch; ++b) y[b * ldy + n] = 0.0f;
+    v.for_each_block(n, [&](int64_t r, int64_t blk, int64_t off) {
+      const int64_t size = v.region_size(r);
+      const float scale = half_to_float(v.scales[blk]);
+      if (S > 0 && size == S) {
+        quant::decode_planes<Bits>(v.codes + off, S, scale, w);
+        for (int64_t b = 0; b < batch; ++b) {
+          const float* xr = x + b * ldx + v.region_begin[r];
+          float* a = acc + b * S;
+#pragma omp simd
+          for (int i = 0; i < S; ++i) a[i] += w[i] * xr[i];
+        }
+        return;
+      }
+      quant::decode_planes<Bits>(v.codes + off, size, scale, w);
+      for (int64_t b = 0; b < batch; ++b) {
+        const float* xr = x + b * ldx + v.region_begin[r];
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < size; ++i) sum += w[i] * xr[i];
+        y[b * ldy + n] += sum;
+      }
+    });
+    for (int64_t b = 0; b < batch; ++b) {
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int i = 0; i < S; ++i) sum += acc[b * S + i];
+      y[b * ldy + n] += sum;
+    }
+  }
+}
+
+template <int Bits, int S>
+[[gnu::always_inline]] inline void linear_t_rows_impl(const PackedView& v, int64_t n0, int64_t n1,
+                                                      const float* gy, int64_t batch, int64_t ldy,
+                                                      float* gx, int64_t ldx, float* scratch) {
+  for (int64_t n = n0; n < n1; ++n) {
+    v.for_each_block(n, [&](int64_t r, int64_t blk, int64_t off) {
+      const int64_t size = v.region_size(r);
+      const float scale = half_to_float(v.scales[blk]);
+      const bool full = S > 0 && size == S;
+      quant::decode_planes<Bits>(v.codes + off, full ? S : size, scale, scratch);
+      for (int64_t b = 0; b < batch; ++b) {
+        const float alpha = gy[b * ldy + n];
+        float* gr = gx + b * ldx + v.region_begin[r];
+        if (full) {
+#pragma omp simd
+          for (int i = 0; i < S; ++i) gr[i] += alpha * scratch[i];
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < size; ++i) gr[i] += alpha * scratch[i];
+        }
+      }
+    });
+  }
+}
+
+// Picks the fixed-size path for the region sizes worth specializing.
+template <int Bits, template <int, int> class Kernel, class... Args>
+[[gnu::always_inline]] inline void by_region_size(int region_bits, Args... args) {
+  switch (region_bits) {
+    case 4: Kernel<Bits, 16>::run(args...); return;
+    case 5: Kernel<Bits, 32>::run(args...); return;
+    case 6: Kernel<Bits, 64>::run(args...); return;
+    case 7: Kernel<Bits, 128>::run(args...); return;
+    case 8: Kernel<Bits, 256>::run(args...); return;
+    default: Kernel<Bits, 0>::run(args...); return;
+  }
+}
+
+template <int Bits, int S>
+struct LinearRows {
+  template <class... Args>
+  [[gnu::always_inline]] static inline void run(Args... args) {
+    linear_rows_impl<Bits, S>(args...);
+  }
+};
+template <int Bits, int S>
+struct LinearTRows {
+  template <class... Args>
+  [[gnu::always_inline]] static inline void run(Args... args) {
+    linear_t_rows_impl<Bits, S>(args...);
+  }
+};
+
+[[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void linear_rows_any(
+    const PackedView& v, int64_t n0, int64_t n1, const float* x, int64_t batch, int64_t ldx,
+    float* y, int64_t ldy, float* scratch) {
+  const int rb = v.full_region_bits;
+  switch (v.bits) {
+    case 1: by_region_size<1, LinearRows>(rb, v, n0, n1, x, batch, ldx, y, ldy, scratch); return;
+    case 2: by_region_size<2, LinearRows>(rb, v, n0, n1, x, batch, ldx, y, ldy, scratch); return;
+    case 4: by_region_size<4, LinearRows>(rb, v, n0, n1, x, batch, ldx, y, ldy, scratch); return;
+    default: by_region_size<8, LinearRows>(rb, v, n0, n1, x, batch, ldx, y, ldy, scratch); return;
+  }
+}
+
+[[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void linear_t_rows_any(
+    const PackedView& v, int64_t n0, int64_t n1, const float* gy, int64_t batch, int64_t ldy,
+    float* gx, int64_t ldx, float* scratch) {
+  const int rb = v.full_region_bits;
+  switch (v.bits) {
+    case 1: by_region_size<1, LinearTRows>(rb, v, n0, n1, gy, batch, ldy, gx, ldx, scratch); return;
+    case 2: by_region_size<2, LinearTRows>(rb, v, n0, n1, gy, batch, ldy, gx, ldx, scratch); return;
+    case 4: by_region_size<4, LinearTRows>(rb, v, n0, n1, gy, batch, ldy, gx, ldx, scratch); return;
+    default: by_region_size<8, LinearTRows>(rb, v, n0, n1, gy, batch, ldy, gx, ldx, scratch); return;
+  }
+}
+
+}  // namespace
 
 void PackedView::dequantize_rows(int64_t n0, int64_t n1, float* out, int64_t ld) const {
   for (int64_t n = n0; n < n1; ++n) {
@@ -37,6 +206,16 @@ void PackedView::active_mask_rows(int64_t n0, int64_t n1, uint8_t* out, int64_t 
       std::fill(row + region_begin[r], row + region_begin[r + 1], uint8_t{1});
     });
   }
+}
+
+void PackedView::linear_rows(int64_t n0, int64_t n1, const float* x, int64_t batch, int64_t ldx,
+                             float* y, int64_t ldy, float* scratch) const {
+  linear_rows_any(*this, n0, n1, x, batch, ldx, y, ldy, scratch);
+}
+
+void PackedView::linear_t_rows(int64_t n0, int64_t n1, const float* gy, int64_t batch,
+                               int64_t ldy, float* gx, int64_t ldx, float* scratch) const {
+  linear_t_rows_any(*this, n0, n1, gy, batch, ldy, gx, ldx, scratch);
 }
 
 void PackedView::quantize_rows(int64_t n0, int64_t n1, const float* latent, int64_t ld,

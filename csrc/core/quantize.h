@@ -1,8 +1,11 @@
 // Block quantization: one fp16 scale per block and one b-bit code per weight, b in {1, 2, 4, 8}.
 // Code sets (symmetric): b=1 {-1, +1}; b=2 {-1, 0, +1}; b=4 -7..7; b=8 -127..127. A weight is
 // scale * code. Scale: absmax / max code for b >= 2 (rounded up to fp16 so no code clips), mean
-// |w| for b = 1 (the error-minimising scale for signs). Codes are stored offset to be unsigned,
-// packed LSB first: weight j of a block sits at bits [j*b, j*b + b) of the block's bytes.
+// |w| for b = 1 (the error-minimising scale for signs). Codes are stored offset to be unsigned.
+//
+// Packing is planar: a block of `count` codes takes q = code_bytes(bits, count) bytes; code j
+// sits in byte j % q at bit (j / q) * bits. Each bit plane of the bytes thus holds a contiguous
+// run of codes, and decoding a plane is one branch-free, vectorizable loop.
 #pragma once
 
 #include <array>
@@ -37,14 +40,32 @@ inline constexpr bool valid_stored(int bits, uint32_t stored) {
 // Bytes holding `count` codes of `bits` bits.
 inline constexpr int64_t code_bytes(int bits, int64_t count) { return (count * bits + 7) / 8; }
 
-inline uint32_t get_stored(const uint8_t* codes, int bits, int64_t j) {
-  const int64_t bit = j * bits;
-  return (codes[bit >> 3] >> (bit & 7)) & ((1u << bits) - 1u);
+// Stored value of code j of a block of `count` codes (point access; kernels decode planes).
+inline uint32_t get_stored(const uint8_t* codes, int bits, int64_t count, int64_t j) {
+  const int64_t bytes = code_bytes(bits, count);
+  return (codes[j % bytes] >> ((j / bytes) * bits)) & ((1u << bits) - 1u);
 }
-inline void set_stored(uint8_t* codes, int bits, int64_t j, uint32_t stored) {
-  const int64_t bit = j * bits;
-  const auto mask = static_cast<uint8_t>(((1u << bits) - 1u) << (bit & 7));
-  codes[bit >> 3] = static_cast<uint8_t>((codes[bit >> 3] & ~mask) | (stored << (bit & 7)));
+
+// Decodes a block's codes times `scale` into out[0, count), plane by plane (see the top).
+// Header-inline so that kernels compiled for a wider ISA inline it.
+template <int Bits>
+[[gnu::always_inline]] inline void decode_planes(const uint8_t* codes, int64_t count, float scale,
+                                                 float* out) {
+  constexpr uint32_t mask = (1u << Bits) - 1u;
+  constexpr int per_byte = 8 / Bits;
+  const int64_t bytes = code_bytes(Bits, count);
+  for (int p = 0; p < per_byte; ++p) {
+    const int64_t begin = p * bytes;
+    if (begin >= count) break;
+    const int64_t len = count - begin < bytes ? count - begin : bytes;
+    const int shift = p * Bits;
+    float* o = out + begin;
+    for (int64_t i = 0; i < len; ++i) {
+      const auto stored = static_cast<int>((codes[i] >> shift) & mask);
+      const int code = Bits == 1 ? 2 * stored - 1 : stored - offset(Bits);
+      o[i] = scale * static_cast<float>(code);
+    }
+  }
 }
 
 // Quantizes weights w[0, count) into codes (code_bytes(bits, count) bytes) and returns the fp16
@@ -53,6 +74,10 @@ uint16_t quantize_block(const float* w, int64_t count, int bits, uint8_t* codes)
 
 // Writes scale * code for codes [0, count) into out.
 void dequantize_block(const uint8_t* codes, int64_t count, int bits, uint16_t scale, float* out);
+
+// Writes the codes themselves (unscaled) as floats: what the matmul kernels multiply, applying
+// the scale once per block and row.
+void decode_block(const uint8_t* codes, int64_t count, int bits, float* out);
 
 // Number of non-zero codes among [0, count).
 int64_t count_nonzero(const uint8_t* codes, int64_t count, int bits);

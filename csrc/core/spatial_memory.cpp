@@ -98,7 +98,7 @@ SpatialMemory SpatialMemory::from_parts(int64_t out_features, std::vector<uint64
   for (int64_t n = 0; n < out_features; ++n) {
     view.for_each_block(n, [&](int64_t r, int64_t, int64_t offset) {
       for (int64_t j = 0; j < view.region_size(r); ++j) {
-        if (!quant::valid_stored(bits, quant::get_stored(view.codes + offset, bits, j))) {
+        if (!quant::valid_stored(bits, quant::get_stored(view.codes + offset, bits, view.region_size(r), j))) {
           throw error("codes hold a value outside the " + std::to_string(bits) + "-bit code set");
         }
       }
@@ -115,6 +115,7 @@ PackedView SpatialMemory::view() const {
   v.num_regions = num_regions();
   v.words = words_;
   v.bits = bits_;
+  v.full_region_bits = region_bits_;
   v.region_begin = region_begin_.data();
   v.bitmap = blocks_->bitmap.data();
   v.block_begin = blocks_->block_begin.data();
@@ -241,7 +242,7 @@ float SpatialMemory::read(int64_t neuron, uint64_t code) const {
   const PackedView v = view();
   v.for_each_block(neuron, [&](int64_t r, int64_t b, int64_t off) {
     if (r != region) return;
-    const uint32_t stored = quant::get_stored(v.codes + off, bits_, input - region_begin_[r]);
+    const uint32_t stored = quant::get_stored(v.codes + off, bits_, region_size(r), input - region_begin_[r]);
     value = half_to_float(v.scales[b]) * static_cast<float>(quant::from_stored(bits_, stored));
   });
   return value;

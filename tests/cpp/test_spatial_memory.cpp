@@ -66,7 +66,7 @@ TEST_P(Quantize, CodesInSetAndErrorWithinHalfAScale) {
     quant::dequantize_block(codes.data(), count, bits, scale_half, back.data());
     double abs_mean = 0.0;
     for (int64_t j = 0; j < count; ++j) {
-      const uint32_t stored = quant::get_stored(codes.data(), bits, j);
+      const uint32_t stored = quant::get_stored(codes.data(), bits, count, j);
       ASSERT_TRUE(quant::valid_stored(bits, stored));
       const int code = quant::from_stored(bits, stored);
       ASSERT_LE(std::abs(code), quant::max_code(bits));

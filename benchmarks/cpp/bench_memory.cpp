@@ -1,0 +1,72 @@
+// The spatial memory's kernels: one neuron's forward over 128 inputs (the seed's unit), a
+// 1024 x 1024 layer forward at batch 1 (one thread), and re-quantizing it.
+#include <benchmark/benchmark.h>
+
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "core/spatial_memory.h"
+
+namespace spatium {
+namespace {
+
+SpatialMemory dense_memory(int64_t out, int64_t in, int bits, int region_bits) {
+  std::vector<uint64_t> codes(static_cast<size_t>(in));
+  std::iota(codes.begin(), codes.end(), uint64_t{0});
+  SpatialMemory memory(out, std::move(codes), bits, region_bits);
+  std::vector<uint8_t> mask(static_cast<size_t>(out * memory.num_regions()), 1);
+  memory.set_active(mask.data());
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal;
+  std::vector<float> latent(static_cast<size_t>(out * in));
+  for (auto& w : latent) w = normal(rng);
+  memory.quantize_rows(0, out, latent.data(), in);
+  return memory;
+}
+
+// Args: bits, neurons, inputs.
+void BM_Forward(benchmark::State& state) {
+  const int bits = static_cast<int>(state.range(0));
+  const int64_t out = state.range(1), in = state.range(2);
+  const SpatialMemory memory = dense_memory(out, in, bits, 6);
+  const PackedView view = memory.view();
+  std::vector<float> x(static_cast<size_t>(in), 0.5f), y(static_cast<size_t>(out));
+  std::vector<float> scratch(static_cast<size_t>(view.scratch_floats(1)));
+  for (auto _ : state) {
+    view.linear_rows(0, out, x.data(), 1, in, y.data(), out, scratch.data());
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(state.iterations() * out * in);  // weights
+  state.counters["ns_per_call"] = benchmark::Counter(
+      static_cast<double>(state.iterations()), benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+}
+
+void BM_Requantize(benchmark::State& state) {
+  const int bits = static_cast<int>(state.range(0));
+  const int64_t out = state.range(1), in = state.range(2);
+  SpatialMemory memory = dense_memory(out, in, bits, 6);
+  std::vector<float> latent(static_cast<size_t>(out * in), 0.25f);
+  for (auto _ : state) {
+    memory.quantize_rows(0, out, latent.data(), in);
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(state.iterations() * out * in);
+}
+
+void bit_widths(benchmark::internal::Benchmark* b, int64_t out, int64_t in) {
+  for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, out, in});
+}
+
+BENCHMARK(BM_Forward)->Name("neuron_forward_128")->Apply([](auto* b) { bit_widths(b, 1, 128); });
+BENCHMARK(BM_Forward)->Name("layer_forward_1024x1024_batch1")->Apply([](auto* b) {
+  bit_widths(b, 1024, 1024);
+});
+BENCHMARK(BM_Requantize)->Name("requantize_1024x1024")->Apply([](auto* b) {
+  bit_widths(b, 1024, 1024);
+});
+
+}  // namespace
+}  // namespace spatium
