@@ -19,6 +19,9 @@ namespace {
 
 constexpr int64_t kMemoryParts = 6;
 constexpr int64_t kPanelFloats = int64_t{1} << 16;  // 256 KiB panels: they stay in L2
+// Weights per parallel task: below it a layer runs on one thread (a parallel region costs
+// microseconds, a small layer's whole forward less).
+constexpr int64_t kWeightsPerTask = int64_t{1} << 15;
 // Up to this many rows, float32 products run straight from the codes (decode a block, dot it
 // with each row); above, dense panels through at::mm amortize better.
 constexpr int64_t kSmallBatch = 16;
@@ -78,6 +81,11 @@ void check_input(const at::Tensor& x, const char* op, const char* name) {
                    name, " must be float32 or float64, got ", x.scalar_type());
 }
 
+// Neurons per parallel task.
+int64_t neuron_grain(const PackedView& v) {
+  return std::max<int64_t>(16, kWeightsPerTask / std::max<int64_t>(v.in_features, 1));
+}
+
 // Rows per panel: a panel of rows x width floats fits kPanelFloats.
 int64_t panel_rows(int64_t width) { return std::clamp<int64_t>(kPanelFloats / width, 8, 256); }
 
@@ -101,7 +109,7 @@ at::Tensor spatial_linear_cpu(const at::Tensor& x_in, const std::optional<at::Te
     y = at::empty({batch, v.out_features}, x.options());
     const float* xp = x.const_data_ptr<float>();
     float* yp = y.mutable_data_ptr<float>();
-    at::parallel_for(0, v.out_features, 16, [&](int64_t n0, int64_t n1) {
+    at::parallel_for(0, v.out_features, neuron_grain(v), [&](int64_t n0, int64_t n1) {
       std::vector<float> scratch(static_cast<size_t>(v.scratch_floats(batch)));
       v.linear_rows(n0, n1, xp, batch, v.in_features, yp, v.out_features, scratch.data());
     });
@@ -141,7 +149,8 @@ at::Tensor spatial_linear_backward_input_cpu(const at::Tensor& grad_y_in, at::Te
   const int64_t rows = panel_rows(in_features);
   const int64_t panels = (v.out_features + rows - 1) / rows;
   // grad_x = sum over panels of grad_y[:, panel] @ W_panel: one partial sum per task.
-  const int64_t tasks = std::min<int64_t>(panels, at::get_num_threads());
+  const int64_t tasks = std::clamp<int64_t>(
+      v.out_features * in_features / kWeightsPerTask, 1, std::min<int64_t>(panels, at::get_num_threads()));
   const int64_t per_task = (panels + tasks - 1) / tasks;
   std::vector<at::Tensor> partial(static_cast<size_t>(tasks));
   const bool small = grad_y.scalar_type() == at::kFloat && batch <= kSmallBatch;
@@ -178,7 +187,7 @@ at::Tensor active_mask_cpu(at::TensorList memory, int64_t in_features) {
   const PackedView v = view_of(memory, 8, in_features);
   at::Tensor mask = at::empty({v.out_features, in_features}, at::kBool);
   auto* out = reinterpret_cast<uint8_t*>(mask.mutable_data_ptr<bool>());
-  at::parallel_for(0, v.out_features, 16, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, v.out_features, neuron_grain(v), [&](int64_t n0, int64_t n1) {
     v.active_mask_rows(n0, n1, out + n0 * in_features, in_features);
   });
   return mask;
@@ -188,7 +197,7 @@ at::Tensor dequantize_cpu(at::TensorList memory, int64_t bits, int64_t in_featur
   const PackedView v = view_of(memory, bits, in_features);
   at::Tensor dense = at::empty({v.out_features, in_features}, at::kFloat);
   float* out = dense.mutable_data_ptr<float>();
-  at::parallel_for(0, v.out_features, 16, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, v.out_features, neuron_grain(v), [&](int64_t n0, int64_t n1) {
     v.dequantize_rows(n0, n1, out + n0 * in_features, in_features);
   });
   return dense;
@@ -206,7 +215,7 @@ void requantize_cpu(const at::Tensor& latent_in, at::TensorList memory, int64_t 
   const float* w = latent.const_data_ptr<float>();
   auto* scales = reinterpret_cast<uint16_t*>(memory[4].mutable_data_ptr<int16_t>());
   uint8_t* codes = memory[5].mutable_data_ptr<uint8_t>();
-  at::parallel_for(0, v.out_features, 16, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, v.out_features, neuron_grain(v), [&](int64_t n0, int64_t n1) {
     v.quantize_rows(n0, n1, w, v.in_features, scales, codes);
   });
 }
