@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <iterator>
 
 #include "errors.h"
 
@@ -48,25 +49,48 @@ Holder make(int64_t out_features, const at::Tensor& input_codes, int64_t bits, i
   });
 }
 
-Holder from_parts(int64_t out_features, const at::Tensor& input_codes, int64_t bits,
-                  int64_t region_bits, const at::Tensor& bitmap, const at::Tensor& scales,
-                  const at::Tensor& codes) {
-  auto input = to_vector<uint64_t>(input_codes, at::kLong, "input_codes");
-  auto words = to_vector<uint64_t>(bitmap, at::kLong, "bitmap");
-  auto halves = to_vector<uint16_t>(scales, at::kShort, "scales");
-  auto bytes = to_vector<uint8_t>(codes, at::kByte, "codes");
-  return with_python_errors([&] {
-    return c10::make_intrusive<MemoryHolder>(SpatialMemory::from_parts(
-        out_features, std::move(input), static_cast<int>(bits), static_cast<int>(region_bits),
-        std::move(words), std::move(halves), std::move(bytes)));
-  });
-}
+// The saved state: every array the store holds, in this order. The first four define the memory;
+// the others are derived from them and checked on load, so the state's size is the memory's.
+constexpr const char* kStateParts[] = {"input_codes", "region_keys", "region_begin", "bitmap",
+                                       "block_begin", "code_begin",  "scales",       "codes",
+                                       "bloom"};
+constexpr size_t kNumStateParts = std::size(kStateParts);
 
-// Serialized parts (copies): input_codes, bitmap, scales, codes.
 std::vector<at::Tensor> parts(const Holder& self) {
   const SpatialMemory& m = self->memory;
-  return {copy_of(m.input_codes(), at::kLong), copy_of(m.bitmap(), at::kLong),
-          copy_of(m.scales(), at::kShort), copy_of(m.codes(), at::kByte)};
+  return {copy_of(m.stored_input_codes(), at::kLong), copy_of(m.region_keys(), at::kLong),
+          copy_of(m.region_begins(), at::kLong), copy_of(m.bitmap(), at::kLong),
+          copy_of(m.block_begin(), at::kLong),   copy_of(m.code_begin(), at::kLong),
+          copy_of(m.scales(), at::kShort),       copy_of(m.codes(), at::kByte),
+          copy_of(m.bloom().serialize(), at::kByte)};
+}
+
+Holder from_parts(int64_t out_features, int64_t in_features, int64_t bits, int64_t region_bits,
+                  const std::vector<at::Tensor>& p) {
+  TORCH_CHECK_VALUE(p.size() == kNumStateParts, "SpatialMemory: a state has ", kNumStateParts,
+                    " parts, got ", p.size());
+  auto input = to_vector<uint64_t>(p[0], at::kLong, kStateParts[0]);
+  auto bitmap = to_vector<uint64_t>(p[3], at::kLong, kStateParts[3]);
+  auto scales = to_vector<uint16_t>(p[6], at::kShort, kStateParts[6]);
+  auto codes = to_vector<uint8_t>(p[7], at::kByte, kStateParts[7]);
+  auto holder = with_python_errors([&] {
+    return c10::make_intrusive<MemoryHolder>(SpatialMemory::from_parts(
+        out_features, in_features, std::move(input), static_cast<int>(bits),
+        static_cast<int>(region_bits), std::move(bitmap), std::move(scales), std::move(codes)));
+  });
+  const std::vector<at::Tensor> rebuilt = parts(holder);
+  for (size_t i : {size_t{1}, size_t{2}, size_t{4}, size_t{5}, size_t{8}}) {
+    TORCH_CHECK_VALUE(p[i].scalar_type() == rebuilt[i].scalar_type() && p[i].dim() == 1 &&
+                          at::equal(p[i].to(at::kCPU), rebuilt[i]),
+                      "SpatialMemory: ", kStateParts[i], " disagrees with the memory (damaged)");
+  }
+  return holder;
+}
+
+int64_t state_bytes(const Holder& self) {
+  int64_t total = 0;
+  for (const at::Tensor& t : parts(self)) total += t.numel() * t.element_size();
+  return total;
 }
 
 std::vector<at::Tensor> views(const Holder& self) {
@@ -151,18 +175,18 @@ TORCH_LIBRARY_FRAGMENT(spatium, m) {
       .def("stats", &layer_stats)
       .def("bloom_bytes",
            [](const Holder& self) { return static_cast<int64_t>(self->memory.bloom().size_bytes()); })
+      .def("state_bytes", &state_bytes)
       .def("checksum",
            [](const Holder& self) { return static_cast<int64_t>(self->memory.checksum()); })
       .def_pickle(
           [](const Holder& self) {
             const SpatialMemory& mem = self->memory;
-            return std::make_tuple(mem.out_features(), int64_t{mem.bits()},
+            return std::make_tuple(mem.out_features(), mem.in_features(), int64_t{mem.bits()},
                                    int64_t{mem.region_bits()}, parts(self));
           },
-          [](std::tuple<int64_t, int64_t, int64_t, std::vector<at::Tensor>> state) {
-            const auto& [out, bits, region_bits, p] = state;
-            TORCH_CHECK_VALUE(p.size() == 4, "SpatialMemory: pickled state must hold 4 parts");
-            return from_parts(out, p[0], bits, region_bits, p[1], p[2], p[3]);
+          [](std::tuple<int64_t, int64_t, int64_t, int64_t, std::vector<at::Tensor>> state) {
+            const auto& [out, in, bits, region_bits, p] = state;
+            return from_parts(out, in, bits, region_bits, p);
           });
 }
 

@@ -1,7 +1,7 @@
 // Schemas and CPU impls of the spatial-memory ops. Each takes the memory as its six arrays
-// (`Tensor[] memory`, from SpatialMemory.views()):
-//   region_begin int64 [regions + 1], bitmap int64 [out * words], block_begin int64 [out + 1],
-//   code_begin int64 [out + 1], scales int16 (fp16 bits) [blocks], codes uint8 [bytes]
+// (`Tensor[] memory`, from SpatialMemory.views(); layout in core/spatial_memory.h):
+//   region_begin int64, bitmap int64, block_begin int64, code_begin int64,
+//   scales int16 (fp16 bits), codes uint8
 // Forward and backward dequantize each block once per call into a small panel and multiply it
 // with the whole batch (at::mm on the panel), in parallel over panels.
 #include <ATen/ATen.h>
@@ -36,7 +36,8 @@ const at::Tensor& part(at::TensorList memory, int64_t i, at::ScalarType dtype, c
 }
 
 // Checks that the six arrays describe one consistent memory and returns the kernels' view.
-PackedView view_of(at::TensorList memory, int64_t bits, int64_t in_features) {
+PackedView view_of(at::TensorList memory, int64_t bits, int64_t in_features,
+                   int64_t out_features) {
   TORCH_CHECK_VALUE(memory.size() == kMemoryParts, "spatium: memory must be ", kMemoryParts,
                     " tensors (SpatialMemory.views()), got ", memory.size());
   TORCH_CHECK_VALUE(quant::valid_bits(static_cast<int>(bits)), "spatium: bits must be 1, 2, 4 or 8, got ",
@@ -50,10 +51,14 @@ PackedView view_of(at::TensorList memory, int64_t bits, int64_t in_features) {
   PackedView v;
   v.bits = static_cast<int>(bits);
   v.num_regions = region_begin.numel() - 1;
-  v.out_features = block_begin.numel() - 1;
+  v.out_features = out_features;
   v.in_features = in_features;
-  v.words = (v.num_regions + 63) / 64;
   TORCH_CHECK_VALUE(v.num_regions >= 1 && v.out_features >= 1, "spatium: empty memory");
+  TORCH_CHECK_VALUE(bitmap.numel() == bitmap_words(out_features, v.num_regions) &&
+                        block_begin.numel() == directory_entries(out_features) &&
+                        code_begin.numel() == directory_entries(out_features),
+                    "spatium: memory arrays do not fit ", out_features, " neurons x ",
+                    v.num_regions, " regions (not from one SpatialMemory?)");
   v.region_begin = region_begin.const_data_ptr<int64_t>();
   v.bitmap = reinterpret_cast<const uint64_t*>(bitmap.const_data_ptr<int64_t>());
   v.block_begin = block_begin.const_data_ptr<int64_t>();
@@ -67,10 +72,18 @@ PackedView view_of(at::TensorList memory, int64_t bits, int64_t in_features) {
   v.full_region_bits = (largest & (largest - 1)) == 0 ? __builtin_ctzll(largest) : -1;
   TORCH_CHECK_VALUE(v.region_begin[v.num_regions] == in_features, "spatium: memory covers ",
                     v.region_begin[v.num_regions], " inputs, the input has ", in_features);
-  TORCH_CHECK_VALUE(bitmap.numel() == v.out_features * v.words &&
-                        scales.numel() == v.block_begin[v.out_features] &&
-                        codes.numel() == v.code_begin[v.out_features],
+  TORCH_CHECK_VALUE(scales.numel() == v.total_blocks() && codes.numel() == v.total_code_bytes(),
                     "spatium: memory arrays disagree in size (not from one SpatialMemory?)");
+  // The bitmap holds exactly the directory's blocks, all within out x regions bits: every walk
+  // stays inside the arrays. (One pass of popcounts: microseconds.)
+  const int64_t used_bits = out_features * v.num_regions;
+  const int64_t words = bitmap.numel();
+  int64_t blocks = 0;
+  for (int64_t w = 0; w < words; ++w) blocks += __builtin_popcountll(v.bitmap[w]);
+  const int64_t tail_bits = used_bits - (words - 1) * 64;
+  TORCH_CHECK_VALUE(blocks == v.total_blocks() && (tail_bits == 64 || v.bitmap[words - 1] >> tail_bits == 0),
+                    "spatium: memory arrays do not fit ", out_features, " neurons x ",
+                    v.num_regions, " regions (not from one SpatialMemory?)");
   return v;
 }
 
@@ -99,9 +112,9 @@ at::Tensor dequantized_panel(const PackedView& v, int64_t n0, int64_t n1, at::Sc
 
 at::Tensor spatial_linear_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& bias, at::TensorList memory,
-                              int64_t bits) {
+                              int64_t bits, int64_t out_features) {
   check_input(x_in, "spatial_linear", "x");
-  const PackedView v = view_of(memory, bits, x_in.size(1));
+  const PackedView v = view_of(memory, bits, x_in.size(1), out_features);
   const at::Tensor x = x_in.contiguous();
   const int64_t batch = x.size(0);
   at::Tensor y;
@@ -141,9 +154,7 @@ at::Tensor spatial_linear_cpu(const at::Tensor& x_in, const std::optional<at::Te
 at::Tensor spatial_linear_backward_input_cpu(const at::Tensor& grad_y_in, at::TensorList memory,
                                              int64_t bits, int64_t in_features) {
   check_input(grad_y_in, "spatial_linear_backward_input", "grad_y");
-  const PackedView v = view_of(memory, bits, in_features);
-  TORCH_CHECK_VALUE(grad_y_in.size(1) == v.out_features, "spatial_linear_backward_input: grad_y "
-                    "has ", grad_y_in.size(1), " features, the memory ", v.out_features);
+  const PackedView v = view_of(memory, bits, in_features, grad_y_in.size(1));
   const at::Tensor grad_y = grad_y_in.contiguous();
   const int64_t batch = grad_y.size(0);
   const int64_t rows = panel_rows(in_features);
@@ -182,9 +193,9 @@ at::Tensor spatial_linear_backward_input_cpu(const at::Tensor& grad_y_in, at::Te
   return grad_x;
 }
 
-at::Tensor active_mask_cpu(at::TensorList memory, int64_t in_features) {
+at::Tensor active_mask_cpu(at::TensorList memory, int64_t in_features, int64_t out_features) {
   // The mask does not depend on the code width; 8 only satisfies the view's check.
-  const PackedView v = view_of(memory, 8, in_features);
+  const PackedView v = view_of(memory, 8, in_features, out_features);
   at::Tensor mask = at::empty({v.out_features, in_features}, at::kBool);
   auto* out = reinterpret_cast<uint8_t*>(mask.mutable_data_ptr<bool>());
   at::parallel_for(0, v.out_features, neuron_grain(v), [&](int64_t n0, int64_t n1) {
@@ -193,8 +204,9 @@ at::Tensor active_mask_cpu(at::TensorList memory, int64_t in_features) {
   return mask;
 }
 
-at::Tensor dequantize_cpu(at::TensorList memory, int64_t bits, int64_t in_features) {
-  const PackedView v = view_of(memory, bits, in_features);
+at::Tensor dequantize_cpu(at::TensorList memory, int64_t bits, int64_t in_features,
+                          int64_t out_features) {
+  const PackedView v = view_of(memory, bits, in_features, out_features);
   at::Tensor dense = at::empty({v.out_features, in_features}, at::kFloat);
   float* out = dense.mutable_data_ptr<float>();
   at::parallel_for(0, v.out_features, neuron_grain(v), [&](int64_t n0, int64_t n1) {
@@ -208,9 +220,7 @@ void requantize_cpu(const at::Tensor& latent_in, at::TensorList memory, int64_t 
                     latent_in.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(latent_in.scalar_type()),
                    "requantize_: latent must be floating point, got ", latent_in.scalar_type());
-  const PackedView v = view_of(memory, bits, latent_in.size(1));
-  TORCH_CHECK_VALUE(latent_in.size(0) == v.out_features, "requantize_: latent has ",
-                    latent_in.size(0), " rows, the memory ", v.out_features, " neurons");
+  const PackedView v = view_of(memory, bits, latent_in.size(1), latent_in.size(0));
   const at::Tensor latent = latent_in.to(at::kFloat).contiguous();
   const float* w = latent.const_data_ptr<float>();
   auto* scales = reinterpret_cast<uint16_t*>(memory[4].mutable_data_ptr<int16_t>());
@@ -223,10 +233,14 @@ void requantize_cpu(const at::Tensor& latent_in, at::TensorList memory, int64_t 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(spatium, m) {
-  m.def("spatial_linear(Tensor x, Tensor? weight, Tensor? bias, Tensor[] memory, int bits) -> Tensor");
-  m.def("spatial_linear_backward_input(Tensor grad_y, Tensor[] memory, int bits, int in_features) -> Tensor");
-  m.def("active_mask(Tensor[] memory, int in_features) -> Tensor");
-  m.def("dequantize(Tensor[] memory, int bits, int in_features) -> Tensor");
+  m.def(
+      "spatial_linear(Tensor x, Tensor? weight, Tensor? bias, Tensor[] memory, int bits, "
+      "int out_features) -> Tensor");
+  m.def(
+      "spatial_linear_backward_input(Tensor grad_y, Tensor[] memory, int bits, int in_features) "
+      "-> Tensor");
+  m.def("active_mask(Tensor[] memory, int in_features, int out_features) -> Tensor");
+  m.def("dequantize(Tensor[] memory, int bits, int in_features, int out_features) -> Tensor");
   m.def("requantize_(Tensor latent, Tensor(a!)[] memory, int bits) -> ()");
 }
 

@@ -16,6 +16,19 @@ from spatium_torch.ops import CODE_BITS, MAX_COORD, morton_decode, morton_encode
 VALID_BITS = (1, 2, 4, 8)
 CONNECTIVITIES = ("local", "random")
 _STATE_FORMAT = 1
+# The store's arrays, in the order SpatialMemory.parts() gives them: every array it holds, so a
+# state's tensors add up to memory.bytes.
+_MEMORY_PARTS = (
+    "input_codes",
+    "region_keys",
+    "region_begin",
+    "bitmap",
+    "block_begin",
+    "code_begin",
+    "scales",
+    "codes",
+    "bloom",
+)
 _STATE_KEYS = (
     "format",
     "in_features",
@@ -23,11 +36,8 @@ _STATE_KEYS = (
     "bits",
     "region_bits",
     "frozen",
-    "input_codes",
-    "bitmap",
-    "scales",
-    "codes",
     "checksum",
+    *_MEMORY_PARTS,
 )
 
 
@@ -211,7 +221,9 @@ class SpatialLayer(nn.Module):
         """The dense ``[out, in]`` float32 weight the store holds (zeros outside active
         blocks), columns in the order of the inputs."""
         self._sync()
-        dense = torch.ops.spatium.dequantize(self._views, self.bits, self.in_features)
+        dense = torch.ops.spatium.dequantize(
+            self._views, self.bits, self.in_features, self.out_features
+        )
         if self._order is None:
             return dense
         out = torch.empty_like(dense)
@@ -220,7 +232,7 @@ class SpatialLayer(nn.Module):
 
     def block_mask(self) -> torch.Tensor:
         """``[out, in]`` bool: True where the weight lies in an active block."""
-        mask = torch.ops.spatium.active_mask(self._views, self.in_features)
+        mask = torch.ops.spatium.active_mask(self._views, self.in_features, self.out_features)
         if self._order is None:
             return mask
         out = torch.empty_like(mask)
@@ -260,7 +272,7 @@ class SpatialLayer(nn.Module):
         if self._order is not None:
             flat = flat.index_select(1, self._order)
         y = torch.ops.spatium.spatial_linear(
-            flat, self._sorted_latent(), self.bias, self._views, self.bits
+            flat, self._sorted_latent(), self.bias, self._views, self.bits, self.out_features
         )
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
@@ -275,7 +287,7 @@ class SpatialLayer(nn.Module):
     def get_extra_state(self) -> dict[str, Any]:
         """The store, as tensors and plain values only (``torch.load(weights_only=True)``)."""
         self._sync()
-        input_codes, bitmap, scales, codes = self._memory.parts()
+        parts = dict(zip(_MEMORY_PARTS, self._memory.parts(), strict=True))
         return {
             "format": _STATE_FORMAT,
             "in_features": self.in_features,
@@ -283,11 +295,8 @@ class SpatialLayer(nn.Module):
             "bits": self.bits,
             "region_bits": self.region_bits,
             "frozen": self.frozen,
-            "input_codes": input_codes,
-            "bitmap": bitmap,
-            "scales": scales,
-            "codes": codes,
             "checksum": self._memory.checksum(),
+            **parts,
         }
 
     def set_extra_state(self, state: Any) -> None:
@@ -314,20 +323,18 @@ class SpatialLayer(nn.Module):
                     f"{where}: {key} is {state[key]} in the state but {getattr(self, key)} in "
                     "this layer"
                 )
-        for key in ("input_codes", "bitmap", "scales", "codes"):
+        for key in _MEMORY_PARTS:
             if not isinstance(state[key], torch.Tensor):
                 raise ValueError(f"{where}: {key} must be a tensor")
-        if not torch.equal(state["input_codes"], self._sorted_codes.cpu()):
+        if not torch.equal(state["input_codes"], self._memory.parts()[0]):
             raise ValueError(f"{where}: the input positions differ from this layer's")
         try:
             memory = torch.classes.spatium.SpatialMemory.from_parts(
                 self.out_features,
-                state["input_codes"],
+                self.in_features,
                 self.bits,
                 self.region_bits,
-                state["bitmap"],
-                state["scales"],
-                state["codes"],
+                [state[k] for k in _MEMORY_PARTS],
             )
         except (ValueError, TypeError, RuntimeError) as error:
             raise ValueError(f"{where}: damaged or inconsistent memory: {error}") from None

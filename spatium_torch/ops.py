@@ -73,11 +73,7 @@ def _morton_decode_fake(codes: torch.Tensor) -> torch.Tensor:
 
 # --- spatial memory ops ------------------------------------------------------------------------
 # `memory` is the list of six tensors of SpatialMemory.views(): region_begin, bitmap, block_begin,
-# code_begin, scales, codes. Output sizes come from shapes only (block_begin has out + 1 entries).
-
-
-def _out_features(memory: list[torch.Tensor]) -> int:
-    return memory[2].shape[0] - 1
+# code_begin, scales, codes (layout in csrc/core/spatial_memory.h).
 
 
 @torch.library.register_fake("spatium::spatial_linear")
@@ -87,8 +83,9 @@ def _spatial_linear_fake(
     bias: torch.Tensor | None,
     memory: list[torch.Tensor],
     bits: int,
+    out_features: int,
 ) -> torch.Tensor:
-    return x.new_empty((x.shape[0], _out_features(memory)))
+    return x.new_empty((x.shape[0], out_features))
 
 
 @torch.library.register_fake("spatium::spatial_linear_backward_input")
@@ -99,13 +96,17 @@ def _spatial_linear_backward_input_fake(
 
 
 @torch.library.register_fake("spatium::active_mask")
-def _active_mask_fake(memory: list[torch.Tensor], in_features: int) -> torch.Tensor:
-    return memory[0].new_empty((_out_features(memory), in_features), dtype=torch.bool)
+def _active_mask_fake(
+    memory: list[torch.Tensor], in_features: int, out_features: int
+) -> torch.Tensor:
+    return memory[0].new_empty((out_features, in_features), dtype=torch.bool)
 
 
 @torch.library.register_fake("spatium::dequantize")
-def _dequantize_fake(memory: list[torch.Tensor], bits: int, in_features: int) -> torch.Tensor:
-    return memory[0].new_empty((_out_features(memory), in_features), dtype=torch.float32)
+def _dequantize_fake(
+    memory: list[torch.Tensor], bits: int, in_features: int, out_features: int
+) -> torch.Tensor:
+    return memory[0].new_empty((out_features, in_features), dtype=torch.float32)
 
 
 @torch.library.register_fake("spatium::requantize_")
@@ -114,9 +115,10 @@ def _requantize_fake(latent: torch.Tensor, memory: list[torch.Tensor], bits: int
 
 
 def _spatial_linear_setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
-    x, weight, bias, memory, bits = inputs
+    x, weight, bias, memory, bits, out_features = inputs
     ctx.save_for_backward(x, *memory)
     ctx.bits = bits
+    ctx.out_features = out_features
     ctx.weight_dtype = weight.dtype if weight is not None else None
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
@@ -131,11 +133,11 @@ def _spatial_linear_backward(ctx: object, grad_y: torch.Tensor) -> tuple:
             grad_y, memory, ctx.bits, x.shape[1]
         )
     if ctx.needs_input_grad[1]:
-        mask = torch.ops.spatium.active_mask(memory, x.shape[1])
+        mask = torch.ops.spatium.active_mask(memory, x.shape[1], ctx.out_features)
         grad_weight = (grad_y.t() @ x).mul_(mask).to(ctx.weight_dtype)
     if ctx.needs_input_grad[2]:
         grad_bias = grad_y.sum(0).to(ctx.bias_dtype)
-    return grad_x, grad_weight, grad_bias, [None] * len(memory), None
+    return grad_x, grad_weight, grad_bias, [None] * len(memory), None, None
 
 
 torch.library.register_autograd(

@@ -101,11 +101,11 @@ def test_latent_weight_gradient_is_straight_through(density):
 
 def per_weight_scale(layer):
     """The fp16 scale of the block each weight belongs to (0 outside active blocks)."""
-    _, bitmap, scales, _ = layer._memory.parts()
+    parts = layer._memory.parts()
+    bitmap, scales = parts[3], parts[6]
     out, regions = layer.out_features, layer._memory.num_regions()
-    words = (regions + 63) // 64
-    bit = torch.arange(64)
-    active = ((bitmap.view(out, words, 1) >> bit) & 1).view(out, -1)[:, :regions].bool()
+    bits = (bitmap.view(-1, 1) >> torch.arange(64)) & 1
+    active = bits.flatten()[: out * regions].view(out, regions).bool()
     index = torch.cumsum(active.flatten(), 0).view(out, regions) - 1
     scale = torch.where(active, scales.view(torch.float16).float()[index.clamp(min=0)], 0.0)
     return scale[:, layer._region_of_sorted_input()]  # default layout: sorted == user order

@@ -191,3 +191,35 @@ def test_float_positions_are_type_errors():
 def test_cuda_tensors_on_a_cpu_build():
     with pytest.raises((RuntimeError, AssertionError), match="CUDA|cuda"):
         layer_of()(torch.randn(2, 100, device="cuda"))
+
+
+# --- bytes ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "bits, region_bits",
+    [(4, 7), (4, 8), (4, 9), (8, 7), (8, 8), (8, 9), (2, 8), (2, 9)],
+)
+def test_bytes_close_to_bits_over_8_per_stored_weight(bits, region_bits):
+    # Beyond the codes: an fp16 scale and ~10 bloom bits a block, a bit of bitmap, 2 directory
+    # bytes a neuron, the region table. 2-bit codes at region_bits 7 (32-byte blocks) come to
+    # about 11%, above this bound: the scale alone is 6.25% there.
+    layer = st.SpatialLayer(1024, 256, bits=bits, region_bits=region_bits)
+    s = layer.memory.stats()
+    assert s.used_capacity == 1024 * 256
+    assert s.bytes <= 1.07 * s.used_capacity * bits / 8
+
+
+@pytest.mark.parametrize("positions", [None, st.layouts.grid(10, 10)])
+@pytest.mark.parametrize("bits", [1, 4])
+def test_frozen_layer_bytes_equal_its_state(positions, bits):
+    layer = st.freeze(layer_of(bits=bits, density=0.5, input_positions=positions))
+    extra = layer.state_dict()["_extra_state"]
+    saved = sum(v.numel() * v.element_size() for v in extra.values() if isinstance(v, torch.Tensor))
+    assert layer.memory.bytes == saved
+    assert layer._memory.state_bytes() == saved
+
+
+def test_default_layout_stores_no_input_codes():
+    default = layer_of().state_dict()["_extra_state"]["input_codes"]
+    custom = layer_of(input_positions=st.layouts.grid(10, 10)).state_dict()["_extra_state"]
+    assert default.numel() == 0
+    assert custom["input_codes"].numel() == 100

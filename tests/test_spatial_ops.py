@@ -22,16 +22,23 @@ def test_opcheck_every_op(bits, batch):
     weight = layer.weight.detach().clone()
     bias = layer.bias.detach().clone()
     for args in (
-        (x, weight, bias, memory, bits),
-        (x, None, None, memory, bits),
-        (x.double().requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), memory, bits),
+        (x, weight, bias, memory, bits, 7),
+        (x, None, None, memory, bits, 7),
+        (
+            x.double().requires_grad_(),
+            weight.requires_grad_(),
+            bias.requires_grad_(),
+            memory,
+            bits,
+            7,
+        ),
     ):
         torch.library.opcheck(ops.spatial_linear.default, args)
     torch.library.opcheck(
         ops.spatial_linear_backward_input.default, (torch.randn(batch, 7), memory, bits, 90)
     )
-    torch.library.opcheck(ops.active_mask.default, (memory, 90))
-    torch.library.opcheck(ops.dequantize.default, (memory, bits, 90))
+    torch.library.opcheck(ops.active_mask.default, (memory, 90, 7))
+    torch.library.opcheck(ops.dequantize.default, (memory, bits, 90, 7))
     torch.library.opcheck(ops.requantize_.default, (weight.detach(), memory, bits))
 
 
@@ -40,7 +47,7 @@ def test_gradcheck_input_float64():
     x = torch.randn(4, 90, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x, b: ops.spatial_linear(x, None, b, memory, 2), (x, bias)
+        lambda x, b: ops.spatial_linear(x, None, b, memory, 2, 7), (x, bias)
     )
 
 
@@ -48,19 +55,22 @@ def test_ops_reject_inconsistent_memory():
     _, memory = memory_of()
     x = torch.randn(2, 90)
     with pytest.raises(ValueError, match="6 tensors"):
-        ops.spatial_linear(x, None, None, memory[:5], 4)
+        ops.spatial_linear(x, None, None, memory[:5], 4, 7)
     with pytest.raises(ValueError, match="covers 90 inputs"):
-        ops.spatial_linear(torch.randn(2, 91), None, None, memory, 4)
+        ops.spatial_linear(torch.randn(2, 91), None, None, memory, 4, 7)
     with pytest.raises(ValueError, match="disagree"):
-        ops.spatial_linear(x, None, None, [*memory[:5], memory[5][:-1].clone()], 4)
+        ops.spatial_linear(x, None, None, [*memory[:5], memory[5][:-1].clone()], 4, 7)
     with pytest.raises(TypeError, match="codes must be"):
-        ops.spatial_linear(x, None, None, [*memory[:5], memory[5].long()], 4)
+        ops.spatial_linear(x, None, None, [*memory[:5], memory[5].long()], 4, 7)
     with pytest.raises(ValueError, match="bits"):
-        ops.spatial_linear(x, None, None, memory, 3)
+        ops.spatial_linear(x, None, None, memory, 3, 7)
     with pytest.raises(TypeError, match="float32 or float64"):
-        ops.spatial_linear(x.half(), None, None, memory, 4)
-    with pytest.raises(ValueError, match="rows"):
+        ops.spatial_linear(x.half(), None, None, memory, 4, 7)
+    # 7 neurons x 12 regions; the last neuron has active blocks, so 6 rows cannot fit
+    with pytest.raises(ValueError, match="do not fit 6 neurons"):
         ops.requantize_(torch.randn(6, 90), memory, 4)
+    with pytest.raises(ValueError, match="do not fit 20 neurons"):
+        ops.spatial_linear(x, None, None, memory, 4, 20)
 
 
 def test_views_outlive_a_layout_change():

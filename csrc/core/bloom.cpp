@@ -24,6 +24,7 @@ constexpr uint32_t kMagic = 0x46425453u;  // "STBF" little-endian
 constexpr uint32_t kVersion = 1;
 constexpr size_t kHeaderBytes = 16;  // magic, version, block count
 constexpr size_t kFooterBytes = 8;   // checksum
+static_assert(kHeaderBytes + kFooterBytes == SplitBlockBloom::kImageOverhead);
 
 inline uint32_t bit_in_word(uint32_t lo, int i) { return (lo * kSalt[i]) >> 27; }
 

@@ -16,6 +16,7 @@ enum class Kernel { Auto, Portable, Avx2 };
 class SplitBlockBloom {
  public:
   static constexpr size_t kBlockBytes = 32;
+  static constexpr size_t kImageOverhead = 24;  // magic, version, block count, checksum
 
   // A filter of `num_blocks` >= 1 blocks. Kernel::Auto picks AVX2 where the CPU has it; all
   // kernels set and test the same bits. Throws std::invalid_argument for 0 blocks or an
@@ -43,6 +44,8 @@ class SplitBlockBloom {
 
   size_t num_blocks() const { return blocks_.size(); }
   size_t size_bytes() const { return blocks_.size() * kBlockBytes; }
+  // The filter with its metadata: what serialize() produces.
+  size_t image_bytes() const { return size_bytes() + kImageOverhead; }
   Kernel kernel() const { return kernel_; }
 
   // A self-describing byte image: magic, version, block count, blocks, checksum.

@@ -18,10 +18,11 @@ template <int Bits, int S>
   constexpr uint32_t mask = (1u << Bits) - 1u;
   constexpr int per_byte = 8 / Bits;
   constexpr int bytes = S / per_byte;
+  PackedView::Cursor cursor = v.cursor_at(n0);
   for (int64_t n = n0; n < n1; ++n) {
     float acc[S] = {};
     float rest = 0.0f;
-    v.for_each_block(n, [&](int64_t r, int64_t blk, int64_t off) {
+    v.visit_blocks(n, cursor, [&](int64_t r, int64_t blk, int64_t off) {
       const float scale = half_to_float(v.scales[blk]);
       const float* xr = x + v.region_begin[r];
       const uint8_t* c = v.codes + off;
@@ -60,10 +61,11 @@ template <int Bits, int S>
     linear_row_fused<Bits, S>(v, n0, n1, x, y, w);
     return;
   }
+  PackedView::Cursor cursor = v.cursor_at(n0);
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t i = 0; i < batch * S; ++i) acc[i] = 0.0f;
     for (int64_t b = 0; b < batch; ++b) y[b * ldy + n] = 0.0f;
-    v.for_each_block(n, [&](int64_t r, int64_t blk, int64_t off) {
+    v.visit_blocks(n, cursor, [&](int64_t r, int64_t blk, int64_t off) {
       const int64_t size = v.region_size(r);
       const float scale = half_to_float(v.scales[blk]);
       if (S > 0 && size == S) {
@@ -98,8 +100,9 @@ template <int Bits, int S>
 [[gnu::always_inline]] inline void linear_t_rows_impl(const PackedView& v, int64_t n0, int64_t n1,
                                                       const float* gy, int64_t batch, int64_t ldy,
                                                       float* gx, int64_t ldx, float* scratch) {
+  PackedView::Cursor cursor = v.cursor_at(n0);
   for (int64_t n = n0; n < n1; ++n) {
-    v.for_each_block(n, [&](int64_t r, int64_t blk, int64_t off) {
+    v.visit_blocks(n, cursor, [&](int64_t r, int64_t blk, int64_t off) {
       const int64_t size = v.region_size(r);
       const float scale = half_to_float(v.scales[blk]);
       const bool full = S > 0 && size == S;
@@ -174,10 +177,11 @@ struct LinearTRows {
 }  // namespace
 
 void PackedView::dequantize_rows(int64_t n0, int64_t n1, float* out, int64_t ld) const {
+  PackedView::Cursor cursor = cursor_at(n0);
   for (int64_t n = n0; n < n1; ++n) {
     float* row = out + (n - n0) * ld;
     std::fill(row, row + in_features, 0.0f);
-    for_each_block(n, [&](int64_t r, int64_t b, int64_t off) {
+    visit_blocks(n, cursor, [&](int64_t r, int64_t b, int64_t off) {
       quant::dequantize_block(codes + off, region_size(r), bits, scales[b], row + region_begin[r]);
     });
   }
@@ -186,10 +190,11 @@ void PackedView::dequantize_rows(int64_t n0, int64_t n1, float* out, int64_t ld)
 void PackedView::dequantize_regions(int64_t r0, int64_t r1, float* out, int64_t ld) const {
   const int64_t first = region_begin[r0];
   const int64_t cols = region_begin[r1] - first;
+  PackedView::Cursor cursor = cursor_at(0);
   for (int64_t n = 0; n < out_features; ++n) {
     float* row = out + n * ld;
     std::fill(row, row + cols, 0.0f);
-    for_each_block(n, [&](int64_t r, int64_t b, int64_t off) {
+    visit_blocks(n, cursor, [&](int64_t r, int64_t b, int64_t off) {
       if (r >= r0 && r < r1) {
         quant::dequantize_block(codes + off, region_size(r), bits, scales[b],
                                 row + region_begin[r] - first);
@@ -199,10 +204,11 @@ void PackedView::dequantize_regions(int64_t r0, int64_t r1, float* out, int64_t 
 }
 
 void PackedView::active_mask_rows(int64_t n0, int64_t n1, uint8_t* out, int64_t ld) const {
+  PackedView::Cursor cursor = cursor_at(n0);
   for (int64_t n = n0; n < n1; ++n) {
     uint8_t* row = out + (n - n0) * ld;
     std::fill(row, row + in_features, uint8_t{0});
-    for_each_block(n, [&](int64_t r, int64_t, int64_t) {
+    visit_blocks(n, cursor, [&](int64_t r, int64_t, int64_t) {
       std::fill(row + region_begin[r], row + region_begin[r + 1], uint8_t{1});
     });
   }
@@ -220,8 +226,9 @@ void PackedView::linear_t_rows(int64_t n0, int64_t n1, const float* gy, int64_t 
 
 void PackedView::quantize_rows(int64_t n0, int64_t n1, const float* latent, int64_t ld,
                                uint16_t* scales_out, uint8_t* codes_out) const {
+  PackedView::Cursor cursor = cursor_at(n0);
   for (int64_t n = n0; n < n1; ++n) {
-    for_each_block(n, [&](int64_t r, int64_t b, int64_t off) {
+    visit_blocks(n, cursor, [&](int64_t r, int64_t b, int64_t off) {
       scales_out[b] = quant::quantize_block(latent + n * ld + region_begin[r], region_size(r), bits,
                                             codes_out + off);
     });

@@ -3,47 +3,96 @@
 // share one implementation. Torch-free.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "quantize.h"
 
 namespace spatium {
 
+// Neurons per directory entry: the directory keeps the block index and byte offset of every
+// 8th neuron, and a walk over at most 7 neurons' bitmap bits finds any other. That costs about
+// 2 bytes a neuron instead of 16.
+inline constexpr int64_t kDirectoryStride = 8;
+
+inline constexpr int64_t directory_entries(int64_t out_features) {
+  return (out_features + kDirectoryStride - 1) / kDirectoryStride + 1;
+}
+inline constexpr int64_t bitmap_words(int64_t out_features, int64_t regions) {
+  return (out_features * regions + 63) / 64;
+}
+
 struct PackedView {
+  // Where a neuron's blocks start: index into scales, byte offset into codes.
+  struct Cursor {
+    int64_t block = 0;
+    int64_t offset = 0;
+  };
+
   int64_t out_features = 0;
   int64_t in_features = 0;
   int64_t num_regions = 0;
-  int64_t words = 0;  // bitmap words per neuron
   int bits = 0;
-  int full_region_bits = -1;  // region_bits: a full region holds 2^region_bits inputs (-1: unknown)
+  int full_region_bits = -1;  // a full region holds 2^full_region_bits inputs (-1: unknown)
   const int64_t* region_begin = nullptr;  // [regions + 1] first input of each region
-  const uint64_t* bitmap = nullptr;       // [out * words]
-  const int64_t* block_begin = nullptr;   // [out + 1] index of each neuron's first block
-  const int64_t* code_begin = nullptr;    // [out + 1] byte offset of each neuron's codes
+  const uint64_t* bitmap = nullptr;       // [bitmap_words] bit n * regions + r: block (n, r)
+  const int64_t* block_begin = nullptr;   // [directory_entries] blocks before neuron 8k; total
+  const int64_t* code_begin = nullptr;    // [directory_entries] code bytes before neuron 8k; total
   const uint16_t* scales = nullptr;       // [blocks] fp16 bits
   const uint8_t* codes = nullptr;         // [bytes]
 
   int64_t region_size(int64_t r) const { return region_begin[r + 1] - region_begin[r]; }
   int64_t region_bytes(int64_t r) const { return quant::code_bytes(bits, region_size(r)); }
   bool is_active(int64_t neuron, int64_t r) const {
-    return (bitmap[neuron * words + (r >> 6)] >> (r & 63)) & 1u;
+    const int64_t bit = neuron * num_regions + r;
+    return (bitmap[bit >> 6] >> (bit & 63)) & 1u;
+  }
+  int64_t total_blocks() const { return block_begin[directory_entries(out_features) - 1]; }
+  int64_t total_code_bytes() const { return code_begin[directory_entries(out_features) - 1]; }
+
+  // Calls visit(region) for each active region of a neuron, in order.
+  template <class Visit>
+  [[gnu::always_inline]] inline void for_each_region(int64_t neuron, Visit&& visit) const {
+    const int64_t first = neuron * num_regions, end = first + num_regions;
+    for (int64_t bit = first; bit < end;) {
+      const int64_t take = std::min<int64_t>(64 - (bit & 63), end - bit);
+      uint64_t word = bitmap[bit >> 6] >> (bit & 63);
+      if (take < 64) word &= (uint64_t{1} << take) - 1;
+      for (; word != 0; word &= word - 1) visit(bit - first + __builtin_ctzll(word));
+      bit += take;
+    }
+  }
+
+  // The cursor of a neuron: from its directory entry, a walk over at most 7 neurons.
+  Cursor cursor_at(int64_t neuron) const {
+    const int64_t entry = neuron / kDirectoryStride;
+    Cursor c{block_begin[entry], code_begin[entry]};
+    for (int64_t m = entry * kDirectoryStride; m < neuron; ++m) {
+      for_each_region(m, [&](int64_t r) {
+        ++c.block;
+        c.offset += region_bytes(r);
+      });
+    }
+    return c;
   }
 
   // Calls visit(region, block index, byte offset) for each active block of a neuron, in region
-  // order.
+  // order, starting from and advancing `cursor` (which must be that neuron's cursor).
+  template <class Visit>
+  [[gnu::always_inline]] inline void visit_blocks(int64_t neuron, Cursor& cursor,
+                                                  Visit&& visit) const {
+    for_each_region(neuron, [&](int64_t r) {
+      visit(r, cursor.block, cursor.offset);
+      ++cursor.block;
+      cursor.offset += region_bytes(r);
+    });
+  }
+
+  // The same for one neuron on its own.
   template <class Visit>
   [[gnu::always_inline]] inline void for_each_block(int64_t neuron, Visit&& visit) const {
-    int64_t block = block_begin[neuron];
-    int64_t offset = code_begin[neuron];
-    const uint64_t* row = bitmap + neuron * words;
-    for (int64_t w = 0; w < words; ++w) {
-      for (uint64_t set = row[w]; set != 0; set &= set - 1) {
-        const int64_t r = w * 64 + __builtin_ctzll(set);
-        visit(r, block, offset);
-        ++block;
-        offset += region_bytes(r);
-      }
-    }
+    Cursor cursor = cursor_at(neuron);
+    visit_blocks(neuron, cursor, visit);
   }
 
   // Dequantized rows [n0, n1) into out (row stride ld), zeros outside active blocks.

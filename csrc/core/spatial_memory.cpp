@@ -41,6 +41,7 @@ SpatialMemory::SpatialMemory(int64_t out_features, std::vector<uint64_t> input_c
     : out_features_(out_features),
       bits_(bits),
       region_bits_(region_bits),
+      in_features_(static_cast<int64_t>(input_codes.size())),
       input_codes_(std::move(input_codes)) {
   if (out_features < 1) {
     throw error("out_features must be >= 1, got " + std::to_string(out_features));
@@ -64,23 +65,37 @@ SpatialMemory::SpatialMemory(int64_t out_features, std::vector<uint64_t> input_c
     }
   }
   region_begin_.push_back(in_features());
-  words_ = (num_regions() + 63) / 64;
-  blocks_ = make_blocks(std::vector<uint64_t>(static_cast<size_t>(out_features_ * words_), 0));
+  bool default_layout = true;
+  for (size_t i = 0; i < input_codes_.size() && default_layout; ++i) {
+    default_layout = input_codes_[i] == i;
+  }
+  if (default_layout) std::vector<uint64_t>().swap(input_codes_);
+  blocks_ = make_blocks(
+      std::vector<uint64_t>(static_cast<size_t>(bitmap_words(out_features_, num_regions())), 0));
   rebuild_bloom();
 }
 
-SpatialMemory SpatialMemory::from_parts(int64_t out_features, std::vector<uint64_t> input_codes,
-                                        int bits, int region_bits, std::vector<uint64_t> bitmap,
+SpatialMemory SpatialMemory::from_parts(int64_t out_features, int64_t in_features,
+                                        std::vector<uint64_t> stored_input_codes, int bits,
+                                        int region_bits, std::vector<uint64_t> bitmap,
                                         std::vector<uint16_t> scales, std::vector<uint8_t> codes) {
-  SpatialMemory memory(out_features, std::move(input_codes), bits, region_bits);
-  const int64_t words = memory.words_;
-  if (static_cast<int64_t>(bitmap.size()) != out_features * words) {
-    throw error("bitmap has " + std::to_string(bitmap.size()) + " words, expected " +
-                std::to_string(out_features * words));
+  if (stored_input_codes.empty()) {
+    if (in_features < 1) throw error("a layer needs at least one input");
+    stored_input_codes.resize(static_cast<size_t>(in_features));
+    for (size_t i = 0; i < stored_input_codes.size(); ++i) stored_input_codes[i] = i;
+  } else if (static_cast<int64_t>(stored_input_codes.size()) != in_features) {
+    throw error("input codes hold " + std::to_string(stored_input_codes.size()) +
+                " inputs, expected " + std::to_string(in_features));
   }
-  const int64_t tail = memory.num_regions() % 64;
-  for (int64_t n = 0; tail != 0 && n < out_features; ++n) {
-    if (bitmap[(n + 1) * words - 1] >> tail) throw error("bitmap marks regions past the last");
+  SpatialMemory memory(out_features, std::move(stored_input_codes), bits, region_bits);
+  const int64_t words = bitmap_words(out_features, memory.num_regions());
+  if (static_cast<int64_t>(bitmap.size()) != words) {
+    throw error("bitmap has " + std::to_string(bitmap.size()) + " words, expected " +
+                std::to_string(words));
+  }
+  const int64_t used_bits = out_features * memory.num_regions() - (words - 1) * 64;
+  if (used_bits < 64 && (bitmap.back() >> used_bits) != 0) {
+    throw error("bitmap marks blocks past the last neuron");
   }
   std::shared_ptr<Blocks> blocks = memory.make_blocks(std::move(bitmap));
   if (scales.size() != blocks->scales.size()) {
@@ -108,20 +123,21 @@ SpatialMemory SpatialMemory::from_parts(int64_t out_features, std::vector<uint64
   return memory;
 }
 
-PackedView SpatialMemory::view() const {
+PackedView SpatialMemory::view() const { return view_of(*blocks_); }
+
+PackedView SpatialMemory::view_of(const Blocks& blocks) const {
   PackedView v;
   v.out_features = out_features_;
   v.in_features = in_features();
   v.num_regions = num_regions();
-  v.words = words_;
   v.bits = bits_;
   v.full_region_bits = region_bits_;
   v.region_begin = region_begin_.data();
-  v.bitmap = blocks_->bitmap.data();
-  v.block_begin = blocks_->block_begin.data();
-  v.code_begin = blocks_->code_begin.data();
-  v.scales = blocks_->scales.data();
-  v.codes = blocks_->codes.data();
+  v.bitmap = blocks.bitmap.data();
+  v.block_begin = blocks.block_begin.data();
+  v.code_begin = blocks.code_begin.data();
+  v.scales = blocks.scales.data();
+  v.codes = blocks.codes.data();
   return v;
 }
 
@@ -145,23 +161,25 @@ std::shared_ptr<SpatialMemory::Blocks> SpatialMemory::make_blocks(
     std::vector<uint64_t> bitmap) const {
   auto blocks = std::make_shared<Blocks>();
   blocks->bitmap = std::move(bitmap);
-  blocks->block_begin.assign(static_cast<size_t>(out_features_ + 1), 0);
-  blocks->code_begin.assign(static_cast<size_t>(out_features_ + 1), 0);
+  const int64_t entries = directory_entries(out_features_);
+  blocks->block_begin.assign(static_cast<size_t>(entries), 0);
+  blocks->code_begin.assign(static_cast<size_t>(entries), 0);
+  const PackedView v = view_of(*blocks);  // only its bitmap is read below
+  int64_t count = 0, bytes = 0;
   for (int64_t n = 0; n < out_features_; ++n) {
-    int64_t count = 0, bytes = 0;
-    const uint64_t* row = blocks->bitmap.data() + n * words_;
-    for (int64_t w = 0; w < words_; ++w) {
-      for (uint64_t set = row[w]; set != 0; set &= set - 1) {
-        const int64_t r = w * 64 + __builtin_ctzll(set);
-        ++count;
-        bytes += quant::code_bytes(bits_, region_size(r));
-      }
+    if (n % kDirectoryStride == 0) {
+      blocks->block_begin[n / kDirectoryStride] = count;
+      blocks->code_begin[n / kDirectoryStride] = bytes;
     }
-    blocks->block_begin[n + 1] = blocks->block_begin[n] + count;
-    blocks->code_begin[n + 1] = blocks->code_begin[n] + bytes;
+    v.for_each_region(n, [&](int64_t r) {
+      ++count;
+      bytes += quant::code_bytes(bits_, region_size(r));
+    });
   }
-  blocks->scales.assign(static_cast<size_t>(blocks->block_begin.back()), 0);
-  blocks->codes.assign(static_cast<size_t>(blocks->code_begin.back()), 0);
+  blocks->block_begin.back() = count;
+  blocks->code_begin.back() = bytes;
+  blocks->scales.assign(static_cast<size_t>(count), 0);
+  blocks->codes.assign(static_cast<size_t>(bytes), 0);
   return blocks;
 }
 
@@ -179,17 +197,12 @@ void SpatialMemory::rebuild_bloom() {
 
 void SpatialMemory::set_active(const uint8_t* mask) {
   const int64_t regions = num_regions();
-  std::vector<uint64_t> bitmap(static_cast<size_t>(out_features_ * words_), 0);
-  for (int64_t n = 0; n < out_features_; ++n) {
-    for (int64_t r = 0; r < regions; ++r) {
-      if (mask[n * regions + r]) bitmap[n * words_ + (r >> 6)] |= uint64_t{1} << (r & 63);
-    }
+  std::vector<uint64_t> bitmap(static_cast<size_t>(bitmap_words(out_features_, regions)), 0);
+  for (int64_t bit = 0; bit < out_features_ * regions; ++bit) {
+    if (mask[bit]) bitmap[bit >> 6] |= uint64_t{1} << (bit & 63);
   }
   std::shared_ptr<Blocks> next = make_blocks(std::move(bitmap));
-  PackedView after = view();
-  after.bitmap = next->bitmap.data();
-  after.block_begin = next->block_begin.data();
-  after.code_begin = next->code_begin.data();
+  const PackedView after = view_of(*next);
   const PackedView before = view();
   const std::vector<float> zeros(static_cast<size_t>(in_features()), 0.0f);
   for (int64_t n = 0; n < out_features_; ++n) {
@@ -222,6 +235,7 @@ void SpatialMemory::quantize_rows(int64_t n0, int64_t n1, const float* latent, i
 }
 
 int64_t SpatialMemory::input_index(uint64_t code) const {
+  if (input_codes_.empty()) return code < static_cast<uint64_t>(in_features_) ? static_cast<int64_t>(code) : -1;
   const auto it = std::lower_bound(input_codes_.begin(), input_codes_.end(), code);
   return it != input_codes_.end() && *it == code ? it - input_codes_.begin() : -1;
 }
@@ -277,14 +291,15 @@ MemoryStats SpatialMemory::neuron_stats(int64_t neuron) const {
   MemoryStats s;
   s.total_capacity = in_features();
   const PackedView v = view();
+  int64_t code_bytes = 0;
   v.for_each_block(neuron, [&](int64_t r, int64_t, int64_t off) {
     s.used_capacity += region_size(r);
     s.nonzero += quant::count_nonzero(v.codes + off, region_size(r), bits_);
     ++s.active_regions;
+    code_bytes += v.region_bytes(r);
   });
-  // Codes, one fp16 scale a block, the neuron's bitmap row and its two directory offsets.
-  s.bytes = (v.code_begin[neuron + 1] - v.code_begin[neuron]) + 2 * s.active_regions +
-            8 * words_ + 2 * 8;
+  // The neuron's own share: its codes and one fp16 scale a block.
+  s.bytes = code_bytes + 2 * s.active_regions;
   return s;
 }
 
@@ -298,14 +313,20 @@ MemoryStats SpatialMemory::stats() const {
     total.active_regions += s.active_regions;
     total.bytes += s.bytes;
   }
-  // Layer-wide: input codes, region keys and starts, the directory sentinels, the bloom filter.
-  total.bytes += 8 * in_features() + 8 * num_regions() + 8 * (num_regions() + 1) + 2 * 8 +
-                 static_cast<int64_t>(bloom_.size_bytes());
+  // Layer-wide: the bitmap, the directory, the input codes (none for the default layout), the
+  // region table, the bloom filter.
+  total.bytes += 8 * static_cast<int64_t>(blocks_->bitmap.size()) +
+                 8 * static_cast<int64_t>(blocks_->block_begin.size() + blocks_->code_begin.size()) +
+                 8 * static_cast<int64_t>(input_codes_.size()) +
+                 8 * static_cast<int64_t>(region_keys_.size()) +
+                 8 * static_cast<int64_t>(region_begin_.size()) +
+                 static_cast<int64_t>(bloom_.image_bytes());
   return total;
 }
 
 uint64_t SpatialMemory::checksum() const {
   uint64_t h = mix64(static_cast<uint64_t>(out_features_) * 1000 + bits_ * 100 + region_bits_);
+  h = mix64(h + static_cast<uint64_t>(in_features_));
   h = checksum_of(h, input_codes_);
   h = checksum_of(h, blocks_->bitmap);
   h = checksum_of(h, blocks_->scales);

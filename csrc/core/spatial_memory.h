@@ -4,12 +4,13 @@
 // Regions: region key = input code >> region_bits; the inputs of a region are one contiguous run
 // of the sorted inputs. A block is one neuron x one region; a neuron's memory is its set of
 // active blocks. Layout:
-//   bitmap      [out][words]  bit r of neuron n: block (n, r) is active
-//   block_begin [out + 1]     prefix count of active blocks: index of neuron n's first scale
-//   code_begin  [out + 1]     prefix byte offset of neuron n's codes in the arena
-//   scales      [blocks]      fp16 bits, blocks in (neuron, region) order
-//   codes       [bytes]       the arena: each block's packed codes, byte-aligned, same order
-// block_begin and code_begin are derived from the bitmap (they are what makes lookups O(1)).
+//   bitmap      [ceil(out * regions / 64)]  bit n * regions + r: block (n, r) is active
+//   block_begin [out / 8 + 1]  active blocks before neurons 0, 8, 16, ...; the total last
+//   code_begin  [out / 8 + 1]  code bytes before the same neurons; the total last
+//   scales      [blocks]       fp16 bits, blocks in (neuron, region) order
+//   codes       [bytes]        the arena: each block's packed codes, byte-aligned, same order
+// block_begin and code_begin (the directory) are derived from the bitmap; with the bitmap they
+// locate any block after a walk over at most 7 neurons' bits (see PackedView).
 // A split-block bloom filter over (neuron, region key) answers "might n hold this region?".
 // The per-block arrays live in one shared Blocks object: a layout change builds a new one, so
 // a holder of the old one (a tensor view saved for backward) never sees freed memory.
@@ -57,25 +58,29 @@ class SpatialMemory {
   // Rebuilds a memory from its parts (the serialized state), validating every one: sizes that
   // disagree, codes outside the code set or a bitmap with bits past the last region throw
   // std::invalid_argument.
-  static SpatialMemory from_parts(int64_t out_features, std::vector<uint64_t> input_codes,
-                                  int bits, int region_bits, std::vector<uint64_t> bitmap,
+  // stored_input_codes as stored_input_codes() gives them (empty for the default layout).
+  static SpatialMemory from_parts(int64_t out_features, int64_t in_features,
+                                  std::vector<uint64_t> stored_input_codes, int bits,
+                                  int region_bits, std::vector<uint64_t> bitmap,
                                   std::vector<uint16_t> scales, std::vector<uint8_t> codes);
 
   int64_t out_features() const { return out_features_; }
-  int64_t in_features() const { return static_cast<int64_t>(input_codes_.size()); }
+  int64_t in_features() const { return in_features_; }
   int bits() const { return bits_; }
   int region_bits() const { return region_bits_; }
   int64_t num_regions() const { return static_cast<int64_t>(region_keys_.size()); }
-  int64_t bitmap_words() const { return words_; }
   uint64_t region_key(int64_t r) const { return region_keys_[r]; }
   int64_t region_begin(int64_t r) const { return region_begin_[r]; }  // first input of region r
   int64_t region_size(int64_t r) const { return region_begin_[r + 1] - region_begin_[r]; }
   int64_t region_of_input(int64_t input) const;
-  const std::vector<uint64_t>& input_codes() const { return input_codes_; }
+  // The inputs' codes as stored: empty for the default layout (input j at code j), which then
+  // costs no memory.
+  const std::vector<uint64_t>& stored_input_codes() const { return input_codes_; }
+  const std::vector<uint64_t>& region_keys() const { return region_keys_; }
 
   // Layout.
   bool is_active(int64_t neuron, int64_t region) const { return view().is_active(neuron, region); }
-  int64_t active_blocks() const { return blocks_->block_begin.back(); }
+  int64_t active_blocks() const { return static_cast<int64_t>(blocks_->scales.size()); }
   // Makes the active blocks those of mask [out][regions] (non-zero = active). Blocks active
   // before and after keep their codes and scale; newly active blocks start at zero.
   void set_active(const uint8_t* mask);
@@ -107,6 +112,7 @@ class SpatialMemory {
   // The raw parts, for serialization; blocks() shares ownership of the current arrays.
   const std::vector<int64_t>& region_begins() const { return region_begin_; }
   const std::vector<uint64_t>& bitmap() const { return blocks_->bitmap; }
+  const std::vector<int64_t>& block_begin() const { return blocks_->block_begin; }
   const std::vector<int64_t>& code_begin() const { return blocks_->code_begin; }
   const std::vector<uint16_t>& scales() const { return blocks_->scales; }
   const std::vector<uint8_t>& codes() const { return blocks_->codes; }
@@ -118,6 +124,8 @@ class SpatialMemory {
  private:
   void check_neuron(int64_t neuron) const;
   static uint64_t bloom_key(int64_t neuron, uint64_t region_key);
+  // The kernels' view of a given set of arrays (the current ones, or ones being built).
+  PackedView view_of(const Blocks& blocks) const;
   // New Blocks for `bitmap`: offsets derived, scales and codes sized (zero-filled).
   std::shared_ptr<Blocks> make_blocks(std::vector<uint64_t> bitmap) const;
   // Rebuilds the bloom filter from the current bitmap.
@@ -126,10 +134,10 @@ class SpatialMemory {
   int64_t out_features_;
   int bits_;
   int region_bits_;
-  std::vector<uint64_t> input_codes_;
+  int64_t in_features_;
+  std::vector<uint64_t> input_codes_;  // empty: the default layout
   std::vector<uint64_t> region_keys_;
   std::vector<int64_t> region_begin_;  // [regions + 1]
-  int64_t words_;                      // bitmap words per neuron
 
   std::shared_ptr<Blocks> blocks_;
   bloom::SplitBlockBloom bloom_{1};

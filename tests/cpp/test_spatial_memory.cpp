@@ -111,6 +111,9 @@ TEST(SpatialMemory, RegionsAreRunsOfSortedInputs) {
   EXPECT_EQ(m.region_size(2), 1);
   EXPECT_EQ(m.region_of_input(4), 1);
   EXPECT_EQ(SpatialMemory(1, iota_codes(64), 4, 6).num_regions(), 1);
+  EXPECT_EQ(m.stored_input_codes().size(), 6u);  // not the default layout: stored
+  EXPECT_EQ(m.input_index(65), 4);
+  EXPECT_EQ(m.input_index(66), -1);
   EXPECT_EQ(SpatialMemory(1, iota_codes(64), 4, 3).num_regions(), 8);
 }
 
@@ -236,25 +239,27 @@ TEST(SpatialMemory, StatsOnAHandBuiltMemory) {
   EXPECT_EQ(all.used_capacity, 100);
   EXPECT_EQ(all.total_capacity, 200);
   EXPECT_EQ(all.active_regions, 4);
-  // neuron 0: codes 8 + 1 bytes, 2 scales, one bitmap word, two offsets.
-  EXPECT_EQ(n0.bytes, 9 + 4 + 8 + 16);
-  EXPECT_EQ(n1.bytes, 16 + 4 + 8 + 16);
-  EXPECT_EQ(all.bytes, n0.bytes + n1.bytes + 8 * 100 + 8 * 4 + 8 * 5 + 16 +
-                           static_cast<int64_t>(m.bloom().size_bytes()));
+  // Per neuron: its codes and one fp16 scale a block. Layer: one bitmap word, two directory
+  // entries of two offsets, 4 region keys and 5 region starts, the bloom filter.
+  EXPECT_EQ(n0.bytes, 9 + 4);
+  EXPECT_EQ(n1.bytes, 16 + 4);
+  EXPECT_TRUE(m.stored_input_codes().empty());  // the default layout is implicit
+  EXPECT_EQ(all.bytes, n0.bytes + n1.bytes + 8 + 2 * 2 * 8 + 8 * 4 + 8 * 5 +
+                           static_cast<int64_t>(m.bloom().image_bytes()));
 }
 
 TEST(SpatialMemory, FromPartsRoundTripsAndValidates) {
   Fixture f = make(6, 200, 4, 5, 0.5, 11);
   const SpatialMemory& m = f.memory;
-  const SpatialMemory back = SpatialMemory::from_parts(6, m.input_codes(), 4, 5, m.bitmap(),
-                                                       m.scales(), m.codes());
+  const SpatialMemory back = SpatialMemory::from_parts(6, 200, m.stored_input_codes(), 4, 5,
+                                                       m.bitmap(), m.scales(), m.codes());
   EXPECT_EQ(back.codes(), m.codes());
   EXPECT_EQ(back.scales(), m.scales());
   EXPECT_EQ(back.code_begin(), m.code_begin());
   EXPECT_EQ(back.checksum(), m.checksum());
   auto load = [&](std::vector<uint64_t> bitmap, std::vector<uint16_t> scales,
                   std::vector<uint8_t> codes) {
-    return SpatialMemory::from_parts(6, m.input_codes(), 4, 5, std::move(bitmap),
+    return SpatialMemory::from_parts(6, 200, m.stored_input_codes(), 4, 5, std::move(bitmap),
                                      std::move(scales), std::move(codes));
   };
   auto codes = m.codes();
