@@ -11,6 +11,7 @@ import argparse
 import datetime
 import itertools
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from results_file import write_section
@@ -51,7 +52,7 @@ def main() -> None:
     """Runs the grid and writes the results section."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller grid")
-    parser.add_argument("--out", default="benchmarks/RESULTS.md")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "RESULTS.md"))
     parser.add_argument("--min-run-time", type=float, default=0.3)
     args = parser.parse_args()
     sizes = [128, 1024] if args.quick else [128, 1024, 4096]

@@ -26,6 +26,14 @@ SpatialMemory dense_memory(int64_t out, int64_t in, int bits, int region_bits) {
   return memory;
 }
 
+// Items are weights; ns_per_call is the time of one call (the results script reports it).
+void report_calls(benchmark::State& state, int64_t weights) {
+  state.SetItemsProcessed(state.iterations() * weights);
+  state.counters["ns_per_call"] = benchmark::Counter(
+      static_cast<double>(state.iterations()),
+      benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+}
+
 // Args: bits, neurons, inputs.
 void BM_Forward(benchmark::State& state) {
   const int bits = static_cast<int>(state.range(0));
@@ -39,9 +47,7 @@ void BM_Forward(benchmark::State& state) {
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
-  state.SetItemsProcessed(state.iterations() * out * in);  // weights
-  state.counters["ns_per_call"] = benchmark::Counter(
-      static_cast<double>(state.iterations()), benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+  report_calls(state, out * in);
 }
 
 void BM_Requantize(benchmark::State& state) {
@@ -53,7 +59,7 @@ void BM_Requantize(benchmark::State& state) {
     memory.quantize_rows(0, out, latent.data(), in);
     benchmark::ClobberMemory();
   }
-  state.SetItemsProcessed(state.iterations() * out * in);
+  report_calls(state, out * in);
 }
 
 void bit_widths(benchmark::internal::Benchmark* b, int64_t out, int64_t in) {

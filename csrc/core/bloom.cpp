@@ -115,16 +115,7 @@ size_t contains_batch_portable(const uint32_t* words, size_t num_blocks, const u
 }
 
 uint64_t checksum(const uint8_t* data, size_t size) {
-  uint64_t h = 0x6A09E667F3BCC908ull ^ size;
-  size_t i = 0;
-  for (; i + 8 <= size; i += 8) {
-    uint64_t w;
-    std::memcpy(&w, data + i, 8);
-    h = mix64(h + w);
-  }
-  uint64_t tail = 0;
-  std::memcpy(&tail, data + i, size - i);
-  return mix64(h + tail);
+  return hash_bytes(0x6A09E667F3BCC908ull, data, size);
 }
 
 template <class T>

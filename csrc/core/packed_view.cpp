@@ -150,28 +150,28 @@ struct LinearTRows {
   }
 };
 
+// Picks the instantiation for the code width.
+template <template <int, int> class Kernel, class... Args>
+[[gnu::always_inline]] inline void by_bits(const PackedView& v, Args... args) {
+  const int rb = v.full_region_bits;
+  switch (v.bits) {
+    case 1: by_region_size<1, Kernel>(rb, v, args...); return;
+    case 2: by_region_size<2, Kernel>(rb, v, args...); return;
+    case 4: by_region_size<4, Kernel>(rb, v, args...); return;
+    default: by_region_size<8, Kernel>(rb, v, args...); return;
+  }
+}
+
 [[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void linear_rows_any(
     const PackedView& v, int64_t n0, int64_t n1, const float* x, int64_t batch, int64_t ldx,
     float* y, int64_t ldy, float* scratch) {
-  const int rb = v.full_region_bits;
-  switch (v.bits) {
-    case 1: by_region_size<1, LinearRows>(rb, v, n0, n1, x, batch, ldx, y, ldy, scratch); return;
-    case 2: by_region_size<2, LinearRows>(rb, v, n0, n1, x, batch, ldx, y, ldy, scratch); return;
-    case 4: by_region_size<4, LinearRows>(rb, v, n0, n1, x, batch, ldx, y, ldy, scratch); return;
-    default: by_region_size<8, LinearRows>(rb, v, n0, n1, x, batch, ldx, y, ldy, scratch); return;
-  }
+  by_bits<LinearRows>(v, n0, n1, x, batch, ldx, y, ldy, scratch);
 }
 
 [[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void linear_t_rows_any(
     const PackedView& v, int64_t n0, int64_t n1, const float* gy, int64_t batch, int64_t ldy,
     float* gx, int64_t ldx, float* scratch) {
-  const int rb = v.full_region_bits;
-  switch (v.bits) {
-    case 1: by_region_size<1, LinearTRows>(rb, v, n0, n1, gy, batch, ldy, gx, ldx, scratch); return;
-    case 2: by_region_size<2, LinearTRows>(rb, v, n0, n1, gy, batch, ldy, gx, ldx, scratch); return;
-    case 4: by_region_size<4, LinearTRows>(rb, v, n0, n1, gy, batch, ldy, gx, ldx, scratch); return;
-    default: by_region_size<8, LinearTRows>(rb, v, n0, n1, gy, batch, ldy, gx, ldx, scratch); return;
-  }
+  by_bits<LinearTRows>(v, n0, n1, gy, batch, ldy, gx, ldx, scratch);
 }
 
 }  // namespace

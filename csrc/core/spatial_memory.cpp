@@ -20,18 +20,7 @@ std::invalid_argument error(const std::string& what) {
 
 template <class T>
 uint64_t checksum_of(uint64_t h, const std::vector<T>& values) {
-  h = mix64(h + values.size());
-  const auto* bytes = reinterpret_cast<const uint8_t*>(values.data());
-  const size_t size = values.size() * sizeof(T);
-  size_t i = 0;
-  for (; i + 8 <= size; i += 8) {
-    uint64_t word;
-    std::memcpy(&word, bytes + i, 8);
-    h = mix64(h + word);
-  }
-  uint64_t tail = 0;
-  std::memcpy(&tail, bytes + i, size - i);
-  return mix64(h + tail);
+  return hash_bytes(h, values.data(), values.size() * sizeof(T));
 }
 
 }  // namespace
