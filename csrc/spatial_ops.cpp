@@ -24,7 +24,7 @@ constexpr int64_t kPanelFloats = int64_t{1} << 16;  // 256 KiB panels: they stay
 constexpr int64_t kWeightsPerTask = int64_t{1} << 15;
 // Up to this many rows, float32 products run straight from the codes (decode a block, dot it
 // with each row); above, dense panels through at::mm amortize better.
-constexpr int64_t kSmallBatch = 16;
+constexpr int64_t kSmallBatch = 4;
 
 const at::Tensor& part(at::TensorList memory, int64_t i, at::ScalarType dtype, const char* name) {
   const at::Tensor& t = memory[i];

@@ -133,8 +133,11 @@ def _spatial_linear_backward(ctx: object, grad_y: torch.Tensor) -> tuple:
             grad_y, memory, ctx.bits, x.shape[1]
         )
     if ctx.needs_input_grad[1]:
-        mask = torch.ops.spatium.active_mask(memory, x.shape[1], ctx.out_features)
-        grad_weight = (grad_y.t() @ x).mul_(mask).to(ctx.weight_dtype)
+        grad_weight = grad_y.t() @ x
+        regions = memory[0].shape[0] - 1
+        if memory[4].shape[0] != ctx.out_features * regions:  # some block inactive
+            grad_weight.mul_(torch.ops.spatium.active_mask(memory, x.shape[1], ctx.out_features))
+        grad_weight = grad_weight.to(ctx.weight_dtype)
     if ctx.needs_input_grad[2]:
         grad_bias = grad_y.sum(0).to(ctx.bias_dtype)
     return grad_x, grad_weight, grad_bias, [None] * len(memory), None, None

@@ -187,3 +187,18 @@ def test_frozen_layer_runs_forward_and_input_backward():
     assert torch.equal(y.detach(), expected)
     y.sum().backward()
     torch.testing.assert_close(xg.grad, layer.dequantized_weight().sum(0).expand(5, 100))
+
+
+def test_nan_and_inf_propagate_like_nn_linear():
+    layer = make_layer()
+    dense = nn.Linear(100, 12)
+    with torch.no_grad():
+        dense.weight.copy_(layer.dequantized_weight())
+        dense.bias.copy_(layer.bias)
+    x = torch.randn(4, 100)
+    x[1, 3] = float("nan")
+    x[2, 7] = float("inf")
+    y, expected = layer(x), dense(x)
+    assert torch.equal(y.isnan(), expected.isnan())
+    assert torch.equal(y.isinf(), expected.isinf())
+    torch.testing.assert_close(y[[0, 3]], expected[[0, 3]], rtol=1e-5, atol=1e-6)
