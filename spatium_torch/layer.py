@@ -294,7 +294,14 @@ class SpatialLayer(nn.Module):
             + (", frozen" if self.frozen else "")
         )
 
-    # --- state_dict ---------------------------------------------------------------------------
+    # --- copying and state_dict -----------------------------------------------------------------
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # copy.deepcopy and pickling copy the store (its own pickle support) and the view
+        # tensors separately: rebuild the views over the copied store.
+        super().__setstate__(state)
+        self._views = self._memory.views()
+        self._synced_with = None
+
     def get_extra_state(self) -> dict[str, Any]:
         """The store, as tensors and plain values only (``torch.load(weights_only=True)``)."""
         self._sync()

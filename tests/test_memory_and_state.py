@@ -223,3 +223,21 @@ def test_default_layout_stores_no_input_codes():
     custom = layer_of(input_positions=st.layouts.grid(10, 10)).state_dict()["_extra_state"]
     assert default.numel() == 0
     assert custom["input_codes"].numel() == 100
+
+
+def test_deepcopy_gets_its_own_consistent_store():
+    import copy
+
+    layer = layer_of(density=0.5)
+    clone = copy.deepcopy(layer)
+    x = torch.randn(3, 100)
+    assert torch.equal(clone(x), layer(x))
+    with torch.no_grad():
+        clone.weight.mul_(2)
+    clone(x)
+    assert clone._views[5].data_ptr() == clone._memory.views()[5].data_ptr()
+    xyz = tuple(st.morton_decode(torch.tensor([5]))[0].tolist())
+    n = int(clone.block_mask()[:, 5].nonzero()[0])
+    assert clone.memory.read(n, xyz) == pytest.approx(clone.dequantized_weight()[n, 5].item())
+    assert layer.memory.read(n, xyz) == pytest.approx(layer.dequantized_weight()[n, 5].item())
+    assert layer.memory.read(n, xyz) != pytest.approx(clone.memory.read(n, xyz))
