@@ -148,3 +148,55 @@ torch.library.register_autograd(
     _spatial_linear_backward,
     setup_context=_spatial_linear_setup_context,
 )
+
+
+# --- activation-map functions --------------------------------------------------------------------
+ACTIVATIONS = (
+    "relu",
+    "leaky_relu",
+    "elu",
+    "gelu",
+    "silu",
+    "sigmoid",
+    "tanh",
+    "softplus",
+    "identity",
+    "sin",
+    "gaussian",
+    "abs",
+)
+
+
+def activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """One of the 12 activation-map functions (:data:`ACTIVATIONS`) applied elementwise, with
+    torch.nn.functional's conventions (leaky_relu slope 0.01, elu alpha 1, exact gelu,
+    softplus beta 1); ``gaussian`` is ``exp(-x**2)``. Differentiable."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+    return torch.ops.spatium.activation(x, ACTIVATIONS.index(name))
+
+
+@torch.library.register_fake("spatium::activation")
+def _activation_fake(x: torch.Tensor, fn: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("spatium::activation_backward")
+def _activation_backward_fake(grad: torch.Tensor, x: torch.Tensor, fn: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _activation_setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
+    x, fn = inputs
+    ctx.save_for_backward(x)
+    ctx.fn = fn
+
+
+def _activation_backward(ctx: object, grad: torch.Tensor) -> tuple:
+    (x,) = ctx.saved_tensors
+    return torch.ops.spatium.activation_backward(grad, x, ctx.fn), None
+
+
+torch.library.register_autograd(
+    "spatium::activation", _activation_backward, setup_context=_activation_setup_context
+)
