@@ -11,6 +11,7 @@ from spatium_torch import (
     _C,  # noqa: F401  (loading it registers torch.ops.spatium.*)
     layouts,
 )
+from spatium_torch.activation import ActivationMap
 from spatium_torch.layer import SpatialLayer, freeze
 from spatium_torch.memory import LayerMemory, MemoryStats
 from spatium_torch.network import SpatialNetwork
@@ -19,6 +20,7 @@ from spatium_torch.ops import built_with_cuda, morton_decode, morton_encode
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationMap",
     "LayerMemory",
     "MemoryStats",
     "SpatialLayer",

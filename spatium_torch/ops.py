@@ -200,3 +200,54 @@ def _activation_backward(ctx: object, grad: torch.Tensor) -> tuple:
 torch.library.register_autograd(
     "spatium::activation", _activation_backward, setup_context=_activation_setup_context
 )
+
+
+@torch.library.register_fake("spatium::activation_map")
+def _activation_map_fake(
+    pre: torch.Tensor, cells: torch.Tensor, table: torch.Tensor
+) -> torch.Tensor:
+    return torch.empty_like(pre)
+
+
+@torch.library.register_fake("spatium::activation_map_backward")
+def _activation_map_backward_fake(
+    grad: torch.Tensor, pre: torch.Tensor, cells: torch.Tensor, table: torch.Tensor
+) -> torch.Tensor:
+    return torch.empty_like(pre)
+
+
+@torch.library.register_fake("spatium::activation_mixture")
+def _activation_mixture_fake(
+    pre: torch.Tensor, cells: torch.Tensor, probs: torch.Tensor
+) -> torch.Tensor:
+    return torch.empty_like(pre)
+
+
+@torch.library.register_fake("spatium::activation_mixture_backward")
+def _activation_mixture_backward_fake(
+    grad: torch.Tensor, pre: torch.Tensor, cells: torch.Tensor, probs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(pre), torch.empty_like(probs)
+
+
+def _map_setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _activation_map_backward(ctx: object, grad: torch.Tensor) -> tuple:
+    pre, cells, table = ctx.saved_tensors
+    return torch.ops.spatium.activation_map_backward(grad, pre, cells, table), None, None
+
+
+def _activation_mixture_backward(ctx: object, grad: torch.Tensor) -> tuple:
+    pre, cells, probs = ctx.saved_tensors
+    grad_pre, grad_probs = torch.ops.spatium.activation_mixture_backward(grad, pre, cells, probs)
+    return grad_pre, None, grad_probs
+
+
+torch.library.register_autograd(
+    "spatium::activation_map", _activation_map_backward, setup_context=_map_setup_context
+)
+torch.library.register_autograd(
+    "spatium::activation_mixture", _activation_mixture_backward, setup_context=_map_setup_context
+)

@@ -1,0 +1,185 @@
+"""Activation maps (DESIGN §4): every neuron has an 8x8 grid of cells, each holding one of 12
+activation functions; a SimHash of the layer's input picks the cell for each sample, so similar
+inputs use the same cell."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spatium_torch.ops import ACTIVATIONS
+
+GRID = 8
+CELLS = GRID * GRID
+HASH_BITS = 6  # 3 bits of row, 3 of column
+INITS = ("uniform", "random", "gradient")
+# "gradient": this function in the central 4x4 cells, the other on the edge.
+GRADIENT_CENTRE, GRADIENT_EDGE = "relu", "tanh"
+# A learnable map starts as a softmax this sure of its initial function (~0.83 at 12 functions).
+INITIAL_LOGIT = 4.0
+
+
+class _LogitsMixture(torch.autograd.Function):
+    """The mixture of all 12 functions with cached probabilities; the gradient reaches the
+    logits through the softmax Jacobian, so the cached probabilities need no autograd graph
+    (and several backward passes per optimizer step work)."""
+
+    @staticmethod
+    def forward(
+        pre: torch.Tensor, cells: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor
+    ) -> torch.Tensor:
+        return torch.ops.spatium.activation_mixture(pre, cells, probs)
+
+    @staticmethod
+    def setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
+        pre, cells, _, probs = inputs
+        ctx.save_for_backward(pre, cells, probs)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> tuple:
+        pre, cells, probs = ctx.saved_tensors
+        grad_pre, grad_probs = torch.ops.spatium.activation_mixture_backward(
+            grad.contiguous(), pre, cells, probs
+        )
+        grad_logits = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
+        return grad_pre, None, grad_logits, None
+
+
+class ActivationMap(nn.Module):
+    """Per-neuron 8x8 maps of activation functions.
+
+    ``y = map(pre, hash_input)``: ``pre`` ``[..., num_features]`` are the pre-activations,
+    ``hash_input`` ``[..., hash_features]`` the input that chooses the cell (for a layer, that
+    layer's input). The cell of a sample is the signs of 6 fixed random projections of
+    ``hash_input`` (seeded; saved in the state_dict): 3 bits of row, 3 of column.
+
+    Args:
+        num_features: neurons (the size of ``pre``'s last dimension).
+        hash_features: size of ``hash_input``'s last dimension.
+        init: ``"uniform"`` (every cell relu), ``"random"``, or ``"gradient"`` (relu in the
+            central 4x4 cells, tanh on the edge).
+        learnable: per-cell logits over the 12 functions; while training the map applies the
+            softmax mixture (probabilities computed once per change of the logits, i.e. once per
+            optimizer step), in eval the argmax function.
+        seed: seeds the projections and the ``"random"`` init.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        hash_features: int,
+        *,
+        init: str = "uniform",
+        learnable: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_features", num_features), ("hash_features", hash_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.num_features = num_features
+        self.hash_features = hash_features
+        self.init = init
+        self.learnable = learnable
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer(
+            "projections", torch.randn(HASH_BITS, hash_features, generator=generator)
+        )
+        table = _initial_table(num_features, init, generator)
+        if learnable:
+            logits = torch.zeros(num_features, CELLS, len(ACTIVATIONS))
+            logits.scatter_(2, table.long().unsqueeze(-1), INITIAL_LOGIT)
+            self.logits = nn.Parameter(logits)
+            self.register_buffer("table", None)
+        else:
+            self.register_parameter("logits", None)
+            self.register_buffer("table", table)
+        self.register_buffer("hits", torch.zeros(num_features, CELLS, dtype=torch.int64))
+        self.softmax_computations = 0  # how often probabilities() recomputed the softmax
+        self._probs: torch.Tensor | None = None
+        self._probs_key: tuple[int, int] | None = None
+
+    def cells(self, hash_input: torch.Tensor) -> torch.Tensor:
+        """The cell (row * 8 + column) of every sample: int64 ``[...]``."""
+        self._check_hash_input(hash_input)
+        signs = (hash_input.to(self.projections.dtype) @ self.projections.t()) > 0
+        weights = 1 << torch.arange(HASH_BITS, device=signs.device)
+        return (signs.long() * weights).sum(-1)
+
+    def _check_hash_input(self, hash_input: torch.Tensor) -> None:
+        if hash_input.dim() == 0 or hash_input.shape[-1] != self.hash_features:
+            raise ValueError(
+                f"ActivationMap: hash input must be [..., {self.hash_features}], "
+                f"got {tuple(hash_input.shape)}"
+            )
+
+    def probabilities(self) -> torch.Tensor:
+        """The softmax of the logits ``[neurons, 64, 12]``, recomputed only after they change."""
+        if self.logits is None:
+            raise ValueError("ActivationMap: a fixed map has no probabilities")
+        key = (id(self.logits), self.logits._version)
+        if key != self._probs_key:
+            with torch.no_grad():
+                self._probs = torch.softmax(self.logits, dim=-1)
+            self._probs_key = key
+            self.softmax_computations += 1
+        return self._probs
+
+    def function_table(self) -> torch.Tensor:
+        """The function index of every cell ``[neurons, 64]`` (uint8; argmax for learnable)."""
+        if self.logits is None:
+            return self.table
+        return self.logits.detach().argmax(-1).to(torch.uint8)
+
+    def reset_hits(self) -> None:
+        """Zeroes the hit counts."""
+        self.hits.zero_()
+
+    def dead_cells(self) -> torch.Tensor:
+        """``[neurons, 64]`` bool: cells no sample has hit since the last reset."""
+        return self.hits == 0
+
+    def forward(self, pre: torch.Tensor, hash_input: torch.Tensor) -> torch.Tensor:
+        if pre.shape[-1] != self.num_features:
+            raise ValueError(
+                f"ActivationMap: pre-activations must be [..., {self.num_features}], "
+                f"got {tuple(pre.shape)}"
+            )
+        self._check_hash_input(hash_input)
+        if pre.shape[:-1] != hash_input.shape[:-1]:
+            raise ValueError(
+                "ActivationMap: pre-activations and hash input need the same leading shape, "
+                f"got {tuple(pre.shape)} and {tuple(hash_input.shape)}"
+            )
+        cells = self.cells(hash_input.reshape(-1, self.hash_features))
+        with torch.no_grad():
+            self.hits += torch.bincount(cells, minlength=CELLS)  # every neuron sees the cell
+        flat = pre.reshape(-1, self.num_features)
+        compute = torch.float64 if flat.dtype == torch.float64 else torch.float32
+        flat = flat.to(compute)
+        if self.logits is not None and self.training:
+            probs = self.probabilities().to(compute)
+            y = _LogitsMixture.apply(flat, cells, self.logits, probs)
+        else:
+            y = torch.ops.spatium.activation_map(flat, cells, self.function_table())
+        return y.to(pre.dtype).reshape(pre.shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_features={self.num_features}, hash_features={self.hash_features}, "
+            f"init={self.init!r}, learnable={self.learnable}"
+        )
+
+
+def _initial_table(neurons: int, init: str, generator: torch.Generator) -> torch.Tensor:
+    if init == "random":
+        return torch.randint(0, len(ACTIVATIONS), (neurons, CELLS), generator=generator).to(
+            torch.uint8
+        )
+    table = torch.full((neurons, GRID, GRID), ACTIVATIONS.index("relu"), dtype=torch.uint8)
+    if init == "gradient":
+        table.fill_(ACTIVATIONS.index(GRADIENT_EDGE))
+        table[:, 2:6, 2:6] = ACTIVATIONS.index(GRADIENT_CENTRE)
+    return table.reshape(neurons, CELLS)
