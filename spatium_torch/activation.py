@@ -100,6 +100,8 @@ class ActivationMap(nn.Module):
         self.softmax_computations = 0  # how often probabilities() recomputed the softmax
         self._probs: torch.Tensor | None = None
         self._probs_key: tuple[int, int] | None = None
+        self._argmax: torch.Tensor | None = None
+        self._argmax_key: tuple[int, int] | None = None
 
     def cells(self, hash_input: torch.Tensor) -> torch.Tensor:
         """The cell (row * 8 + column) of every sample: int64 ``[...]``."""
@@ -128,10 +130,15 @@ class ActivationMap(nn.Module):
         return self._probs
 
     def function_table(self) -> torch.Tensor:
-        """The function index of every cell ``[neurons, 64]`` (uint8; argmax for learnable)."""
+        """The function index of every cell ``[neurons, 64]`` (uint8; for a learnable map the
+        argmax, recomputed only after the logits change)."""
         if self.logits is None:
             return self.table
-        return self.logits.detach().argmax(-1).to(torch.uint8)
+        key = (id(self.logits), self.logits._version)
+        if key != self._argmax_key:
+            self._argmax = self.logits.detach().argmax(-1).to(torch.uint8)
+            self._argmax_key = key
+        return self._argmax
 
     def reset_hits(self) -> None:
         """Zeroes the hit counts."""

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from spatium_torch import layouts
+from spatium_torch.activation import ActivationMap
 from spatium_torch.memory import LayerMemory
 from spatium_torch.ops import CODE_BITS, MAX_COORD, morton_decode, morton_encode
 
@@ -61,7 +62,9 @@ class SpatialLayer(nn.Module):
         connectivity: which regions start active when ``density < 1``: ``"local"`` (nearest to
             the neuron's position, both spaces scaled to the unit cube) or ``"random"``.
         bias: whether to learn an additive bias.
-        activation: ``None``; activation maps (``"map"``) are not available yet.
+        activation: ``None`` (linear) or ``"map"``: an :class:`ActivationMap` after the linear
+            part, hashing the layer's input (``map_init``, ``map_learnable``, ``map_seed`` as in
+            ActivationMap's ``init``, ``learnable``, ``seed``). Not yet fused with the matmul.
         input_positions: ``[in_features, 3]`` distinct integer positions in ``[0, 65535]``
             (default: input j at ``morton_decode(j)``); see :mod:`spatium_torch.layouts`.
         grid_dims: ``(X, Y, Z)`` grid the neurons fill in Morton order (default: neuron j at
@@ -85,6 +88,9 @@ class SpatialLayer(nn.Module):
         activation: str | None = None,
         input_positions: torch.Tensor | None = None,
         grid_dims: Sequence[int] | None = None,
+        map_init: str = "uniform",
+        map_learnable: bool = False,
+        map_seed: int = 0,
     ) -> None:
         super().__init__()
         _check_count(in_features, "in_features")
@@ -99,10 +105,8 @@ class SpatialLayer(nn.Module):
             raise ValueError(f"density must be in (0, 1], got {density!r}")
         if connectivity not in CONNECTIVITIES:
             raise ValueError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity!r}")
-        if activation is not None:
-            raise ValueError(
-                f"activation={activation!r} is not available yet: only None (a plain linear layer)"
-            )
+        if activation not in (None, "map"):
+            raise ValueError(f"activation must be None or 'map', got {activation!r}")
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
@@ -136,6 +140,14 @@ class SpatialLayer(nn.Module):
         self._views = self._memory.views()
         self._synced_with: tuple[int, int] | None = None
         self._sync()
+        # The map hashes the layer's input to pick each sample's cell (DESIGN §4).
+        self.activation_map = (
+            ActivationMap(
+                out_features, in_features, init=map_init, learnable=map_learnable, seed=map_seed
+            )
+            if activation == "map"
+            else None
+        )
 
     # --- set-up -----------------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -285,7 +297,8 @@ class SpatialLayer(nn.Module):
         )
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+        y = y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.activation_map is None else self.activation_map(y, x)
 
     def extra_repr(self) -> str:
         return (

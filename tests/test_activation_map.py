@@ -176,3 +176,20 @@ def test_digits_learnable_map_within_two_points_of_relu():
     torch.manual_seed(0)
     learned = train_digits(MapMLP(nn.Linear, learnable=True))
     assert learned >= relu - 0.02, (learned, relu)
+
+
+def test_spatial_layer_with_a_map():
+    layer = st.SpatialLayer(100, 12, bits=4, region_bits=3, activation="map")
+    x = torch.randn(5, 3, 100)
+    linear = torch.nn.functional.linear(x, layer.dequantized_weight(), layer.bias)
+    torch.testing.assert_close(layer(x), torch.relu(linear))  # uniform map: relu
+    assert layer.activation_map.hits.sum() == 15 * 12
+    learnable = st.SpatialLayer(100, 12, activation="map", map_init="random", map_learnable=True)
+    x = torch.randn(4, 100, requires_grad=True)
+    learnable(x).sum().backward()
+    assert x.grad is not None and learnable.activation_map.logits.grad is not None
+    other = st.SpatialLayer(100, 12, activation="map", map_init="random", map_learnable=True)
+    other.load_state_dict(learnable.state_dict())
+    learnable.eval()
+    other.eval()
+    assert torch.equal(other(x), learnable(x))

@@ -1,0 +1,67 @@
+"""The activation map's cost inside a SpatialLayer forward against plain relu (DESIGN §4), at
+batch 1 and 256, measured in the same run. Writes its section of benchmarks/RESULTS.md.
+
+    python benchmarks/bench_activation_map.py
+"""
+
+import argparse
+import datetime
+from pathlib import Path
+
+import torch
+from results_file import write_section
+from torch.utils.benchmark import Timer
+
+import spatium_torch as st
+
+SIZE = 1024
+MAPS = [
+    ("fixed, uniform (relu everywhere)", dict(map_init="uniform"), False),
+    ("fixed, random functions", dict(map_init="random"), False),
+    ("learnable, eval (argmax function)", dict(map_init="random", map_learnable=True), False),
+    ("learnable, training (mixture of 12)", dict(map_init="random", map_learnable=True), True),
+]
+
+
+def seconds(stmt: str, **names: object) -> float:
+    """Median seconds per run of stmt."""
+    return Timer(stmt, globals=names).blocked_autorange(min_run_time=0.5).median
+
+
+def main() -> None:
+    """Measures and writes the results section."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "RESULTS.md"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    lines = [
+        "## Activation map vs relu (`benchmarks/bench_activation_map.py`)",
+        "",
+        f"Generated on {datetime.date.today()}, {torch.get_num_threads()} threads: a {SIZE} x "
+        f"{SIZE} 4-bit SpatialLayer forward (no grad) with its activation map, against the same "
+        "layer followed by torch.relu. The map is applied after the matmul (not fused yet). "
+        "Goal: at most 1.3x at batch 256.",
+        "",
+        "| map | batch | with map (ms) | with relu (ms) | ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, kwargs, training in MAPS:
+        layer = st.SpatialLayer(SIZE, SIZE, bits=4, activation="map", **kwargs)
+        plain = st.SpatialLayer(SIZE, SIZE, bits=4)
+        layer.train(training)
+        for batch in (1, 256):
+            x = torch.randn(batch, SIZE)
+            with torch.no_grad():
+                mapped = seconds("layer(x)", layer=layer, x=x)
+                relu = seconds("torch.relu(plain(x))", torch=torch, plain=plain, x=x)
+            lines.append(
+                f"| {name} | {batch} | {mapped * 1e3:.3f} | {relu * 1e3:.3f} | "
+                f"{mapped / relu:.2f}x |"
+            )
+            print(lines[-1])
+    write_section(args.out, "activation_map", "\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
