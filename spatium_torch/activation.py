@@ -15,7 +15,7 @@ HASH_BITS = 6  # 3 bits of row, 3 of column
 INITS = ("uniform", "random", "gradient")
 # "gradient": this function in the central 4x4 cells, the other on the edge.
 GRADIENT_CENTRE, GRADIENT_EDGE = "relu", "tanh"
-# A learnable map starts as a softmax this sure of its initial function (~0.83 at 12 functions).
+# By default a learnable map starts as a softmax this sure of its initial function (~0.83).
 INITIAL_LOGIT = 4.0
 
 
@@ -62,6 +62,10 @@ class ActivationMap(nn.Module):
             softmax mixture (probabilities computed once per change of the logits, i.e. once per
             optimizer step), in eval the argmax function.
         seed: seeds the projections and the ``"random"`` init.
+        initial_logit: a learnable map's starting logit of each cell's initial function (the
+            others start at 0). 4 keeps the map close to its init; 0 starts from the even
+            mixture and lets cells move (digits: 96.0% and a spread of functions, against 97.8%
+            and all relu at 4).
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class ActivationMap(nn.Module):
         init: str = "uniform",
         learnable: bool = False,
         seed: int = 0,
+        initial_logit: float = INITIAL_LOGIT,
     ) -> None:
         super().__init__()
         for name, value in (("num_features", num_features), ("hash_features", hash_features)):
@@ -90,7 +95,7 @@ class ActivationMap(nn.Module):
         table = _initial_table(num_features, init, generator)
         if learnable:
             logits = torch.zeros(num_features, CELLS, len(ACTIVATIONS))
-            logits.scatter_(2, table.long().unsqueeze(-1), INITIAL_LOGIT)
+            logits.scatter_(2, table.long().unsqueeze(-1), float(initial_logit))
             self.logits = nn.Parameter(logits)
             self.register_buffer("table", None)
         else:

@@ -193,3 +193,10 @@ def test_spatial_layer_with_a_map():
     learnable.eval()
     other.eval()
     assert torch.equal(other(x), learnable(x))
+
+
+def test_initial_logit_sets_the_starting_mixture():
+    sure = st.ActivationMap(2, 3, learnable=True)
+    even = st.ActivationMap(2, 3, learnable=True, initial_logit=0.0)
+    assert sure.probabilities()[..., 0].min() > 0.8  # relu
+    torch.testing.assert_close(even.probabilities(), torch.full((2, 64, 12), 1 / 12))
