@@ -171,6 +171,13 @@ TORCH_LIBRARY_FRAGMENT(spatium, m) {
              with_python_errors(
                  [&] { self->memory.write(neuron, code_arg(code), static_cast<float>(value)); });
            })
+      .def("select_neurons",
+           [](const Holder& self, const at::Tensor& rows) {
+             auto picked = to_vector<int64_t>(rows, at::kLong, "rows");
+             return with_python_errors([&] {
+               return c10::make_intrusive<MemoryHolder>(self->memory.select_neurons(picked));
+             });
+           })
       .def("neuron_stats", &neuron_stats)
       .def("stats", &layer_stats)
       .def("bloom_bytes",

@@ -4,6 +4,8 @@ inputs use the same cell."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -144,6 +146,19 @@ class ActivationMap(nn.Module):
             self._argmax = self.logits.detach().argmax(-1).to(torch.uint8)
             self._argmax_key = key
         return self._argmax
+
+    def select_neurons(self, rows: torch.Tensor) -> ActivationMap:
+        """A copy whose neuron i is this map's neuron rows[i]: cells, logits and hit counts
+        follow their neuron (for growth and pruning)."""
+        picked = copy.deepcopy(self)
+        picked.num_features = int(rows.numel())
+        if self.logits is not None:
+            picked.logits = nn.Parameter(self.logits.detach()[rows].clone())
+        else:
+            picked.table = self.table[rows].clone()
+        picked.hits = self.hits[rows].clone()
+        picked._probs_key = picked._argmax_key = None  # the caches follow the new logits
+        return picked
 
     def reset_hits(self) -> None:
         """Zeroes the hit counts."""

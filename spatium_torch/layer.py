@@ -254,6 +254,37 @@ class SpatialLayer(nn.Module):
         out[:, self._order] = mask
         return out
 
+    def _select_neurons(self, rows: torch.Tensor) -> None:
+        """Makes neuron i the current neuron rows[i] (a row twice: a copy; left out: removed):
+        memory, latent weight, bias, activation map and position follow. Everything is built
+        aside first, so a failure leaves the layer as it was. The building block of growth and
+        pruning; the caller keeps optimizers and consumers in step."""
+        rows = torch.as_tensor(rows)
+        if rows.dim() != 1 or rows.numel() == 0 or rows.is_floating_point():
+            raise ValueError(
+                f"rows must be a non-empty 1-D integer tensor, got {tuple(rows.shape)}"
+            )
+        rows = rows.to("cpu", torch.int64)
+        if (rows < 0).any() or (rows >= self.out_features).any():
+            raise IndexError(f"rows must lie in [0, {self.out_features})")
+        self._sync()
+        memory = self._memory.select_neurons(rows)
+        weight = self._parameters["weight"]
+        bias = self._parameters["bias"]
+        new_weight = None if weight is None else nn.Parameter(weight.detach()[rows].clone())
+        new_bias = None if bias is None else nn.Parameter(bias.detach()[rows].clone())
+        new_map = None
+        if self.activation_map is not None:
+            new_map = self.activation_map.select_neurons(rows)
+        # Install (nothing below can fail).
+        self._install(memory)
+        self.out_features = int(rows.numel())
+        self._parameters["weight"] = new_weight
+        self._parameters["bias"] = new_bias
+        self._buffers["neuron_positions"] = self.neuron_positions[rows]
+        if new_map is not None:
+            self.activation_map = new_map
+
     def freeze(self) -> None:
         """Drops the latent weight: the store becomes the only copy."""
         if self.weight is None:

@@ -242,3 +242,25 @@ def test_deepcopy_gets_its_own_consistent_store():
     assert clone.memory.read(n, xyz) == pytest.approx(clone.dequantized_weight()[n, 5].item())
     assert layer.memory.read(n, xyz) == pytest.approx(layer.dequantized_weight()[n, 5].item())
     assert layer.memory.read(n, xyz) != pytest.approx(clone.memory.read(n, xyz))
+
+
+@pytest.mark.parametrize("activation", [None, "map"])
+def test_select_neurons_copies_and_drops_rows_atomically(activation):
+    kw = dict(activation=activation, map_init="random", map_learnable=True) if activation else {}
+    layer = layer_of(density=0.5, **kw)
+    x = torch.randn(4, 100)
+    before = layer(x).detach()
+    rows = torch.tensor([3, 0, 0, 5])
+    layer._select_neurons(rows)
+    assert layer.out_features == 4 and layer.weight.shape == (4, 100) and layer.bias.shape == (4,)
+    torch.testing.assert_close(layer(x), before[:, rows])
+    assert layer.memory.stats().total_capacity == 4 * 100
+    if activation:
+        assert layer.activation_map.logits.shape[0] == 4
+    state = layer.state_dict()
+    with pytest.raises(IndexError):
+        layer._select_neurons(torch.tensor([0, 9]))
+    assert layer.out_features == 4 and torch.equal(layer(x), layer(x))
+    for key, value in layer.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, state[key])

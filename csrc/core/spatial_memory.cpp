@@ -219,6 +219,43 @@ void SpatialMemory::set_active(const uint8_t* mask) {
   rebuild_bloom();
 }
 
+SpatialMemory SpatialMemory::select_neurons(const std::vector<int64_t>& rows) const {
+  if (rows.empty()) throw error("select_neurons needs at least one neuron");
+  for (int64_t row : rows) check_neuron(row);
+  std::vector<uint64_t> codes = input_codes_;
+  if (codes.empty()) {  // the default layout: input j at code j
+    codes.resize(static_cast<size_t>(in_features_));
+    for (size_t i = 0; i < codes.size(); ++i) codes[i] = i;
+  }
+  SpatialMemory next(static_cast<int64_t>(rows.size()), std::move(codes), bits_, region_bits_);
+  const int64_t regions = num_regions();
+  std::vector<uint64_t> bitmap(static_cast<size_t>(bitmap_words(next.out_features_, regions)), 0);
+  const PackedView before = view();
+  for (size_t i = 0; i < rows.size(); ++i) {
+    before.for_each_region(rows[i], [&](int64_t r) {
+      const int64_t bit = static_cast<int64_t>(i) * regions + r;
+      bitmap[bit >> 6] |= uint64_t{1} << (bit & 63);
+    });
+  }
+  std::shared_ptr<Blocks> blocks = next.make_blocks(std::move(bitmap));
+  const PackedView after = next.view_of(*blocks);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    // Same regions in the same order on both sides: copy block by block.
+    std::vector<std::pair<int64_t, int64_t>> source;  // (block, offset) of the old neuron
+    before.for_each_block(rows[i], [&](int64_t, int64_t b, int64_t off) { source.emplace_back(b, off); });
+    size_t k = 0;
+    after.for_each_block(static_cast<int64_t>(i), [&](int64_t r, int64_t b, int64_t off) {
+      blocks->scales[b] = blocks_->scales[source[k].first];
+      std::copy_n(blocks_->codes.data() + source[k].second, after.region_bytes(r),
+                  blocks->codes.data() + off);
+      ++k;
+    });
+  }
+  next.blocks_ = std::move(blocks);
+  next.rebuild_bloom();
+  return next;
+}
+
 void SpatialMemory::quantize_rows(int64_t n0, int64_t n1, const float* latent, int64_t ld) {
   view().quantize_rows(n0, n1, latent, ld, blocks_->scales.data(), blocks_->codes.data());
 }

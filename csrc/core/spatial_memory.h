@@ -85,6 +85,11 @@ class SpatialMemory {
   // before and after keep their codes and scale; newly active blocks start at zero.
   void set_active(const uint8_t* mask);
 
+  // A memory whose neuron i is this memory's neuron rows[i], blocks and codes copied: rows may
+  // repeat a neuron (a split) or leave one out (a prune). Throws std::out_of_range for a row
+  // outside [0, out_features) and std::invalid_argument for no rows.
+  SpatialMemory select_neurons(const std::vector<int64_t>& rows) const;
+
   // Values.
   // Re-quantizes the active blocks of neurons [n0, n1) from latent weights [out][in] (row
   // stride ld, inputs in sorted order; `latent` points at row 0). Disjoint ranges may run in

@@ -277,6 +277,28 @@ TEST(SpatialMemory, FromPartsRoundTripsAndValidates) {
   EXPECT_THROW(load({}, m.scales(), m.codes()), std::invalid_argument);
 }
 
+TEST(SpatialMemory, SelectNeuronsCopiesRowsForSplitsAndPrunes) {
+  Fixture f = make(5, 100, 4, 3, 0.5, 21);
+  const SpatialMemory& m = f.memory;
+  const std::vector<int64_t> rows = {4, 0, 0, 2};  // neuron 0 twice, 1 and 3 gone
+  const SpatialMemory picked = m.select_neurons(rows);
+  ASSERT_EQ(picked.out_features(), 4);
+  std::vector<float> all(5 * 100), some(4 * 100);
+  m.view().dequantize_rows(0, 5, all.data(), 100);
+  picked.view().dequantize_rows(0, 4, some.data(), 100);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    for (int64_t j = 0; j < 100; ++j) ASSERT_EQ(some[i * 100 + j], all[rows[i] * 100 + j]);
+    for (int64_t r = 0; r < m.num_regions(); ++r) {
+      ASSERT_EQ(picked.is_active(static_cast<int64_t>(i), r), m.is_active(rows[i], r));
+    }
+  }
+  EXPECT_EQ(picked.neuron_stats(1).used_capacity, m.neuron_stats(0).used_capacity);
+  EXPECT_TRUE(picked.contains(2, 5) == m.contains(0, 5));
+  EXPECT_THROW(m.select_neurons({}), std::invalid_argument);
+  EXPECT_THROW(m.select_neurons({0, 5}), std::out_of_range);
+  EXPECT_THROW(m.select_neurons({-1}), std::out_of_range);
+}
+
 TEST(SpatialMemory, BadConfigurationsThrow) {
   EXPECT_THROW(SpatialMemory(1, iota_codes(8), 3, 6), std::invalid_argument);
   EXPECT_THROW(SpatialMemory(1, iota_codes(8), 4, 49), std::invalid_argument);
