@@ -102,44 +102,25 @@ void for_neurons(const at::Tensor& pre, Body body) {
                    body);
 }
 
-at::Tensor activation_map_cpu(const at::Tensor& pre_in, const at::Tensor& cells_in,
-                              const at::Tensor& table_in) {
-  check_map_inputs(pre_in, cells_in, "activation_map");
+// out[b, n] = op(the function of (n, cells[b]), pre[b, n]), times grad[b, n] when given: the
+// forward (op = apply) and backward (op = derivative) of a fixed map.
+template <class Op>
+at::Tensor map_elementwise(const at::Tensor& pre_in, const at::Tensor& cells_in,
+                           const at::Tensor& table_in, const at::Tensor* grad_in, const char* op,
+                           Op fn_op) {
+  check_map_inputs(pre_in, cells_in, op);
   check_table(table_in, pre_in.size(1));
+  TORCH_CHECK_VALUE(grad_in == nullptr || (grad_in->sizes() == pre_in.sizes() &&
+                                           grad_in->scalar_type() == pre_in.scalar_type()),
+                    op, ": grad must match pre");
   const at::Tensor pre = pre_in.contiguous(), cells = cells_in.contiguous();
   const at::Tensor table = table_in.contiguous();
+  const at::Tensor grad = grad_in != nullptr ? grad_in->contiguous() : at::Tensor();
   at::Tensor out = at::empty_like(pre);
   const int64_t batch = pre.size(0), neurons = pre.size(1);
   AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "activation_map", [&] {
     const scalar_t* x = pre.const_data_ptr<scalar_t>();
-    const int64_t* c = cells.const_data_ptr<int64_t>();
-    const uint8_t* t = table.const_data_ptr<uint8_t>();
-    scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    for_neurons(pre, [&](int64_t n0, int64_t n1) {
-      for (int64_t b = 0; b < batch; ++b) {
-        for (int64_t n = n0; n < n1; ++n) {
-          const auto fn = static_cast<act::Fn>(t[n * kCells + c[b]]);
-          y[b * neurons + n] = act::apply(fn, x[b * neurons + n]);
-        }
-      }
-    });
-  });
-  return out;
-}
-
-at::Tensor activation_map_backward_cpu(const at::Tensor& grad_in, const at::Tensor& pre_in,
-                                       const at::Tensor& cells_in, const at::Tensor& table_in) {
-  check_map_inputs(pre_in, cells_in, "activation_map_backward");
-  check_table(table_in, pre_in.size(1));
-  TORCH_CHECK_VALUE(grad_in.sizes() == pre_in.sizes() && grad_in.scalar_type() == pre_in.scalar_type(),
-                    "activation_map_backward: grad must match pre");
-  const at::Tensor pre = pre_in.contiguous(), cells = cells_in.contiguous();
-  const at::Tensor table = table_in.contiguous(), grad = grad_in.contiguous();
-  at::Tensor out = at::empty_like(pre);
-  const int64_t batch = pre.size(0), neurons = pre.size(1);
-  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "activation_map_backward", [&] {
-    const scalar_t* x = pre.const_data_ptr<scalar_t>();
-    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const scalar_t* g = grad.defined() ? grad.const_data_ptr<scalar_t>() : nullptr;
     const int64_t* c = cells.const_data_ptr<int64_t>();
     const uint8_t* t = table.const_data_ptr<uint8_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
@@ -147,12 +128,25 @@ at::Tensor activation_map_backward_cpu(const at::Tensor& grad_in, const at::Tens
       for (int64_t b = 0; b < batch; ++b) {
         for (int64_t n = n0; n < n1; ++n) {
           const int64_t i = b * neurons + n;
-          o[i] = g[i] * act::derivative(static_cast<act::Fn>(t[n * kCells + c[b]]), x[i]);
+          const scalar_t value = fn_op(static_cast<act::Fn>(t[n * kCells + c[b]]), x[i]);
+          o[i] = g != nullptr ? g[i] * value : value;
         }
       }
     });
   });
   return out;
+}
+
+at::Tensor activation_map_cpu(const at::Tensor& pre, const at::Tensor& cells,
+                              const at::Tensor& table) {
+  return map_elementwise(pre, cells, table, nullptr, "activation_map",
+                         [](act::Fn fn, auto v) { return act::apply(fn, v); });
+}
+
+at::Tensor activation_map_backward_cpu(const at::Tensor& grad, const at::Tensor& pre,
+                                       const at::Tensor& cells, const at::Tensor& table) {
+  return map_elementwise(pre, cells, table, &grad, "activation_map_backward",
+                         [](act::Fn fn, auto v) { return act::derivative(fn, v); });
 }
 
 at::Tensor activation_mixture_cpu(const at::Tensor& pre_in, const at::Tensor& cells_in,

@@ -203,8 +203,9 @@ torch.library.register_autograd(
 
 
 @torch.library.register_fake("spatium::activation_map")
+@torch.library.register_fake("spatium::activation_mixture")
 def _activation_map_fake(
-    pre: torch.Tensor, cells: torch.Tensor, table: torch.Tensor
+    pre: torch.Tensor, cells: torch.Tensor, table_or_probs: torch.Tensor
 ) -> torch.Tensor:
     return torch.empty_like(pre)
 
@@ -212,13 +213,6 @@ def _activation_map_fake(
 @torch.library.register_fake("spatium::activation_map_backward")
 def _activation_map_backward_fake(
     grad: torch.Tensor, pre: torch.Tensor, cells: torch.Tensor, table: torch.Tensor
-) -> torch.Tensor:
-    return torch.empty_like(pre)
-
-
-@torch.library.register_fake("spatium::activation_mixture")
-def _activation_mixture_fake(
-    pre: torch.Tensor, cells: torch.Tensor, probs: torch.Tensor
 ) -> torch.Tensor:
     return torch.empty_like(pre)
 
