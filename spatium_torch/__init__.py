@@ -12,15 +12,22 @@ from spatium_torch import (
     layouts,
 )
 from spatium_torch.activation import ActivationMap
+from spatium_torch.history import GrowthEvent, HistoryRecord, TrainingHistory
 from spatium_torch.layer import SpatialLayer, freeze
 from spatium_torch.memory import LayerMemory, MemoryStats
 from spatium_torch.network import SpatialNetwork
 from spatium_torch.ops import built_with_cuda, morton_decode, morton_encode
+from spatium_torch.stats import LayerStats, NetworkStats, network_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationMap",
+    "GrowthEvent",
+    "HistoryRecord",
+    "LayerStats",
+    "NetworkStats",
+    "TrainingHistory",
     "LayerMemory",
     "MemoryStats",
     "SpatialLayer",
@@ -31,4 +38,5 @@ __all__ = [
     "layouts",
     "morton_decode",
     "morton_encode",
+    "network_stats",
 ]

@@ -15,6 +15,8 @@ from spatium_torch.memory import LayerMemory
 from spatium_torch.ops import CODE_BITS, MAX_COORD, morton_decode, morton_encode
 
 VALID_BITS = (1, 2, 4, 8)
+# Weight of the newest batch in the activity EMA (about the last 20 training batches count).
+ACTIVITY_EMA = 0.05
 CONNECTIVITIES = ("local", "random")
 _STATE_FORMAT = 1
 # The store's arrays, in the order SpatialMemory.parts() gives them: every array it holds, so a
@@ -91,6 +93,11 @@ class SpatialLayer(nn.Module):
         map_init: str = "uniform",
         map_learnable: bool = False,
         map_seed: int = 0,
+        growth_threshold: float = 0.9,
+        prune_threshold: float = 0.01,
+        max_split_fraction: float = 0.25,
+        cooldown: int = 2,
+        max_neurons: int | None = None,
     ) -> None:
         super().__init__()
         _check_count(in_features, "in_features")
@@ -107,12 +114,24 @@ class SpatialLayer(nn.Module):
             raise ValueError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity!r}")
         if activation not in (None, "map"):
             raise ValueError(f"activation must be None or 'map', got {activation!r}")
+        _check_growth_settings(growth_threshold, prune_threshold, max_split_fraction, cooldown)
+        if max_neurons is not None:
+            _check_count(max_neurons, "max_neurons")
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
         self.region_bits = region_bits
         self.density = float(density)
         self.connectivity = connectivity
+        self.growth_threshold = float(growth_threshold)
+        self.prune_threshold = float(prune_threshold)
+        self.max_split_fraction = float(max_split_fraction)
+        self.cooldown = cooldown
+        self.max_neurons = max_neurons
+        self.grid_dims = None if grid_dims is None else tuple(grid_dims)
+        # Whether forward() updates `activity` from this layer's own output. A growth controller
+        # turns it off and measures after the elementwise modules that follow (e.g. a ReLU).
+        self.track_activity = True
 
         positions = _checked_positions(input_positions, in_features)
         sorted_codes, order = torch.sort(morton_encode(positions))
@@ -131,6 +150,12 @@ class SpatialLayer(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
+        # Growth statistics (DESIGN §5): an EMA of the share of training samples with a non-zero
+        # output, an EMA of the mean output (folded into the consumer's bias on a prune), and
+        # the growth events a neuron must wait before it may split again.
+        self.register_buffer("activity", torch.ones(out_features))
+        self.register_buffer("output_mean", torch.zeros(out_features))
+        self.register_buffer("split_cooldown", torch.zeros(out_features, dtype=torch.int64))
 
         self._memory = torch.classes.spatium.SpatialMemory(
             out_features, sorted_codes, bits, region_bits
@@ -254,6 +279,40 @@ class SpatialLayer(nn.Module):
         out[:, self._order] = mask
         return out
 
+    # --- growth statistics ----------------------------------------------------------------------
+    def region_mask(self) -> torch.Tensor:
+        """``[out, regions]`` bool: which blocks (neuron x region) are active."""
+        regions = self._memory.num_regions()
+        words = self._views[1].view(torch.uint8)
+        bits = (words.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
+        return bits.flatten()[: self.out_features * regions].view(self.out_features, regions).bool()
+
+    def region_sizes(self) -> torch.Tensor:
+        """``[regions]`` int64: how many of the layer's inputs each region holds."""
+        return self._views[0].diff()
+
+    def saturation(self) -> torch.Tensor:
+        """``[out]`` float32: the share of each neuron's fan-in its active blocks cover."""
+        covered = self.region_mask().to(torch.float32) @ self.region_sizes().to(torch.float32)
+        return covered / self.in_features
+
+    def should_split(self, neuron: int) -> bool:
+        """Whether the neuron's saturation exceeds ``growth_threshold`` (DESIGN §5)."""
+        if not 0 <= neuron < self.out_features:
+            raise IndexError(f"neuron {neuron} out of range [0, {self.out_features})")
+        return bool(self.saturation()[neuron] > self.growth_threshold)
+
+    @torch.no_grad()
+    def update_activity(self, output: torch.Tensor) -> None:
+        """Folds a batch of this layer's neuron outputs ``[..., out]`` into the ``activity`` and
+        ``output_mean`` EMAs (forward calls it in training unless ``track_activity`` is off)."""
+        flat = output.detach().reshape(-1, self.out_features)
+        if flat.shape[0] == 0:
+            return
+        activity, mean = self._buffers["activity"], self._buffers["output_mean"]
+        activity.lerp_((flat != 0).to(activity.dtype).mean(0), ACTIVITY_EMA)
+        mean.lerp_(flat.mean(0).to(mean.dtype), ACTIVITY_EMA)
+
     def _select_neurons(self, rows: torch.Tensor) -> None:
         """Makes neuron i the current neuron rows[i] (a row twice: a copy; left out: removed):
         memory, latent weight, bias, activation map and position follow. Everything is built
@@ -281,7 +340,8 @@ class SpatialLayer(nn.Module):
         self.out_features = int(rows.numel())
         self._parameters["weight"] = new_weight
         self._parameters["bias"] = new_bias
-        self._buffers["neuron_positions"] = self.neuron_positions[rows]
+        for name in ("neuron_positions", "activity", "output_mean", "split_cooldown"):
+            self._buffers[name] = self._buffers[name][rows]
         if new_map is not None:
             self.activation_map = new_map
 
@@ -329,7 +389,11 @@ class SpatialLayer(nn.Module):
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         y = y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.activation_map is None else self.activation_map(y, x)
+        if self.activation_map is not None:
+            y = self.activation_map(y, x)
+        if self.training and self.track_activity:
+            self.update_activity(y)
+        return y
 
     def extra_repr(self) -> str:
         return (
@@ -450,6 +514,21 @@ def freeze(model: nn.Module) -> nn.Module:
 def _check_count(value: int, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_growth_settings(
+    growth_threshold: float, prune_threshold: float, max_split_fraction: float, cooldown: int
+) -> None:
+    for name, value in (
+        ("growth_threshold", growth_threshold),
+        ("prune_threshold", prune_threshold),
+    ):
+        if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+            raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    if not (isinstance(max_split_fraction, (int, float)) and 0.0 < max_split_fraction <= 1.0):
+        raise ValueError(f"max_split_fraction must be in (0, 1], got {max_split_fraction!r}")
+    if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0:
+        raise ValueError(f"cooldown must be a non-negative int, got {cooldown!r}")
 
 
 def _checked_positions(positions: torch.Tensor | None, count: int) -> torch.Tensor:

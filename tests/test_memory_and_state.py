@@ -102,7 +102,7 @@ def test_state_dict_round_trip_is_bitwise(frozen):
 def test_mismatched_state_fails_and_changes_nothing():
     source = layer_of().state_dict()
     for kw in (dict(bits=2), dict(out_features=7), dict(region_bits=4), dict(in_features=99)):
-        target = layer_of(density=0.5, **kw)
+        target = layer_of(density=0.5, **kw).eval()  # a training forward updates activity
         before = [t.clone() for t in target.state_dict().values() if isinstance(t, torch.Tensor)]
         before_out = target(torch.ones(1, target.in_features))
         with pytest.raises(ValueError):
