@@ -245,3 +245,13 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "spatium::activation_mixture", _activation_mixture_backward, setup_context=_map_setup_context
 )
+
+
+@torch.library.register_fake("spatium::simhash_cells")
+def _simhash_cells_fake(x: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0],), dtype=torch.int64)
+
+
+@torch.library.register_fake("spatium::count_hits_")
+def _count_hits_fake(hits: torch.Tensor, cells: torch.Tensor) -> None:
+    return None
