@@ -242,7 +242,7 @@ at::Tensor simhash_cells_cpu(const at::Tensor& x_in, const at::Tensor& projectio
 }
 
 // hits[n, c] += the number of samples in cell c, for every neuron n (each neuron sees every
-// sample): only the columns of cells that were hit are touched.
+// sample): only the cells that were hit are touched, row by row (cache lines in order).
 void count_hits_cpu(at::Tensor& hits, const at::Tensor& cells_in) {
   TORCH_CHECK_TYPE(hits.scalar_type() == at::kLong, "count_hits_: hits must be int64");
   TORCH_CHECK_VALUE(hits.dim() == 2 && hits.size(1) == kCells && hits.is_contiguous(),
@@ -252,11 +252,18 @@ void count_hits_cpu(at::Tensor& hits, const at::Tensor& cells_in) {
   std::array<int64_t, kCells> counts{};
   const int64_t* c = cells.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < cells.size(0); ++b) ++counts[static_cast<size_t>(c[b])];
-  int64_t* h = hits.mutable_data_ptr<int64_t>();
+  std::array<int64_t, kCells> hit{};
+  int64_t num_hit = 0;
   for (int64_t cell = 0; cell < kCells; ++cell) {
-    const int64_t count = counts[static_cast<size_t>(cell)];
-    if (count == 0) continue;
-    for (int64_t n = 0; n < hits.size(0); ++n) h[n * kCells + cell] += count;
+    if (counts[static_cast<size_t>(cell)] > 0) hit[static_cast<size_t>(num_hit++)] = cell;
+  }
+  int64_t* h = hits.mutable_data_ptr<int64_t>();
+  for (int64_t n = 0; n < hits.size(0); ++n) {
+    int64_t* row = h + n * kCells;
+    for (int64_t i = 0; i < num_hit; ++i) {
+      const auto cell = static_cast<size_t>(hit[static_cast<size_t>(i)]);
+      row[cell] += counts[cell];
+    }
   }
 }
 

@@ -203,7 +203,10 @@ class ActivationMap(nn.Module):
         flat = flat.to(compute)
         if self.logits is not None and self.training:
             probs = self.probabilities().to(compute)
-            y = _LogitsMixture.apply(flat, cells, self.logits, probs)
+            if torch.is_grad_enabled():
+                y = _LogitsMixture.apply(flat, cells, self.logits, probs)
+            else:  # nothing to differentiate: the op without the autograd Function's overhead
+                y = torch.ops.spatium.activation_mixture(flat, cells, probs)
         else:
             y = torch.ops.spatium.activation_map(flat, cells, self._kernel_table())
         return y.to(pre.dtype).reshape(pre.shape)

@@ -261,3 +261,11 @@ def test_batch_one_and_batched_maps_agree():
     pre, x = torch.randn(33, 300), torch.randn(33, 20)
     rows = torch.cat([amap(pre[i : i + 1], x[i : i + 1]) for i in range(33)])
     assert torch.equal(rows, amap(pre, x))
+
+
+def test_training_mixture_without_grad_matches_with_grad():
+    amap = st.ActivationMap(5, 7, learnable=True, init="random", seed=13)
+    pre, x = torch.randn(20, 5), torch.randn(20, 7)
+    with torch.no_grad():
+        y = amap(pre, x)
+    assert torch.equal(y, amap(pre, x).detach())
