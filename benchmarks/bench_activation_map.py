@@ -16,6 +16,7 @@ import spatium_torch as st
 
 SIZE = 1024
 GOAL, GOAL_BATCH = 1.3, 256
+ROUNDS = 3
 MAPS = [
     ("fixed, uniform (relu everywhere)", dict(map_init="uniform"), False),
     ("fixed, random functions", dict(map_init="random"), False),
@@ -50,8 +51,10 @@ def main() -> None:
         f"{output_pass * 1e3:.3f} ms at batch {GOAL_BATCH} (torch.relu's pass), which does not "
         f"pay for a fused kernel. Goal: at most {GOAL}x at batch {GOAL_BATCH}.",
         "",
-        "| map | batch | with map (ms) | with relu (ms) | ratio |",
-        "|---|---:|---:|---:|---:|",
+        f"Each row: the median of {ROUNDS} alternating rounds, and the range of the ratio.",
+        "",
+        "| map | batch | with map (ms) | with relu (ms) | ratio | range |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     missed = []
     for name, kwargs, training in MAPS:
@@ -60,21 +63,27 @@ def main() -> None:
         layer.train(training)
         for batch in (1, GOAL_BATCH):
             x = torch.randn(batch, SIZE)
+            # Alternating rounds, so that load from elsewhere on the machine hits both sides.
+            rounds = []
             with torch.no_grad():
-                mapped = seconds("layer(x)", layer=layer, x=x)
-                relu = seconds("torch.relu(plain(x))", torch=torch, plain=plain, x=x)
+                for _ in range(ROUNDS):
+                    mapped = seconds("layer(x)", layer=layer, x=x)
+                    relu = seconds("torch.relu(plain(x))", torch=torch, plain=plain, x=x)
+                    rounds.append((mapped / relu, mapped, relu))
+            ratio, mapped, relu = sorted(rounds)[ROUNDS // 2]
+            low, high = min(r[0] for r in rounds), max(r[0] for r in rounds)
             lines.append(
                 f"| {name} | {batch} | {mapped * 1e3:.3f} | {relu * 1e3:.3f} | "
-                f"{mapped / relu:.2f}x |"
+                f"{ratio:.2f}x | {low:.2f}x - {high:.2f}x |"
             )
             print(lines[-1])
-            if batch == GOAL_BATCH and mapped / relu > GOAL:
-                missed.append(f"{name} ({mapped / relu:.2f}x)")
+            if batch == GOAL_BATCH and high > GOAL:
+                missed.append(f"{name} (median {ratio:.2f}x, worst round {high:.2f}x)")
     lines.append("")
     lines.append(
-        f"Goal missed at batch {GOAL_BATCH} in this run by: {'; '.join(missed)}."
+        f"At batch {GOAL_BATCH}, above the goal in at least one round: {'; '.join(missed)}."
         if missed
-        else f"Every map is within the goal at batch {GOAL_BATCH} in this run."
+        else f"At batch {GOAL_BATCH} every map is within the goal in every round."
     )
     write_section(args.out, "activation_map", "\n".join(lines))
     print(f"wrote {args.out}")
