@@ -448,6 +448,11 @@ class SpatialLayer(nn.Module):
         candidates = torch.nonzero(eligible).flatten()
         ranked = candidates[torch.argsort(saturation[candidates], descending=True, stable=True)]
         parents = ranked[: max(budget, 0)]
+        if len(parents) == 0:
+            # Nothing splits: the layer keeps its parameters (and their optimizer state).
+            return NeuronChange.unchanged(self.neuron_positions), Stage(
+                lambda: self._buffers.update(split_cooldown=waiting)
+            )
 
         children = place_children(self.neuron_positions, parents, self.grid_dims)
         sources = torch.cat([torch.arange(count), parents])
@@ -513,6 +518,8 @@ class SpatialLayer(nn.Module):
             removed_output=torch.where(exact, constant, self.output_mean[removed]).float(),
             removed_exact=exact,
         )
+        if len(removed) == 0:
+            return change, Stage(lambda: None)
         return change, self._stage_neurons(rows)
 
     def _plan_rewire(

@@ -116,6 +116,18 @@ def test_duplicate_split_without_perturbation_keeps_the_function(consumer):
         torch.testing.assert_close(after, before, rtol=0, atol=5e-3)
 
 
+def test_an_event_that_changes_nothing_keeps_the_parameters_in_the_optimizer():
+    layer = sparse_layer()  # saturation 0.375: nothing splits, nothing is pruned
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.Adam(model.parameters())
+    step(model, optimizer, torch.rand(4, 64), torch.rand(4, 2))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    controller = st.GrowthController(model, optimizer)
+    assert controller.grow() == [] and controller.prune(0.001) == []
+    assert all(a is b for a, b in zip(params, model.parameters(), strict=True))
+    assert layer.weight is params[0] and layer.weight in optimizer.state
+
+
 def test_growth_respects_the_bound_cooldown_and_max_neurons():
     layer = sparse_layer(out=8, growth_threshold=0.1, cooldown=1, max_neurons=14)
     widths = []
