@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -12,11 +14,15 @@ from torch import nn
 from spatium_torch import layouts
 from spatium_torch.activation import ActivationMap
 from spatium_torch.memory import LayerMemory
+from spatium_torch.neurons import NeuronChange, Stage, place_children
 from spatium_torch.ops import CODE_BITS, MAX_COORD, morton_decode, morton_encode
 
 VALID_BITS = (1, 2, 4, 8)
 # Weight of the newest batch in the activity EMA (about the last 20 training batches count).
 ACTIVITY_EMA = 0.05
+SPLIT_MODES = ("duplicate", "partition")
+# Children of a "duplicate" split differ by this much noise (relative to the parent's RMS weight).
+DEFAULT_PERTURBATION = 0.05
 CONNECTIVITIES = ("local", "random")
 _STATE_FORMAT = 1
 # The store's arrays, in the order SpatialMemory.parts() gives them: every array it holds, so a
@@ -132,16 +138,18 @@ class SpatialLayer(nn.Module):
         # Whether forward() updates `activity` from this layer's own output. A growth controller
         # turns it off and measures after the elementwise modules that follow (e.g. a ReLU).
         self.track_activity = True
+        # Memory growth scores inactive regions by the dense weight gradient: while this is set,
+        # every backward pass adds its squares per block into _region_gradients (see rewire).
+        self.collect_region_gradients = False
+        self._region_gradients: torch.Tensor | None = None
 
         positions = _checked_positions(input_positions, in_features)
-        sorted_codes, order = torch.sort(morton_encode(positions))
+        sorted_codes, order = _morton_order(positions)
         self.register_buffer("input_positions", positions, persistent=False)
         self.register_buffer(
             "neuron_positions", _neuron_grid(out_features, grid_dims), persistent=False
         )
-        identity = torch.equal(order, torch.arange(in_features))
-        # Inputs are kept in Morton order inside the memory; _order maps that order to the user's.
-        self.register_buffer("_order", None if identity else order, persistent=False)
+        self.register_buffer("_order", order, persistent=False)
         self.register_buffer("_sorted_codes", sorted_codes, persistent=False)
 
         self.weight: nn.Parameter | None = nn.Parameter(torch.empty(out_features, in_features))
@@ -185,8 +193,7 @@ class SpatialLayer(nn.Module):
                 self.bias.uniform_(-bound, bound)
 
     def _region_of_sorted_input(self) -> torch.Tensor:
-        region_begin = self._views[0]
-        return torch.searchsorted(region_begin[1:], torch.arange(self.in_features), right=True)
+        return _region_of(self._views[0], self.in_features)
 
     def _initial_mask(self) -> torch.Tensor:
         regions = self._memory.num_regions()
@@ -313,11 +320,307 @@ class SpatialLayer(nn.Module):
         activity.lerp_((flat != 0).to(activity.dtype).mean(0), ACTIVITY_EMA)
         mean.lerp_(flat.mean(0).to(mean.dtype), ACTIVITY_EMA)
 
+    def prune_candidates(self, threshold: float | None = None) -> torch.Tensor:
+        """``[out]`` bool: neurons whose saturation or activity is under ``threshold`` (default:
+        ``prune_threshold``)."""
+        limit = self.prune_threshold if threshold is None else _fraction(threshold, "threshold")
+        return (self.saturation() < limit) | (self._buffers["activity"] < limit)
+
+    # --- growth, pruning, rewiring (DESIGN §5) ----------------------------------------------------
+    def grow(
+        self,
+        mode: str = "duplicate",
+        *,
+        perturbation: float = DEFAULT_PERTURBATION,
+        threshold: float | None = None,
+        max_split_fraction: float | None = None,
+        cooldown: int | None = None,
+        max_neurons: int | None = None,
+    ) -> NeuronChange:
+        """Splits the neurons that :meth:`should_split` (one growth event).
+
+        Most saturated first, at most ``max_split_fraction`` of the layer (at least one neuron),
+        never past ``max_neurons``, and not a neuron split within the last ``cooldown`` events
+        (the settings default to the layer's attributes; ``threshold`` to
+        ``growth_threshold``). ``"duplicate"``: both children copy the parent's blocks and
+        latent weights, plus and minus ``perturbation`` times the parent's weight RMS times
+        Gaussian noise (0: exact copies). ``"partition"``: the children take complementary
+        halves of the parent's active blocks in Morton order (only neurons with at least two
+        blocks split). The first child keeps the parent's position, the second takes the nearest
+        free grid position; outputs stay in Morton order of positions.
+
+        Only this layer changes: the returned :class:`NeuronChange` tells the consumer of its
+        outputs how to follow (:class:`~spatium_torch.GrowthController` does that, and keeps the
+        optimizer in step).
+        """
+        change, stage = self._plan_growth(
+            mode, perturbation, threshold, max_split_fraction, cooldown, max_neurons
+        )
+        stage.commit()
+        return change
+
+    def prune(self, threshold: float | None = None) -> NeuronChange:
+        """Removes the neurons whose saturation or activity is under ``threshold`` (default:
+        ``prune_threshold``); the neuron with the most saturation always stays. Only this layer
+        changes; the returned :class:`NeuronChange` holds each removed neuron's constant output
+        for the consumer's bias."""
+        change, stage = self._plan_prune(threshold)
+        stage.commit()
+        return change
+
+    def rewire(
+        self,
+        *,
+        max_changes: int | None = None,
+        grow_ratio: float = 1.0,
+        drop_ratio: float = 0.05,
+    ) -> tuple[int, int]:
+        """Memory growth (one event): per neuron, activates the inactive region whose weight
+        gradient (RMS per input, summed over the backward passes since
+        ``collect_region_gradients`` was set) beats ``grow_ratio`` times the median of its
+        active blocks', and drops active blocks whose latent weight RMS is under ``drop_ratio``
+        times the median of the neuron's blocks (a neuron keeps at least one). At most
+        ``max_changes`` blocks change (default: one per neuron); strongest first. New blocks
+        start at zero, so the layer's function is unchanged by activation. Returns
+        ``(activated, dropped)`` and stops the gradient collection."""
+        activated, dropped, stage = self._plan_rewire(max_changes, grow_ratio, drop_ratio)
+        stage.commit()
+        return activated, dropped
+
+    def _check_resizable(self) -> None:
+        if self.frozen:
+            raise ValueError(
+                "SpatialLayer: a frozen layer cannot grow, be pruned or rewired (it has no latent "
+                "weights); resize before st.freeze"
+            )
+
+    def _columns_of(self, region_mask: torch.Tensor) -> torch.Tensor:
+        """``[rows, in]`` bool in the inputs' order: which inputs the given blocks cover."""
+        sorted_columns = region_mask[:, self._region_of_sorted_input()]
+        if self._order is None:
+            return sorted_columns
+        columns = torch.empty_like(sorted_columns)
+        columns[:, self._order] = sorted_columns
+        return columns
+
+    def _plan_growth(
+        self,
+        mode: str,
+        perturbation: float,
+        threshold: float | None,
+        max_split_fraction: float | None,
+        cooldown: int | None,
+        max_neurons: int | None,
+    ) -> tuple[NeuronChange, Stage]:
+        self._check_resizable()
+        if mode not in SPLIT_MODES:
+            raise ValueError(f"mode must be one of {SPLIT_MODES}, got {mode!r}")
+        if not (isinstance(perturbation, (int, float)) and perturbation >= 0):
+            raise ValueError(f"perturbation must be a non-negative number, got {perturbation!r}")
+        threshold = self.growth_threshold if threshold is None else threshold
+        fraction = self.max_split_fraction if max_split_fraction is None else max_split_fraction
+        cooldown = self.cooldown if cooldown is None else cooldown
+        _check_growth_settings(threshold, self.prune_threshold, fraction, cooldown)
+        max_neurons = self.max_neurons if max_neurons is None else max_neurons
+        if max_neurons is not None:
+            _check_count(max_neurons, "max_neurons")
+        self._sync()
+        count = self.out_features
+        saturation = self.saturation()
+        region_mask = self.region_mask()
+        # A growth event counts down every neuron's cooldown, whether or not anything splits.
+        waiting = (self.split_cooldown - 1).clamp(min=0)
+        eligible = (saturation > threshold) & (waiting == 0)
+        if mode == "partition":
+            eligible &= region_mask.sum(1) >= 2
+        budget = max(1, math.floor(fraction * count))
+        if max_neurons is not None:
+            budget = min(budget, max_neurons - count)
+        if self.grid_dims is not None:
+            budget = min(budget, math.prod(self.grid_dims) - count)
+        candidates = torch.nonzero(eligible).flatten()
+        ranked = candidates[torch.argsort(saturation[candidates], descending=True, stable=True)]
+        parents = ranked[: max(budget, 0)]
+
+        children = place_children(self.neuron_positions, parents, self.grid_dims)
+        sources = torch.cat([torch.arange(count), parents])
+        positions = torch.cat([self.neuron_positions, children])
+        moved = torch.arange(len(sources)) >= count
+        order = torch.argsort(morton_encode(positions), stable=True)
+        rows, moved, positions = sources[order], moved[order], positions[order]
+        is_child = torch.isin(rows, parents)
+        half = 0.5 if mode == "duplicate" else 1.0
+        change = NeuronChange(
+            rows=rows,
+            consumer_scale=torch.where(is_child, half, 1.0),
+            moved=moved,
+            positions=positions,
+            split=len(parents),
+        )
+        waiting = waiting[rows].masked_fill(is_child, cooldown)
+
+        new_mask = region_mask[rows]
+        weight = self.weight.detach()[rows]
+        if mode == "partition":
+            for child in torch.nonzero(is_child).flatten().tolist():
+                active = torch.nonzero(new_mask[child]).flatten()
+                keep = math.ceil(len(active) / 2)
+                drop = active[keep:] if not moved[child] else active[:keep]
+                new_mask[child, drop] = False
+        elif perturbation > 0 and len(parents):
+            # Opposite noise on the two children, inside the parent's blocks, scaled to the RMS
+            # of its weights there.
+            parent_weight = self.weight.detach()[parents]
+            columns = self._columns_of(region_mask[parents])
+            rms = ((parent_weight.square() * columns).sum(1) / columns.sum(1).clamp(min=1)).sqrt()
+            noise = torch.randn(len(parents), self.in_features) * columns
+            noise *= (perturbation * rms).unsqueeze(1)
+            for i, parent in enumerate(parents.tolist()):
+                pair = torch.nonzero(rows == parent).flatten()
+                weight[pair[~moved[pair]]] += noise[i]
+                weight[pair[moved[pair]]] -= noise[i]
+        stage = self._stage_neurons(
+            rows, positions=positions, region_mask=new_mask, weight=weight, cooldown=waiting
+        )
+        return change, stage
+
+    def _plan_prune(self, threshold: float | None) -> tuple[NeuronChange, Stage]:
+        self._check_resizable()
+        self._sync()
+        remove = self.prune_candidates(threshold)
+        saturation = self.saturation()
+        if remove.all():
+            # Never empty a layer: the neuron covering most of its input stays.
+            remove[torch.argmax(saturation)] = False
+        rows = torch.nonzero(~remove).flatten()
+        removed = torch.nonzero(remove).flatten()
+        exact = (saturation[removed] == 0) & (self.activation_map is None)
+        bias = self._parameters["bias"]
+        constant = bias.detach()[removed] if bias is not None else torch.zeros(len(removed))
+        change = NeuronChange(
+            rows=rows,
+            consumer_scale=torch.ones(len(rows)),
+            moved=torch.zeros(len(rows), dtype=torch.bool),
+            positions=self.neuron_positions[rows],
+            removed=removed,
+            removed_output=torch.where(exact, constant, self.output_mean[removed]).float(),
+            removed_exact=exact,
+        )
+        return change, self._stage_neurons(rows)
+
+    def _plan_rewire(
+        self, max_changes: int | None, grow_ratio: float, drop_ratio: float
+    ) -> tuple[int, int, Stage]:
+        self._check_resizable()
+        if max_changes is not None and (isinstance(max_changes, bool) or max_changes < 0):
+            raise ValueError(f"max_changes must be a non-negative int, got {max_changes!r}")
+        for name, value in (("grow_ratio", grow_ratio), ("drop_ratio", drop_ratio)):
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        budget = self.out_features if max_changes is None else max_changes
+        self._sync()
+        mask = self.region_mask()
+        sizes = self.region_sizes().to(torch.float32)
+        region = self._region_of_sorted_input()
+        latent = self._sorted_latent().detach().float()
+        weight_rms = _sum_per_region(latent.square(), region, len(sizes)) / sizes
+        # Activate: the inactive region with the largest gradient RMS, if it beats the median
+        # of the neuron's active blocks.
+        activate = torch.zeros_like(mask)
+        if self._region_gradients is not None:
+            grad_rms = (self._region_gradients / sizes).sqrt()
+            typical = _masked_median(grad_rms, mask)
+            candidate = grad_rms.masked_fill(mask, -1.0)
+            best, region_index = candidate.max(1)
+            strength = best / typical.clamp(min=torch.finfo(torch.float32).tiny)
+            wanted = (best > grow_ratio * typical) & (best > 0)
+            chosen = _strongest(strength, wanted, budget)
+            activate[chosen, region_index[chosen]] = True
+        # Drop: blocks whose weights became negligible; each neuron keeps its strongest block.
+        weight_rms = weight_rms.sqrt()
+        typical = _masked_median(weight_rms, mask)
+        weak = mask & (weight_rms < drop_ratio * typical.unsqueeze(1))
+        strongest = weight_rms.masked_fill(~mask, -1.0).argmax(1)
+        weak[torch.arange(self.out_features), strongest] = False
+        budget -= int(activate.sum())
+        ratio = weight_rms / typical.unsqueeze(1).clamp(min=torch.finfo(torch.float32).tiny)
+        drop = torch.zeros_like(mask)
+        drop.view(-1)[_strongest(-ratio.flatten(), weak.flatten(), budget)] = True
+        new_mask = (mask | activate) & ~drop
+        memory = self._memory.select_neurons(torch.arange(self.out_features))
+        memory.set_active(new_mask)
+        started = self._columns_of(activate)
+
+        def commit() -> None:
+            self._install(memory)
+            with torch.no_grad():
+                # A block that starts now holds only what learning writes into it.
+                self._parameters["weight"].masked_fill_(started, 0.0)
+            self._region_gradients = None
+            self.collect_region_gradients = False
+
+        return int(activate.sum()), int(drop.sum()), Stage(commit)
+
+    def _add_region_gradients(self, sorted_input: torch.Tensor, grad_output: torch.Tensor) -> None:
+        """Adds the squared dense weight gradient of one backward pass, summed per block."""
+        grad_weight = grad_output.detach().reshape(-1, self.out_features).t().float()
+        grad_weight = grad_weight @ sorted_input.float()
+        sums = _sum_per_region(
+            grad_weight.square(), self._region_of_sorted_input(), self._memory.num_regions()
+        )
+        previous = self._region_gradients
+        self._region_gradients = sums if previous is None else previous + sums
+
+    def _stage_inputs(
+        self, columns: torch.Tensor, scale: torch.Tensor, positions: torch.Tensor
+    ) -> Stage:
+        """Builds this layer with input i continuing input ``columns[i]`` (its weights times
+        ``scale[i]``) at ``positions[i]``. A block is active where one of its inputs continues
+        an input of an active block; the other inputs of a block that starts so hold zero."""
+        self._check_resizable()
+        positions = _checked_positions(positions, len(columns))
+        self._sync()
+        inherited = self.block_mask()[:, columns]
+        weight = self.weight.detach()[:, columns] * scale
+        sorted_codes, order = _morton_order(positions)
+        memory = torch.classes.spatium.SpatialMemory(
+            self.out_features, sorted_codes, self.bits, self.region_bits
+        )
+        views = memory.views()
+        region = _region_of(views[0], len(columns))
+        sorted_inherited = inherited if order is None else inherited[:, order]
+        region_mask = _sum_per_region(sorted_inherited.float(), region, memory.num_regions()) > 0
+        memory.set_active(region_mask)
+        covered = region_mask[:, region]
+        if order is not None:
+            covered = torch.empty_like(covered).index_copy_(1, order, covered)
+        weight[covered & ~inherited] = 0.0
+        new_weight = nn.Parameter(weight)
+        new_map = None
+        if self.activation_map is not None:
+            # The hash keeps its value: a duplicated input's projections are split like weights.
+            new_map = copy.deepcopy(self.activation_map)
+            new_map.projections = self.activation_map.projections[:, columns] * scale
+            new_map.hash_features = len(columns)
+        old_weight = self._parameters["weight"]
+
+        def commit() -> None:
+            self._install(memory)
+            self.in_features = len(columns)
+            self._parameters["weight"] = new_weight
+            self._buffers.update(
+                input_positions=positions, _order=order, _sorted_codes=sorted_codes
+            )
+            if new_map is not None:
+                self.activation_map = new_map
+            self._region_gradients = None
+
+        return Stage(commit, [(old_weight, new_weight, lambda t: t[:, columns])])
+
     def _select_neurons(self, rows: torch.Tensor) -> None:
         """Makes neuron i the current neuron rows[i] (a row twice: a copy; left out: removed):
-        memory, latent weight, bias, activation map and position follow. Everything is built
-        aside first, so a failure leaves the layer as it was. The building block of growth and
-        pruning; the caller keeps optimizers and consumers in step."""
+        memory, latent weight, bias, activation map and statistics follow, atomically. The
+        caller keeps optimizers and consumers in step."""
         rows = torch.as_tensor(rows)
         if rows.dim() != 1 or rows.numel() == 0 or rows.is_floating_point():
             raise ValueError(
@@ -326,24 +629,55 @@ class SpatialLayer(nn.Module):
         rows = rows.to("cpu", torch.int64)
         if (rows < 0).any() or (rows >= self.out_features).any():
             raise IndexError(f"rows must lie in [0, {self.out_features})")
+        self._stage_neurons(rows).commit()
+
+    def _stage_neurons(
+        self,
+        rows: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        region_mask: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+        cooldown: torch.Tensor | None = None,
+    ) -> Stage:
+        """Builds this layer with neuron i continuing neuron rows[i]: memory, latent weight
+        (``weight`` when given), bias, activation map, statistics and positions follow;
+        ``region_mask`` sets the new neurons' active blocks."""
         self._sync()
         memory = self._memory.select_neurons(rows)
-        weight = self._parameters["weight"]
-        bias = self._parameters["bias"]
-        new_weight = None if weight is None else nn.Parameter(weight.detach()[rows].clone())
-        new_bias = None if bias is None else nn.Parameter(bias.detach()[rows].clone())
-        new_map = None
-        if self.activation_map is not None:
-            new_map = self.activation_map.select_neurons(rows)
-        # Install (nothing below can fail).
-        self._install(memory)
-        self.out_features = int(rows.numel())
-        self._parameters["weight"] = new_weight
-        self._parameters["bias"] = new_bias
-        for name in ("neuron_positions", "activity", "output_mean", "split_cooldown"):
-            self._buffers[name] = self._buffers[name][rows]
-        if new_map is not None:
-            self.activation_map = new_map
+        if region_mask is not None:
+            memory.set_active(region_mask)
+        old_weight, old_bias = self._parameters["weight"], self._parameters["bias"]
+        if weight is None and old_weight is not None:
+            weight = old_weight.detach()[rows]
+        new_weight = None if weight is None else nn.Parameter(weight.clone())
+        new_bias = None if old_bias is None else nn.Parameter(old_bias.detach()[rows].clone())
+        new_map = None if self.activation_map is None else self.activation_map.select_neurons(rows)
+        buffers = {
+            "neuron_positions": self.neuron_positions[rows] if positions is None else positions,
+            "activity": self.activity[rows],
+            "output_mean": self.output_mean[rows],
+            "split_cooldown": self.split_cooldown[rows] if cooldown is None else cooldown,
+        }
+
+        def commit() -> None:
+            self._install(memory)
+            self.out_features = int(rows.numel())
+            self._parameters["weight"] = new_weight
+            self._parameters["bias"] = new_bias
+            self._buffers.update(buffers)
+            if new_map is not None:
+                self.activation_map = new_map
+            self._region_gradients = None
+
+        stage = Stage(commit)
+        by_rows = lambda t: t[rows]  # noqa: E731  (state follows like the parameter)
+        for old, new in ((old_weight, new_weight), (old_bias, new_bias)):
+            if old is not None:
+                stage.replaced.append((old, new, by_rows))
+        if new_map is not None and new_map.logits is not None:
+            stage.replaced.append((self.activation_map.logits, new_map.logits, by_rows))
+        return stage
 
     def freeze(self) -> None:
         """Drops the latent weight: the store becomes the only copy."""
@@ -386,6 +720,8 @@ class SpatialLayer(nn.Module):
             self.bits,
             self.out_features,
         )
+        if self.collect_region_gradients and y.requires_grad:
+            y.register_hook(functools.partial(self._add_region_gradients, flat.detach()))
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         y = y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
@@ -516,15 +852,47 @@ def _check_count(value: int, name: str) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def _morton_order(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The inputs' sorted Morton codes, and the permutation from that order to the inputs'
+    order (None when they already are in Morton order): the memory keeps inputs sorted."""
+    sorted_codes, order = torch.sort(morton_encode(positions))
+    identity = torch.equal(order, torch.arange(len(order)))
+    return sorted_codes, None if identity else order
+
+
+def _region_of(region_begin: torch.Tensor, count: int) -> torch.Tensor:
+    """The region of each of ``count`` Morton-sorted inputs."""
+    return torch.searchsorted(region_begin[1:], torch.arange(count), right=True)
+
+
+def _sum_per_region(values: torch.Tensor, region: torch.Tensor, regions: int) -> torch.Tensor:
+    """``[rows, regions]``: sums of ``values`` ``[rows, sorted inputs]`` over each region."""
+    return values.new_zeros(values.shape[0], regions).index_add_(1, region, values)
+
+
+def _masked_median(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the median of ``values`` where ``mask`` holds (0 for a row with none)."""
+    return values.masked_fill(~mask, float("nan")).nanmedian(1).values.nan_to_num(0.0)
+
+
+def _strongest(strength: torch.Tensor, wanted: torch.Tensor, budget: int) -> torch.Tensor:
+    """Indices of the ``wanted`` entries, strongest first, at most ``budget``."""
+    indices = torch.nonzero(wanted).flatten()
+    ranked = indices[torch.argsort(strength[indices], descending=True, stable=True)]
+    return ranked[: max(budget, 0)]
+
+
+def _fraction(value: float, name: str) -> float:
+    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return float(value)
+
+
 def _check_growth_settings(
     growth_threshold: float, prune_threshold: float, max_split_fraction: float, cooldown: int
 ) -> None:
-    for name, value in (
-        ("growth_threshold", growth_threshold),
-        ("prune_threshold", prune_threshold),
-    ):
-        if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-            raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    _fraction(growth_threshold, "growth_threshold")
+    _fraction(prune_threshold, "prune_threshold")
     if not (isinstance(max_split_fraction, (int, float)) and 0.0 < max_split_fraction <= 1.0):
         raise ValueError(f"max_split_fraction must be in (0, 1], got {max_split_fraction!r}")
     if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0:

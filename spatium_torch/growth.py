@@ -1,0 +1,479 @@
+"""GrowthController: growth, pruning and memory growth between optimizer steps (DESIGN §5).
+
+The controller pairs every SpatialLayer with the module that consumes its outputs and, when a
+layer's width changes, resizes that consumer, the norms in between and the optimizer's state
+with the same index maps. Every change is built aside and installed at the end, so an error
+leaves model and optimizer as they were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from spatium_torch.activation import ActivationMap
+from spatium_torch.history import GrowthEvent, TrainingHistory
+from spatium_torch.layer import DEFAULT_PERTURBATION, SPLIT_MODES, SpatialLayer
+from spatium_torch.neurons import NeuronChange, Stage, place_children
+
+# Modules that act on each feature alone: a consumer may sit behind them.
+ELEMENTWISE = (
+    nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.LogSigmoid,
+    nn.Tanhshrink,
+    nn.Softshrink,
+    nn.Hardshrink,
+    nn.Threshold,
+    nn.Dropout,
+    nn.AlphaDropout,
+)
+# Per-feature modules resized with the layer before them.
+NORMS = (nn.LayerNorm, nn.BatchNorm1d)
+CONSUMERS = (SpatialLayer, nn.Linear)
+
+
+@dataclass
+class Link:
+    """A SpatialLayer, the modules between it and its consumer, and the consumer (None for the
+    model's last layer, whose outputs are the model's)."""
+
+    name: str
+    layer: SpatialLayer
+    tail: list[tuple[str, nn.Module]] = field(default_factory=list)
+    consumer: tuple[str, nn.Module] | None = None
+
+
+def link_layers(model: nn.Module) -> list[Link]:
+    """Pairs each SpatialLayer of ``model`` (module order) with its consumer: the next
+    SpatialLayer or nn.Linear, across elementwise modules, activation maps and
+    LayerNorm/BatchNorm1d. Raises ValueError naming any other module in between."""
+    links: list[Link] = []
+    for name, module in _leaves(model):
+        pending = links[-1] if links and links[-1].consumer is None else None
+        if pending is not None and isinstance(module, CONSUMERS):
+            for between in pending.tail:
+                _check_between(pending, *between)
+            _check_consumer(pending, name, module)
+            pending.consumer = (name, module)
+        elif pending is not None:
+            pending.tail.append((name, module))
+        if isinstance(module, SpatialLayer):
+            links.append(Link(name, module))
+    if links and links[-1].consumer is None:
+        links[-1].tail = []  # the model's outputs: nothing after the last layer is resized
+    return links
+
+
+def _leaves(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    for name, child in module.named_children():
+        qualified = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, (SpatialLayer, ActivationMap)) or not any(child.children()):
+            yield qualified, child
+        else:
+            yield from _leaves(child, qualified)
+
+
+def _check_between(link: Link, name: str, module: nn.Module) -> None:
+    width = link.layer.out_features
+    if isinstance(module, nn.PReLU) and module.num_parameters == 1:
+        return
+    if isinstance(module, ELEMENTWISE):
+        return
+    if isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) == (width,):
+        return
+    if isinstance(module, nn.BatchNorm1d) and module.num_features == width:
+        return
+    if isinstance(module, ActivationMap) and module.num_features == width:
+        return
+    raise ValueError(
+        f"GrowthController: cannot resize {name!r} ({type(module).__name__}) between "
+        f"SpatialLayer {link.name!r} and the module that consumes its outputs; only elementwise "
+        "modules, activation maps, LayerNorm and BatchNorm1d over its features may sit there"
+    )
+
+
+def _check_consumer(link: Link, name: str, module: nn.Module) -> None:
+    if module.in_features != link.layer.out_features:
+        raise ValueError(
+            f"GrowthController: {name!r} takes {module.in_features} inputs but SpatialLayer "
+            f"{link.name!r} before it gives {link.layer.out_features}; the model's module order "
+            "must follow its data flow"
+        )
+    if isinstance(module, SpatialLayer) and module.frozen:
+        raise ValueError(f"GrowthController: SpatialLayer {name!r} is frozen and cannot resize")
+
+
+class GrowthController:
+    """Runs growth, pruning and memory growth between optimizer steps (an optimizer step
+    post-hook), so the training loop keeps only ``loss.backward(); opt.step();
+    opt.zero_grad()``.
+
+    Every ``grow_every`` steps each SpatialLayer that has a consumer splits its saturated
+    neurons (:meth:`SpatialLayer.grow`); every ``prune_every`` steps it drops idle ones
+    (:meth:`SpatialLayer.prune`); every ``rewire_every`` steps every SpatialLayer rewires its
+    blocks (:meth:`SpatialLayer.rewire`), scored by the dense weight gradient of the step
+    before. The consumer (the next SpatialLayer or nn.Linear), LayerNorm/BatchNorm1d and
+    activation maps in between, and the optimizer's parameters and per-parameter state follow.
+    The last layer never changes width. Settings left None use each layer's own.
+
+    Activity (for pruning) is measured where the consumer sees a neuron: after the elementwise
+    modules that follow the layer (e.g. its ReLU).
+
+    Args:
+        model: the model; its module order must follow its data flow.
+        optimizer: the optimizer over ``model``'s parameters.
+        grow_every, prune_every, rewire_every: period in optimizer steps (None: never).
+        growth_threshold, prune_threshold, max_neurons, max_split_fraction, cooldown: override
+            the layers' settings.
+        mode: ``"duplicate"`` or ``"partition"`` (see :meth:`SpatialLayer.grow`).
+        perturbation: noise between ``"duplicate"`` children.
+        closure: optional callable returning the loss on fixed data; it is evaluated (without
+            gradients) before and after every event for the log.
+        history_every: record widths, saturation and the last loss every this many steps.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        grow_every: int | None = None,
+        prune_every: int | None = None,
+        rewire_every: int | None = None,
+        growth_threshold: float | None = None,
+        prune_threshold: float | None = None,
+        max_neurons: int | None = None,
+        max_split_fraction: float | None = None,
+        cooldown: int | None = None,
+        mode: str = "duplicate",
+        perturbation: float = DEFAULT_PERTURBATION,
+        closure: Callable[[], torch.Tensor | float] | None = None,
+        history_every: int = 10,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+        for name, value in (
+            ("grow_every", grow_every),
+            ("prune_every", prune_every),
+            ("rewire_every", rewire_every),
+            ("history_every", history_every),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if mode not in SPLIT_MODES:
+            raise ValueError(f"mode must be one of {SPLIT_MODES}, got {mode!r}")
+        self.links = link_layers(model)
+        if not self.links:
+            raise ValueError("GrowthController: the model has no SpatialLayer")
+        for link in self.links:
+            if link.layer.frozen:
+                raise ValueError(
+                    f"GrowthController: SpatialLayer {link.name!r} is frozen and cannot resize"
+                )
+        self.model = model
+        self.optimizer = optimizer
+        self.grow_every, self.prune_every, self.rewire_every = grow_every, prune_every, rewire_every
+        self.growth_threshold = growth_threshold
+        self.prune_threshold = prune_threshold
+        self.max_neurons = max_neurons
+        self.max_split_fraction = max_split_fraction
+        self.cooldown = cooldown
+        self.mode = mode
+        self.perturbation = perturbation
+        self.closure = closure
+        self.history_every = history_every
+        self.history = TrainingHistory()
+        self.steps = 0
+        self.last_loss: float | None = None
+        self._handles = [optimizer.register_step_post_hook(self._after_step)]
+        for link in self.links:
+            handle = self._measure_activity(link)
+            if handle is not None:
+                self._handles.append(handle)
+        if rewire_every == 1:
+            self._collect_gradients(True)
+
+    @property
+    def events(self) -> list[GrowthEvent]:
+        """The event log."""
+        return self.history.events
+
+    def record_loss(self, loss: torch.Tensor | float) -> None:
+        """Gives the controller the last training loss (for the history and the log)."""
+        self.last_loss = float(loss)
+
+    def remove(self) -> None:
+        """Detaches the controller from the optimizer and the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for link in self.links:
+            link.layer.track_activity = True
+            link.layer.collect_region_gradients = False
+
+    # --- events ---------------------------------------------------------------------------------
+    def grow(self) -> list[GrowthEvent]:
+        """One growth event on every layer with a consumer, now."""
+        return self._event("grow", self._grow_link)
+
+    def prune(self, threshold: float | None = None) -> list[GrowthEvent]:
+        """One pruning event on every layer with a consumer, now."""
+        limit = self.prune_threshold if threshold is None else threshold
+        return self._event("prune", lambda link: self._prune_link(link, limit))
+
+    def rewire(self) -> list[GrowthEvent]:
+        """One memory-growth event on every layer, now (blocks are activated only where the
+        dense gradient was collected: see ``rewire_every``)."""
+        return self._event("rewire", self._rewire_link)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self.steps += 1
+        step = self.steps
+        if self.rewire_every and step % self.rewire_every == 0:
+            self.rewire()
+        if self.grow_every and step % self.grow_every == 0:
+            self.grow()
+        if self.prune_every and step % self.prune_every == 0:
+            self.prune()
+        if self.rewire_every and (step + 1) % self.rewire_every == 0:
+            self._collect_gradients(True)
+        if step % self.history_every == 0:
+            self.history.record(step, self.model, self.last_loss)
+
+    def _event(self, kind: str, run: Callable[[Link], tuple[int, int, int]]) -> list[GrowthEvent]:
+        events = []
+        for link in self.links:
+            if kind != "rewire" and link.consumer is None:
+                continue
+            before = self._loss()
+            split, pruned, rewired = run(link)
+            if split == pruned == rewired == 0:
+                continue
+            widths = tuple(lk.layer.out_features for lk in self.links)
+            after = self._loss() if self.closure is not None else None
+            event = GrowthEvent(
+                self.steps, link.name, kind, split, pruned, rewired, widths, before, after
+            )
+            self.history.events.append(event)
+            events.append(event)
+        return events
+
+    def _loss(self) -> float | None:
+        if self.closure is None:
+            return self.last_loss
+        with torch.no_grad():
+            return float(self.closure())
+
+    def _grow_link(self, link: Link) -> tuple[int, int, int]:
+        change, stage = link.layer._plan_growth(
+            self.mode,
+            self.perturbation,
+            self.growth_threshold,
+            self.max_split_fraction,
+            self.cooldown,
+            self.max_neurons,
+        )
+        self._apply(link, change, stage)
+        return change.split, 0, 0
+
+    def _prune_link(self, link: Link, threshold: float | None) -> tuple[int, int, int]:
+        change, stage = link.layer._plan_prune(threshold)
+        self._apply(link, change, stage)
+        return 0, change.pruned, 0
+
+    def _rewire_link(self, link: Link) -> tuple[int, int, int]:
+        activated, dropped, stage = link.layer._plan_rewire(None, 1.0, 0.05)
+        stage.commit()
+        return 0, 0, activated + dropped
+
+    def _apply(self, link: Link, change: NeuronChange, layer_stage: Stage) -> None:
+        """Builds every stage of the resize, then commits them all."""
+        stages = [layer_stage]
+        if change.changed:
+            stages += [_stage_tail_module(module, change) for _, module in link.tail]
+            stages.append(_stage_consumer(link, change, self._folded_outputs(link, change)))
+            replaced = [entry for stage in stages for entry in stage.replaced]
+            stages.append(_stage_optimizer(self.optimizer, replaced))
+        for stage in stages:
+            stage.commit()
+
+    def _folded_outputs(self, link: Link, change: NeuronChange) -> torch.Tensor:
+        """The removed neurons' constant outputs as the consumer sees them: an exact constant
+        goes through the modules in between (in eval mode); the others are the mean output
+        measured there."""
+        values = change.removed_output.clone()
+        exact = change.removed_exact
+        if not exact.any():
+            return values
+        if any(isinstance(module, ActivationMap) for _, module in link.tail):
+            return link.layer.output_mean[change.removed].float()
+        vector = link.layer.output_mean.clone().float()
+        vector[change.removed] = change.removed_output
+        vector = vector.unsqueeze(0)
+        with torch.no_grad():
+            for _, module in link.tail:
+                was_training = module.training
+                module.eval()
+                try:
+                    vector = module(vector)
+                finally:
+                    module.train(was_training)
+        values[exact] = vector[0, change.removed[exact]]
+        return values
+
+    def _measure_activity(self, link: Link) -> torch.utils.hooks.RemovableHandle | None:
+        measured = [m for _, m in link.tail if not isinstance(m, (nn.Dropout, nn.AlphaDropout))]
+        if not measured:
+            return None
+        layer = link.layer
+        layer.track_activity = False
+
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if layer.training and output.shape[-1] == layer.out_features:
+                layer.update_activity(output)
+
+        return measured[-1].register_forward_hook(hook)
+
+    def _collect_gradients(self, on: bool) -> None:
+        for link in self.links:
+            link.layer.collect_region_gradients = on
+
+
+def _stage_tail_module(module: nn.Module, change: NeuronChange) -> Stage:
+    rows = change.rows
+    if isinstance(module, ActivationMap):
+        new_map = module.select_neurons(rows)
+
+        def adopt() -> None:
+            # In place: the module keeps its identity (and hooks) in the model.
+            module._parameters.update(new_map._parameters)
+            module._buffers.update(new_map._buffers)
+            module.num_features = new_map.num_features
+            module._probs_key = module._argmax_key = None
+
+        stage = Stage(adopt)
+        if module.logits is not None:
+            stage.replaced.append((module.logits, new_map.logits, lambda t: t[rows]))
+        return stage
+    if not isinstance(module, NORMS):
+        return Stage(lambda: None)
+    params = {n: p for n, p in module.named_parameters(recurse=False) if p is not None}
+    new_params = {n: nn.Parameter(p.detach()[rows].clone()) for n, p in params.items()}
+    buffers = {
+        n: b[rows].clone()
+        for n, b in module.named_buffers(recurse=False)
+        if b is not None and b.dim() == 1
+    }
+    width = int(rows.numel())
+
+    def commit() -> None:
+        module._parameters.update(new_params)
+        module._buffers.update(buffers)
+        if isinstance(module, nn.LayerNorm):
+            module.normalized_shape = (width,)
+        else:
+            module.num_features = width
+
+    replaced = [(params[n], new_params[n], lambda t: t[rows]) for n in params]
+    return Stage(commit, replaced)
+
+
+def _stage_consumer(link: Link, change: NeuronChange, folded: torch.Tensor) -> Stage:
+    _, consumer = link.consumer
+    rows, scale = change.rows, change.consumer_scale
+    if isinstance(consumer, SpatialLayer):
+        positions = _consumer_positions(consumer, link.layer, change)
+        stage = consumer._stage_inputs(rows, scale, positions)
+        weight = consumer.dequantized_weight()
+    else:
+        weight = consumer.weight.detach()
+        new_weight = nn.Parameter(weight[:, rows] * scale)
+
+        def resize() -> None:
+            consumer._parameters["weight"] = new_weight
+            consumer.in_features = int(rows.numel())
+
+        stage = Stage(resize, [(consumer.weight, new_weight, lambda t: t[:, rows])])
+    bias = consumer.bias
+    if bias is None or change.pruned == 0:
+        return stage
+    shift = weight[:, change.removed].double() @ folded.double()
+    resize_inputs = stage.commit
+
+    def commit() -> None:
+        resize_inputs()
+        with torch.no_grad():
+            bias.add_(shift.to(bias.dtype))
+
+    return Stage(commit, stage.replaced)
+
+
+def _consumer_positions(
+    consumer: SpatialLayer, producer: SpatialLayer, change: NeuronChange
+) -> torch.Tensor:
+    """The consumer's input positions after the change: the producer's neuron positions when
+    the two coincide (the default layouts), else the old input positions with each moved input
+    at the free position nearest its parent's."""
+    if torch.equal(consumer.input_positions, producer.neuron_positions):
+        return change.positions
+    positions = consumer.input_positions[change.rows].clone()
+    moved = torch.nonzero(change.moved).flatten()
+    positions[moved] = place_children(positions, moved, None)
+    return positions
+
+
+def _stage_optimizer(
+    optimizer: torch.optim.Optimizer,
+    replaced: list[tuple[nn.Parameter, nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]],
+) -> Stage:
+    """Swaps each replaced Parameter in its param group; its state (momentum, moments) follows
+    with the same index map; scalars such as the step count are kept."""
+    where = {
+        id(p): (g, i)
+        for g, group in enumerate(optimizer.param_groups)
+        for i, p in enumerate(group["params"])
+    }
+    swaps = []
+    for old, new, follow in replaced:
+        if id(old) not in where:
+            continue
+        state = optimizer.state.get(old)
+        new_state = None
+        if state is not None:
+            new_state = {
+                key: follow(value).clone()
+                if isinstance(value, torch.Tensor) and value.shape == old.shape
+                else value
+                for key, value in state.items()
+            }
+        swaps.append((where[id(old)], old, new, new_state))
+
+    def commit() -> None:
+        for (g, i), old, new, new_state in swaps:
+            optimizer.param_groups[g]["params"][i] = new
+            optimizer.state.pop(old, None)
+            if new_state is not None:
+                optimizer.state[new] = new_state
+
+    return Stage(commit)
