@@ -329,17 +329,10 @@ def history(log: TrainingHistory | Sequence[GrowthEvent] | Any) -> Figure:
 
     for ax in (loss_ax, width_ax, sat_ax):
         for event in run.events:
-            rewire = event.kind == "rewire"
-            ax.axvline(
-                event.step,
-                color=EVENT_COLOURS[event.kind],
-                lw=0.6 if rewire else 1.0,
-                ls=":" if rewire else "--",
-                zorder=0,
-            )
+            ax.axvline(event.step, zorder=0, **_event_style(event.kind))
     kinds = sorted({e.kind for e in run.events})
     if kinds:
-        handles = [Line2D([], [], color=EVENT_COLOURS[k], ls="--", label=k) for k in kinds]
+        handles = [Line2D([], [], label=k, **_event_style(k)) for k in kinds]
         fig.legend(handles=handles, loc="outside upper right", ncols=len(handles), frameon=False)
     fig.suptitle("training history")
     return fig
@@ -356,6 +349,16 @@ def _as_history(log: Any) -> TrainingHistory:
         "history: expected a TrainingHistory, a list of GrowthEvent or an object with a "
         f"TrainingHistory in .history, got {type(log).__name__}"
     )
+
+
+def _event_style(kind: str) -> dict[str, Any]:
+    # Rewiring runs often: thin dotted lines that leave grow and prune events readable.
+    rewire = kind == "rewire"
+    return {
+        "color": EVENT_COLOURS[kind],
+        "lw": 0.6 if rewire else 1.0,
+        "ls": ":" if rewire else "--",
+    }
 
 
 def _layer_names(run: TrainingHistory) -> list[str]:
