@@ -418,12 +418,14 @@ def _accuracy_vs_bytes(results: Sequence[Result]) -> Figure:
     for r in results:
         ax.scatter(r.weight_bytes, 100 * r.accuracy)
         ax.annotate(
-            r.spec.name,
+            r.spec.name.removeprefix("SpatialLayer "),  # short labels: the points sit close
             (r.weight_bytes, 100 * r.accuracy),
             fontsize=7,
             xytext=(4, 4),
             textcoords="offset points",
+            rotation=20,
         )
+    ax.margins(x=0.12, y=0.08)
     ax.set(xscale="log", xlabel="weight bytes (log)", ylabel="test accuracy (%)")
     ax.set_title("accuracy against weight bytes")
     return fig
