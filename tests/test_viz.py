@@ -15,6 +15,7 @@ from torch import nn
 
 import spatium_torch as st
 from spatium_torch import viz
+from spatium_torch.growth import GrowthController
 from spatium_torch.ops import ACTIVATIONS
 
 
@@ -61,29 +62,36 @@ def small_model(bits, density):
     )
 
 
-def grow_first_layer(model):
-    """Splits neurons 0 and 1 of the first layer (rows repeated) and widens its consumer."""
-    rows = torch.cat([torch.arange(16), torch.tensor([0, 1])])
-    model[0]._select_neurons(rows)
-    old = model[2]
-    model[2] = st.SpatialLayer(18, 10, bits=old.bits, density=old.density, region_bits=2)
+def grown(model):
+    """Trains `model` a few steps under a GrowthController that splits its first layer; returns
+    the controller (its history holds records and the grow events)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    controller = GrowthController(
+        model, optimizer, grow_every=2, growth_threshold=0.2, max_neurons=24, history_every=1
+    )
+    for _ in range(6):
+        loss = model(torch.rand(32, 64)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        controller.record_loss(loss.detach())
+        optimizer.step()
+    controller.remove()
+    return controller
 
 
 @pytest.mark.parametrize("bits", [1, 4, 8])
 @pytest.mark.parametrize("density", [1.0, 0.25])
-@pytest.mark.parametrize("grown", [False, True])
-def test_every_picture_renders(bits, density, grown):
+@pytest.mark.parametrize("growth", [False, True])
+def test_every_picture_renders(bits, density, growth):
     model = small_model(bits, density)
-    history = st.TrainingHistory()
-    model(torch.rand(32, 64))
-    history.record(0, model, 2.3)
-    if grown:
-        grow_first_layer(model)
-        history.events.append(
-            st.GrowthEvent(10, "0", "grow", split=2, pruned=0, rewired=0, widths=(18, 10))
-        )
+    if growth:
+        log = grown(model)
+        assert model[0].out_features > 16 and model[2].in_features == model[0].out_features
+        assert [e.kind for e in log.events][:1] == ["grow"]
+    else:
         model(torch.rand(32, 64))
-    history.record(10, model, 1.1)
+        log = st.TrainingHistory()
+        log.record(0, model, 2.3)
     width = model[0].out_features
 
     heatmap = viz.memory_heatmap(model[0], [0, width - 1])
@@ -92,7 +100,7 @@ def test_every_picture_renders(bits, density, grown):
     grid = viz.activation_grid(model[0], width - 1)
     topology = viz.topology(model)
     assert topology.axes[0].get_title() == f"topology: 64 → {width} → 10"
-    drawn = viz.history(history)
+    drawn = viz.history(log)
     widths = drawn.axes[1].lines[0].get_ydata()
     assert (widths[0], widths[-1]) == (16, width)
     for fig in (heatmap, regions, grid, topology, drawn):
