@@ -2,9 +2,10 @@
 memory addressed by Morton codes.
 
 ``SpatialLayer`` replaces ``nn.Linear``; ``freeze`` drops its latent weights; ``SpatialNetwork``
-stacks layers; ``morton_encode``/``morton_decode`` and ``layouts`` place inputs in space.
-``st.viz`` draws pictures and ``st.Dashboard`` shows training live (matplotlib and rich, loaded
-on first use).
+stacks layers; ``GrowthController`` grows, prunes and rewires layers between optimizer steps;
+``network_stats`` summarises them; ``morton_encode``/``morton_decode`` and ``layouts`` place
+inputs in space. ``st.viz`` draws pictures and ``st.Dashboard`` shows training live
+(matplotlib and rich, loaded on first use).
 """
 
 import importlib
@@ -17,10 +18,12 @@ from spatium_torch import (
     layouts,
 )
 from spatium_torch.activation import ActivationMap
+from spatium_torch.growth import GrowthController
 from spatium_torch.history import GrowthEvent, HistoryRecord, TrainingHistory
 from spatium_torch.layer import SpatialLayer, freeze
 from spatium_torch.memory import LayerMemory, MemoryStats
 from spatium_torch.network import SpatialNetwork
+from spatium_torch.neurons import NeuronChange
 from spatium_torch.ops import built_with_cuda, morton_decode, morton_encode
 from spatium_torch.stats import LayerStats, NetworkStats, network_stats
 
@@ -28,10 +31,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationMap",
+    "GrowthController",
     "GrowthEvent",
     "HistoryRecord",
     "LayerStats",
     "NetworkStats",
+    "NeuronChange",
     "TrainingHistory",
     "LayerMemory",
     "MemoryStats",

@@ -221,7 +221,7 @@ class GrowthController:
 
     def record_loss(self, loss: torch.Tensor | float) -> None:
         """Gives the controller the last training loss (for the history and the log)."""
-        self.last_loss = float(loss)
+        self.last_loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
     def remove(self) -> None:
         """Detaches the controller from the optimizer and the model."""
@@ -261,19 +261,23 @@ class GrowthController:
         if step % self.history_every == 0:
             self.history.record(step, self.model, self.last_loss)
 
-    def _event(self, kind: str, run: Callable[[Link], tuple[int, int, int]]) -> list[GrowthEvent]:
+    def _event(
+        self, kind: str, run: Callable[[Link], tuple[NeuronChange | None, int]]
+    ) -> list[GrowthEvent]:
         events = []
         for link in self.links:
             if kind != "rewire" and link.consumer is None:
                 continue
             before = self._loss()
-            split, pruned, rewired = run(link)
-            if split == pruned == rewired == 0:
+            change, rewired = run(link)
+            if rewired == 0 and (change is None or not change.changed):
                 continue
             widths = tuple(lk.layer.out_features for lk in self.links)
             after = self._loss() if self.closure is not None else None
+            split = 0 if change is None else change.split
+            pruned = 0 if change is None else change.pruned
             event = GrowthEvent(
-                self.steps, link.name, kind, split, pruned, rewired, widths, before, after
+                self.steps, link.name, kind, split, pruned, rewired, widths, before, after, change
             )
             self.history.events.append(event)
             events.append(event)
@@ -285,7 +289,7 @@ class GrowthController:
         with torch.no_grad():
             return float(self.closure())
 
-    def _grow_link(self, link: Link) -> tuple[int, int, int]:
+    def _grow_link(self, link: Link) -> tuple[NeuronChange, int]:
         change, stage = link.layer._plan_growth(
             self.mode,
             self.perturbation,
@@ -295,17 +299,15 @@ class GrowthController:
             self.max_neurons,
         )
         self._apply(link, change, stage)
-        return change.split, 0, 0
+        return change, 0
 
-    def _prune_link(self, link: Link, threshold: float | None) -> tuple[int, int, int]:
+    def _prune_link(self, link: Link, threshold: float | None) -> tuple[NeuronChange, int]:
         change, stage = link.layer._plan_prune(threshold)
         self._apply(link, change, stage)
-        return 0, change.pruned, 0
+        return change, 0
 
-    def _rewire_link(self, link: Link) -> tuple[int, int, int]:
-        activated, dropped, stage = link.layer._plan_rewire(None, 1.0, 0.05)
-        stage.commit()
-        return 0, 0, activated + dropped
+    def _rewire_link(self, link: Link) -> tuple[None, int]:
+        return None, sum(link.layer.rewire())
 
     def _apply(self, link: Link, change: NeuronChange, layer_stage: Stage) -> None:
         """Builds every stage of the resize, then commits them all."""

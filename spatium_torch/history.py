@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from spatium_torch.neurons import NeuronChange
 from spatium_torch.stats import network_stats
 
 EVENT_KINDS = ("grow", "prune", "rewire")
@@ -25,6 +26,7 @@ class GrowthEvent:
         widths: every SpatialLayer's ``out_features`` after the event, in module order.
         loss_before: the loss before the event (the closure's, or the last recorded), if known.
         loss_after: the loss right after the event (only with a closure).
+        change: for "grow" and "prune", the layer's :class:`NeuronChange` (its index maps).
     """
 
     step: int
@@ -36,6 +38,7 @@ class GrowthEvent:
     widths: tuple[int, ...]
     loss_before: float | None = None
     loss_after: float | None = None
+    change: NeuronChange | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

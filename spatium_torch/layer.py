@@ -22,7 +22,7 @@ VALID_BITS = (1, 2, 4, 8)
 ACTIVITY_EMA = 0.05
 SPLIT_MODES = ("duplicate", "partition")
 # Children of a "duplicate" split differ by this much noise (relative to the parent's RMS weight).
-DEFAULT_PERTURBATION = 0.05
+DEFAULT_PERTURBATION = 0.2
 CONNECTIVITIES = ("local", "random")
 _STATE_FORMAT = 1
 # The store's arrays, in the order SpatialMemory.parts() gives them: every array it holds, so a
@@ -313,12 +313,12 @@ class SpatialLayer(nn.Module):
     def update_activity(self, output: torch.Tensor) -> None:
         """Folds a batch of this layer's neuron outputs ``[..., out]`` into the ``activity`` and
         ``output_mean`` EMAs (forward calls it in training unless ``track_activity`` is off)."""
-        flat = output.detach().reshape(-1, self.out_features)
-        if flat.shape[0] == 0:
-            return
-        activity, mean = self._buffers["activity"], self._buffers["output_mean"]
-        activity.lerp_((flat != 0).to(activity.dtype).mean(0), ACTIVITY_EMA)
-        mean.lerp_(flat.mean(0).to(mean.dtype), ACTIVITY_EMA)
+        torch.ops.spatium.track_activity_(
+            output.detach().reshape(-1, self.out_features),
+            self._buffers["activity"],
+            self._buffers["output_mean"],
+            ACTIVITY_EMA,
+        )
 
     def prune_candidates(self, threshold: float | None = None) -> torch.Tensor:
         """``[out]`` bool: neurons whose saturation or activity is under ``threshold`` (default:
@@ -428,9 +428,9 @@ class SpatialLayer(nn.Module):
         count = self.out_features
         saturation = self.saturation()
         region_mask = self.region_mask()
+        eligible = (saturation > threshold) & (self.split_cooldown == 0)
         # A growth event counts down every neuron's cooldown, whether or not anything splits.
         waiting = (self.split_cooldown - 1).clamp(min=0)
-        eligible = (saturation > threshold) & (waiting == 0)
         if mode == "partition":
             eligible &= region_mask.sum(1) >= 2
         budget = max(1, math.floor(fraction * count))
@@ -547,9 +547,26 @@ class SpatialLayer(nn.Module):
         drop = torch.zeros_like(mask)
         drop.view(-1)[_strongest(-ratio.flatten(), weak.flatten(), budget)] = True
         new_mask = (mask | activate) & ~drop
+        return int(activate.sum()), int(drop.sum()), self._stage_regions(new_mask)
+
+    def set_active_regions(self, region_mask: torch.Tensor) -> None:
+        """Sets which blocks are active (``[out, regions]`` bool, see :meth:`region_mask`).
+        Kept blocks keep their weights; a block that starts now holds zeros."""
+        self._check_resizable()
+        region_mask = torch.as_tensor(region_mask)
+        expected = (self.out_features, self._memory.num_regions())
+        if region_mask.dtype != torch.bool or tuple(region_mask.shape) != expected:
+            raise ValueError(
+                f"region_mask must be a bool tensor of shape {list(expected)}, got "
+                f"{region_mask.dtype} {list(region_mask.shape)}"
+            )
+        self._stage_regions(region_mask.cpu()).commit()
+
+    def _stage_regions(self, region_mask: torch.Tensor) -> Stage:
+        self._sync()
         memory = self._memory.select_neurons(torch.arange(self.out_features))
-        memory.set_active(new_mask)
-        started = self._columns_of(activate)
+        memory.set_active(region_mask)
+        started = self._columns_of(region_mask & ~self.region_mask())
 
         def commit() -> None:
             self._install(memory)
@@ -559,7 +576,7 @@ class SpatialLayer(nn.Module):
             self._region_gradients = None
             self.collect_region_gradients = False
 
-        return int(activate.sum()), int(drop.sum()), Stage(commit)
+        return Stage(commit)
 
     def _add_region_gradients(self, sorted_input: torch.Tensor, grad_output: torch.Tensor) -> None:
         """Adds the squared dense weight gradient of one backward pass, summed per block."""

@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spatium_torch.growth import GrowthController
+from spatium_torch.history import GrowthEvent
 from spatium_torch.layer import SpatialLayer
+from spatium_torch.stats import NetworkStats, network_stats
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -22,7 +25,10 @@ ACTIVATIONS = {
 
 class SpatialNetwork(nn.Sequential):
     """SpatialLayers of the given sizes with an activation between consecutive layers (none
-    after the last), owning an Adam optimizer for :meth:`train_batch`.
+    after the last), owning an Adam optimizer for :meth:`train_batch` and a
+    :class:`GrowthController` (``controller``, no schedule: set its ``grow_every``,
+    ``prune_every``, ``rewire_every`` to grow while training, or call :meth:`grow` and
+    :meth:`prune`).
 
     Args:
         layer_sizes: ``[in, hidden..., out]``, at least two sizes.
@@ -55,6 +61,7 @@ class SpatialNetwork(nn.Sequential):
                 modules.append(ACTIVATIONS[activation]())
         super().__init__(*modules)
         self.optimizer = torch.optim.Adam(self.parameters(), lr=lr)
+        self.controller = GrowthController(self, self.optimizer)
 
     def train_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """One optimizer step on the mean squared error; returns that error (before the step)."""
@@ -62,5 +69,20 @@ class SpatialNetwork(nn.Sequential):
         self.optimizer.zero_grad()
         loss = F.mse_loss(self(inputs), targets)
         loss.backward()
+        self.controller.record_loss(loss.item())
         self.optimizer.step()
         return loss.item()
+
+    def grow(self) -> list[GrowthEvent]:
+        """One growth event: hidden layers split their saturated neurons (the next layer and
+        the optimizer follow); returns the events."""
+        return self.controller.grow()
+
+    def prune(self, threshold: float | None = None) -> list[GrowthEvent]:
+        """One pruning event: hidden layers drop neurons whose saturation or activity is under
+        ``threshold`` (default: each layer's ``prune_threshold``); returns the events."""
+        return self.controller.prune(threshold)
+
+    def stats(self) -> NetworkStats:
+        """The network's :class:`NetworkStats`."""
+        return network_stats(self)

@@ -245,3 +245,10 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "spatium::activation_mixture", _activation_mixture_backward, setup_context=_map_setup_context
 )
+
+
+@torch.library.register_fake("spatium::track_activity_")
+def _track_activity_fake(
+    output: torch.Tensor, activity: torch.Tensor, output_mean: torch.Tensor, momentum: float
+) -> None:
+    return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from spatium_torch.layer import SpatialLayer
@@ -80,15 +79,8 @@ def layer_stats(layer: SpatialLayer, name: str = "") -> LayerStats:
         average_saturation=float(saturation.mean()),
         average_activity=float(activity.mean()),
         growth_candidates=int((saturation > layer.growth_threshold).sum()),
-        prune_candidates=int(prune_candidates(layer).sum()),
+        prune_candidates=int(layer.prune_candidates().sum()),
     )
-
-
-def prune_candidates(layer: SpatialLayer, threshold: float | None = None) -> torch.Tensor:
-    """``[out]`` bool: neurons whose saturation or activity is under ``threshold`` (default:
-    the layer's ``prune_threshold``)."""
-    limit = layer.prune_threshold if threshold is None else threshold
-    return (layer.saturation() < limit) | (layer.activity < limit)
 
 
 def network_stats(model: nn.Module) -> NetworkStats:

@@ -6,6 +6,9 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
+import spatium_torch as st
+from spatium_torch import GrowthController
+
 
 def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """scikit-learn's digits scaled to [0, 1], a fixed stratified 75/25 split."""
@@ -42,3 +45,43 @@ def train_digits_mlp(make_layer, epochs: int = 30, seed: int = 0) -> float:
     torch.manual_seed(seed)
     model = nn.Sequential(make_layer(64, 128), nn.ReLU(), make_layer(128, 10))
     return train_digits(model, epochs, seed)
+
+
+def train_growing_digits(
+    mode: str | None, seed: int, steps: int = 1800, lr: float = 3e-3, **controller_kwargs
+) -> tuple[float, nn.Module, GrowthController | None]:
+    """Trains the 64-8-10 spatial MLP of the growth issue (4-bit, region_bits 3, density
+    0.375, memory growth every 25 steps) for `steps` Adam steps (batch 64, rate `lr`), with
+    neuron growth every 250 steps in `mode` ("duplicate"/"partition") or none; returns (test
+    accuracy, model, controller). The controller's closure is the training loss, so every
+    event logs its loss change."""
+    x_train, x_test, y_train, y_test = digits()
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        st.SpatialLayer(64, 8, bits=4, region_bits=3, density=0.375),
+        nn.ReLU(),
+        st.SpatialLayer(8, 10, bits=4, region_bits=3),
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    settings = dict(rewire_every=25, closure=lambda: F.cross_entropy(model(x_train), y_train))
+    if mode is not None:
+        settings.update(grow_every=250, mode=mode)
+    settings.update(controller_kwargs)
+    controller = st.GrowthController(model, optimizer, **settings)
+    generator = torch.Generator().manual_seed(seed)
+    step = 0
+    while step < steps:
+        order = torch.randperm(len(x_train), generator=generator)
+        for start in range(0, len(x_train) - 63, 64):
+            batch = order[start : start + 64]
+            loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step == steps:
+                break
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+    return accuracy, model, controller

@@ -1,0 +1,428 @@
+"""Growth, pruning, memory growth, the GrowthController and the stats (DESIGN §5)."""
+
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import digits, train_growing_digits
+from torch import nn
+
+import spatium_torch as st
+
+
+def saturate(layer, neurons):
+    """Activates every block of the given neurons (as writes through the point API would)."""
+    mask = layer.region_mask()
+    mask[neurons] = True
+    layer.set_active_regions(mask)
+
+
+def sparse_layer(out=8, **kw):
+    return st.SpatialLayer(64, out, region_bits=3, density=0.375, **kw)
+
+
+def step(model, optimizer, x, target):
+    loss = F.mse_loss(model(x), target)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+# --- layer level ------------------------------------------------------------------------------
+def test_saturation_activity_and_should_split():
+    layer = sparse_layer(growth_threshold=0.5)
+    assert torch.allclose(layer.saturation(), torch.full((8,), 3 / 8))
+    for neuron, xyz in ((2, (3, 3, 3)), (2, (3, 0, 3)), (5, (3, 3, 3))):
+        layer.memory.write(neuron, xyz, 0.5)
+    assert layer.saturation()[2] == 5 / 8 and layer.saturation()[5] == 4 / 8
+    assert [layer.should_split(n) for n in range(8)] == [n == 2 for n in range(8)]
+    with pytest.raises(IndexError):
+        layer.should_split(8)
+    layer.train()
+    layer.track_activity = False  # measured after the relu below, as a controller does
+    with torch.no_grad():
+        layer.bias[:4] = -100.0  # these outputs are never positive
+        layer.bias[4:] = 100.0  # these always are
+    for _ in range(200):
+        layer.update_activity(torch.relu(layer(torch.rand(16, 64))))
+    assert (layer.activity[:4] < 0.01).all() and (layer.activity[4:] > 0.9).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_track_activity_op_matches_the_reference(dtype):
+    output = torch.randn(33, 70).to(dtype)
+    output[:, 3] = 0
+    output[::2, 5] = 0
+    activity, mean = torch.rand(70), torch.randn(70)
+    expected_activity = 0.9 * activity + 0.1 * (output != 0).float().mean(0)
+    expected_mean = 0.9 * mean + 0.1 * output.double().mean(0).float()
+    torch.ops.spatium.track_activity_(output, activity, mean, 0.1)
+    torch.testing.assert_close(activity, expected_activity)
+    torch.testing.assert_close(mean, expected_mean)
+    args = (output.float(), activity, mean, 0.1)
+    torch.library.opcheck(torch.ops.spatium.track_activity_.default, args)
+    with pytest.raises(ValueError, match="statistics"):
+        torch.ops.spatium.track_activity_(output, activity[:5], mean, 0.1)
+
+
+@pytest.mark.parametrize("mode", ["duplicate", "partition"])
+def test_grow_splits_the_saturated_neurons_and_training_goes_on(mode):
+    torch.manual_seed(0)
+    layer = sparse_layer(growth_threshold=0.8)
+    saturate(layer, [1, 6])
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(8, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, target = torch.rand(64, 64), torch.rand(64, 3)
+    before = [step(model, optimizer, x, target) for _ in range(5)]
+    controller = st.GrowthController(model, optimizer, mode=mode)
+    (event,) = controller.grow()
+    assert (event.split, layer.out_features, model[2].in_features) == (2, 10, 10)
+    assert torch.isfinite(model(x)).all()
+    # Positions stay distinct and the outputs in Morton order of them.
+    codes = st.morton_encode(layer.neuron_positions)
+    assert (codes[1:] > codes[:-1]).all()
+    after = [step(model, optimizer, x, target) for _ in range(60)]
+    assert all(map(torch.isfinite, map(torch.tensor, after)))
+    assert after[-1] < 0.5 * before[-1]
+    if mode == "partition":
+        blocks = layer.region_mask().sum(1)
+        children = torch.nonzero(layer.split_cooldown).flatten()
+        assert blocks[children].tolist() == [4, 4, 4, 4]  # 8 blocks split into halves
+
+
+@pytest.mark.parametrize("consumer", ["linear", "spatial"])
+def test_duplicate_split_without_perturbation_keeps_the_function(consumer):
+    torch.manual_seed(0)
+    layer = sparse_layer(growth_threshold=0.8)
+    saturate(layer, [0, 3, 5])
+    head = nn.Linear(8, 4) if consumer == "linear" else st.SpatialLayer(8, 4, bits=8)
+    model = nn.Sequential(layer, nn.Tanh(), head)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.rand(32, 64)
+    with torch.no_grad():
+        before = model(x)
+    controller = st.GrowthController(model, optimizer, perturbation=0.0)
+    (event,) = controller.grow()
+    assert event.split == 2  # at most a quarter of 8 per event
+    with torch.no_grad():
+        after = model(x)
+    if consumer == "linear":
+        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+    else:
+        # The halved consumer weights are quantized again: the error is below half a code
+        # step of each changed block (8 bits: a few thousandths here).
+        torch.testing.assert_close(after, before, rtol=0, atol=5e-3)
+
+
+def test_growth_respects_the_bound_cooldown_and_max_neurons():
+    layer = sparse_layer(out=8, growth_threshold=0.1, cooldown=1, max_neurons=14)
+    widths = []
+    for _ in range(4):
+        change = layer.grow()
+        widths.append(layer.out_features)
+        assert change.split <= max(1, int(0.25 * (layer.out_features - change.split)))
+    assert widths == [10, 12, 14, 14]
+    # Children wait one event: at the second event only the original neurons split.
+    layer = sparse_layer(out=8, growth_threshold=0.1, cooldown=1)
+    first = layer.grow()
+    children = torch.nonzero(torch.isin(first.rows, first.rows[first.moved])).flatten()
+    second = layer.grow()
+    assert not torch.isin(second.rows[second.moved], children).any()
+
+
+def test_grid_dims_bound_growth_and_children_sit_next_to_their_parent():
+    layer = sparse_layer(out=6, growth_threshold=0.1, grid_dims=(2, 2, 2), max_split_fraction=1.0)
+    change = layer.grow()
+    assert layer.out_features == 8  # the 2x2x2 grid is full
+    assert layer.grow().split == 0
+    parents = change.positions[~change.moved][
+        torch.isin(change.rows[~change.moved], change.rows[change.moved])
+    ]
+    children = change.positions[change.moved]
+    assert ((children - parents).abs().max(1).values <= 1).all()
+
+
+# --- pruning ----------------------------------------------------------------------------------
+def test_pruning_a_neuron_with_no_blocks_folds_its_output_into_the_consumer_bias():
+    torch.manual_seed(0)
+    layer = sparse_layer()
+    mask = layer.region_mask()
+    mask[4] = False
+    layer.set_active_regions(mask)
+    model = nn.Sequential(layer, nn.Sigmoid(), st.SpatialLayer(8, 5, bits=8))
+    optimizer = torch.optim.Adam(model.parameters())
+    controller = st.GrowthController(model, optimizer)
+    x = torch.rand(16, 64)
+    with torch.no_grad():
+        before = model(x)
+    (event,) = controller.prune(0.01)
+    assert (event.pruned, layer.out_features, model[2].in_features) == (1, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=1e-6)
+
+
+def test_pruning_a_trained_digits_layer_costs_little():
+    x_train, _, y_train, _ = digits()
+    torch.manual_seed(0)
+    model = nn.Sequential(st.SpatialLayer(64, 64, region_bits=3), nn.ReLU(), nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    controller = st.GrowthController(model, optimizer)
+    for _ in range(6):
+        for start in range(0, len(x_train), 64):
+            loss = F.cross_entropy(model(x_train[start : start + 64]), y_train[start : start + 64])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        before = F.cross_entropy(model(x_train), y_train).item()
+    (event,) = controller.prune(0.02)
+    with torch.no_grad():
+        after = F.cross_entropy(model(x_train), y_train).item()
+    assert 0 < event.pruned < 64 and model[2].in_features == 64 - event.pruned
+    assert after <= 1.1 * before
+
+
+# --- the optimizer follows ----------------------------------------------------------------------
+OPTIMIZERS = {
+    "adam": (lambda p: torch.optim.Adam(p, lr=1e-2), ("exp_avg", "exp_avg_sq")),
+    "adamw": (lambda p: torch.optim.AdamW(p, lr=1e-2), ("exp_avg", "exp_avg_sq")),
+    "sgd": (lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9), ("momentum_buffer",)),
+    "rmsprop": (lambda p: torch.optim.RMSprop(p, lr=1e-2), ("square_avg",)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizer_state_follows_splits_and_prunes(name):
+    make, keys = OPTIMIZERS[name]
+    torch.manual_seed(0)
+    layer = sparse_layer(growth_threshold=0.8)
+    saturate(layer, [2, 7])
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(8, 3))
+    optimizer = make(model.parameters())
+    x, target = torch.rand(32, 64), torch.rand(32, 3)
+    for _ in range(3):
+        step(model, optimizer, x, target)
+    controller = st.GrowthController(model, optimizer)
+    old = {
+        key: [optimizer.state[p][key].clone() for p in (layer.weight, layer.bias, model[2].weight)]
+        for key in keys
+    }
+    steps_before = optimizer.state[layer.weight].get("step")
+    (event,) = controller.grow()
+    rows = event.change.rows
+    assert event.split == 2 and sorted(rows.tolist()) == sorted([*range(8), 2, 7])
+    new_params = (layer.weight, layer.bias, model[2].weight)
+    grouped = [q for g in optimizer.param_groups for q in g["params"]]
+    assert all(any(p is q for q in grouped) for p in new_params) and len(grouped) == 4
+    for key in keys:
+        weight, bias, head = (optimizer.state[p][key] for p in new_params)
+        old_weight, old_bias, old_head = old[key]
+        assert weight.shape == (10, 64) and head.shape == (3, 10)
+        assert torch.equal(weight, old_weight[rows]) and torch.equal(bias, old_bias[rows])
+        assert torch.equal(head, old_head[:, rows])
+    if steps_before is not None:
+        assert torch.equal(optimizer.state[layer.weight]["step"], steps_before)
+    step(model, optimizer, x, target)  # no shape errors
+
+    # After a prune the surviving rows keep their state.
+    before = {key: optimizer.state[layer.weight][key].clone() for key in keys}
+    with torch.no_grad():
+        layer.activity[[1, 4]] = 0.0
+    controller.prune(0.01)
+    kept = [r for r in range(10) if r not in (1, 4)]
+    for key in keys:
+        assert torch.equal(optimizer.state[layer.weight][key], before[key][kept])
+    step(model, optimizer, x, target)
+
+
+# --- the controller -----------------------------------------------------------------------------
+def test_controller_grows_prunes_and_rewires_on_schedule():
+    torch.manual_seed(0)
+    # The target reads inputs far from every neuron's starting (local) regions, so the
+    # gradient asks the neurons for more of their input space.
+    layer = sparse_layer(growth_threshold=0.6, max_neurons=16)
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    controller = st.GrowthController(
+        model, optimizer, grow_every=20, prune_every=30, rewire_every=5, prune_threshold=0.001
+    )
+    x = torch.rand(256, 64)
+    target = x[:, 56:].sum(1, keepdim=True)
+    start = layer.saturation().clone()
+    asked_for = layer.region_mask()[:, -1].float().mean()
+    losses = []
+    for _ in range(60):
+        loss = F.mse_loss(model(x), target)
+        controller.record_loss(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    kinds = {(e.kind, e.step) for e in controller.events}
+    assert {("rewire", s) for s in (5, 10, 15)} <= kinds
+    assert {k for k, s in kinds if s % 20 and k == "grow"} == set()
+    assert any(k == "grow" for k, _ in kinds) and layer.out_features > 8
+    # Memory growth: neurons took regions the gradient asked for (the last region, 56..63).
+    assert layer.saturation().mean() > start.mean()
+    assert layer.region_mask()[:, -1].float().mean() >= asked_for + 0.25
+    assert losses[-1] < 0.2 * losses[0]
+    stats = st.network_stats(model)
+    assert stats.layer_stats[0].neuron_count == layer.out_features == model[2].in_features
+    assert stats.total_neurons == layer.out_features
+    assert [r.step for r in controller.history.records] == [10, 20, 30, 40, 50, 60]
+    assert controller.history.records[-1].widths == (layer.out_features,)
+    controller.remove()
+    events = len(controller.events)
+    for _ in range(25):
+        step(model, optimizer, x, target)
+    assert len(controller.events) == events and layer.track_activity
+
+
+def test_runaway_growth_is_bounded_per_event_and_stops_at_max_neurons():
+    torch.manual_seed(0)
+    layer = sparse_layer(growth_threshold=0.05)
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    st.GrowthController(
+        model, optimizer, grow_every=1, rewire_every=1, max_neurons=40, max_split_fraction=0.25
+    )
+    x, target = torch.rand(32, 64), torch.rand(32, 1)
+    widths = [8]
+    for _ in range(12):
+        step(model, optimizer, x, target)
+        widths.append(layer.out_features)
+    assert all(b - a <= max(1, a // 4) for a, b in zip(widths, widths[1:], strict=False))
+    assert widths[-1] == 40 and max(widths) == 40
+
+
+def test_norms_and_activation_maps_follow_the_layer():
+    torch.manual_seed(0)
+    layer = st.SpatialLayer(
+        64,
+        8,
+        region_bits=3,
+        density=0.375,
+        activation="map",
+        map_init="random",
+        map_learnable=True,
+        growth_threshold=0.8,
+    )
+    saturate(layer, [3])
+    norm = nn.BatchNorm1d(8)
+    layer_norm = nn.LayerNorm(8)
+    model = nn.Sequential(layer, norm, layer_norm, nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.Adam(model.parameters())
+    x = torch.rand(32, 64)
+    step(model, optimizer, x, torch.rand(32, 2))
+    hits = layer.activation_map.hits.clone()
+    logits = layer.activation_map.logits.detach().clone()
+    running = norm.running_mean.clone()
+    controller = st.GrowthController(model, optimizer)
+    (event,) = controller.grow()
+    rows = event.change.rows
+    assert norm.num_features == 9 and norm.weight.shape == (9,)
+    assert torch.equal(norm.running_mean, running[rows])
+    assert layer_norm.normalized_shape == (9,) and layer_norm.bias.shape == (9,)
+    assert torch.equal(layer.activation_map.hits, hits[rows])
+    assert torch.equal(layer.activation_map.logits, logits[rows])
+    assert layer.activation_map.logits in optimizer.state
+    model.eval()
+    assert model(x).shape == (32, 2)
+
+
+@pytest.mark.parametrize("between", [nn.Conv1d(1, 1, 1), nn.Flatten(), nn.Softmax(dim=-1)])
+def test_controller_refuses_what_it_cannot_resize(between):
+    model = nn.Sequential(sparse_layer(), between, nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=type(between).__name__):
+        st.GrowthController(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_controller_bad_settings():
+    model = nn.Sequential(sparse_layer(), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="grow_every"):
+        st.GrowthController(model, optimizer, grow_every=0)
+    with pytest.raises(ValueError, match="mode"):
+        st.GrowthController(model, optimizer, mode="clone")
+    with pytest.raises(ValueError, match="takes 7 inputs"):
+        st.GrowthController(nn.Sequential(sparse_layer(), nn.Linear(7, 2)), optimizer)
+    with pytest.raises(ValueError, match="no SpatialLayer"):
+        st.GrowthController(nn.Sequential(nn.Linear(3, 2)), optimizer)
+    with pytest.raises(TypeError, match="optimizer"):
+        st.GrowthController(model, model)
+    with pytest.raises(ValueError, match="frozen"):
+        st.freeze(model[0]).grow()
+
+
+def test_a_failed_resize_leaves_model_and_optimizer_as_they_were(monkeypatch):
+    torch.manual_seed(0)
+    layer = sparse_layer(growth_threshold=0.8)
+    saturate(layer, [0, 1])
+    model = nn.Sequential(layer, nn.ReLU(), st.SpatialLayer(8, 3))
+    optimizer = torch.optim.Adam(model.parameters())
+    x = torch.rand(16, 64)
+    step(model, optimizer, x, torch.rand(16, 3))
+    controller = st.GrowthController(model, optimizer)
+    with torch.no_grad():
+        outputs = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    moments = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in params]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("spatium_torch.growth._stage_optimizer", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        controller.grow()
+    assert layer.out_features == 8 and model[2].in_features == 8
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+    assert [p for g in optimizer.param_groups for p in g["params"]] == params
+    for p, saved in zip(params, moments, strict=True):
+        assert all(torch.equal(optimizer.state[p][k], v) for k, v in saved.items())
+    with torch.no_grad():
+        assert torch.equal(model(x), outputs)
+
+
+def test_spatial_network_grows_prunes_and_reports():
+    torch.manual_seed(0)
+    net = st.SpatialNetwork([4, 16, 4], growth_threshold=0.5)
+    x = torch.randn(64, 4)
+    for _ in range(30):
+        net.train_batch(x, x)
+    stats = net.stats()
+    assert (stats.layer_count, stats.total_neurons) == (2, 20)
+    assert stats.layer_stats[0].growth_candidates == 16
+    (event,) = net.grow()
+    assert event.split == 4 and net[0].out_features == 20 and net[2].in_features == 20
+    assert event.loss_before is not None
+    with torch.no_grad():
+        net[0].activity[:3] = 0.0
+    (event,) = net.prune()
+    assert event.pruned >= 3 and net[2].in_features == net[0].out_features
+    assert net.train_batch(x, x) < 1.0
+
+
+# --- growth pays --------------------------------------------------------------------------------
+def test_growth_pays_on_digits():
+    """The issue's experiment: a 64-8-10 spatial MLP with memory growth, with and without
+    neuron growth, same steps, 4 seeds (the prototype: 95.9% without, 96.5% duplicate, 95.7%
+    partition)."""
+    runs = {
+        mode: [train_growing_digits(mode, seed) for seed in range(4)]
+        for mode in (None, "duplicate", "partition")
+    }
+    accuracy = {mode: statistics.mean(r[0] for r in rs) for mode, rs in runs.items()}
+    for mode in ("duplicate", "partition"):
+        assert all(model[0].out_features > 8 for _, model, _ in runs[mode])
+        assert accuracy[mode] > accuracy[None]
+    changes = [
+        e.loss_after / e.loss_before
+        for _, _, controller in runs["duplicate"]
+        for e in controller.events
+        if e.kind == "grow"
+    ]
+    assert statistics.median(changes) < 1.1
