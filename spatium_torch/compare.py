@@ -28,7 +28,6 @@ from torch import nn
 
 import spatium_torch as st
 from spatium_torch import viz
-from spatium_torch.growth import GrowthController
 
 DATASETS = ("digits", "iris", "wine", "breast_cancer")
 BITS = (1, 2, 4, 8)
@@ -279,7 +278,7 @@ def train(
 def _growth_controller(
     model: nn.Module, optimizer: torch.optim.Optimizer, hidden: int
 ) -> st.GrowthController:
-    return GrowthController(
+    return st.GrowthController(
         model,
         optimizer,
         grow_every=50,

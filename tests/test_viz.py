@@ -15,7 +15,6 @@ from torch import nn
 
 import spatium_torch as st
 from spatium_torch import viz
-from spatium_torch.growth import GrowthController
 from spatium_torch.ops import ACTIVATIONS
 
 
@@ -66,7 +65,7 @@ def grown(model):
     """Trains `model` a few steps under a GrowthController that splits its first layer; returns
     the controller (its history holds records and the grow events)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    controller = GrowthController(
+    controller = st.GrowthController(
         model, optimizer, grow_every=2, growth_threshold=0.2, max_neurons=24, history_every=1
     )
     for _ in range(6):
