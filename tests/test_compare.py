@@ -14,6 +14,15 @@ from spatium_torch import cli, compare
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Train as `compare` does: on one thread (two wait on each other on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def console_script():
     script = Path(sys.executable).with_name("spatium-torch")
     return str(script) if script.exists() else shutil.which("spatium-torch")
