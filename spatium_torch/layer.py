@@ -38,6 +38,14 @@ _MEMORY_PARTS = (
     "codes",
     "bloom",
 )
+# The buffers in the state_dict besides the store (positions change as layers grow).
+_SAVED_BUFFERS = (
+    "input_positions",
+    "neuron_positions",
+    "activity",
+    "output_mean",
+    "split_cooldown",
+)
 _STATE_KEYS = (
     "format",
     "in_features",
@@ -145,10 +153,9 @@ class SpatialLayer(nn.Module):
 
         positions = _checked_positions(input_positions, in_features)
         sorted_codes, order = _morton_order(positions)
-        self.register_buffer("input_positions", positions, persistent=False)
-        self.register_buffer(
-            "neuron_positions", _neuron_grid(out_features, grid_dims), persistent=False
-        )
+        # Saved in the state_dict: growth moves neurons and gives consumers new inputs.
+        self.register_buffer("input_positions", positions)
+        self.register_buffer("neuron_positions", _neuron_grid(out_features, grid_dims))
         self.register_buffer("_order", order, persistent=False)
         self.register_buffer("_sorted_codes", sorted_codes, persistent=False)
 
@@ -779,8 +786,10 @@ class SpatialLayer(nn.Module):
         }
 
     def set_extra_state(self, state: Any) -> None:
-        memory = self._memory_from_state(state)
+        memory = self._memory_from_state(state, self.input_positions)
         self._install(memory)
+        sorted_codes, order = _morton_order(self.input_positions)
+        self._buffers.update(_order=order, _sorted_codes=sorted_codes)
 
     def _install(self, memory: torch.ScriptObject) -> None:
         self._memory = memory
@@ -788,8 +797,9 @@ class SpatialLayer(nn.Module):
         # A layer with latent weights re-quantizes from them on the next forward.
         self._synced_with = None
 
-    def _memory_from_state(self, state: Any) -> torch.ScriptObject:
-        """Validates a saved state against this layer and builds its memory; changes nothing."""
+    def _memory_from_state(self, state: Any, positions: torch.Tensor) -> torch.ScriptObject:
+        """Validates a saved state against this layer with the given input positions and builds
+        its memory; changes nothing."""
         where = "SpatialLayer state"
         if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
             missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
@@ -805,8 +815,10 @@ class SpatialLayer(nn.Module):
         for key in _MEMORY_PARTS:
             if not isinstance(state[key], torch.Tensor):
                 raise ValueError(f"{where}: {key} must be a tensor")
-        if not torch.equal(state["input_codes"], self._memory.parts()[0]):
-            raise ValueError(f"{where}: the input positions differ from this layer's")
+        sorted_codes, _ = _morton_order(positions)
+        layout = torch.classes.spatium.SpatialMemory(1, sorted_codes, self.bits, self.region_bits)
+        if not torch.equal(state["input_codes"], layout.parts()[0]):
+            raise ValueError(f"{where}: the memory's input positions differ from the layer's")
         try:
             memory = torch.classes.spatium.SpatialMemory.from_parts(
                 self.out_features,
@@ -832,23 +844,31 @@ class SpatialLayer(nn.Module):
         error_msgs: list[str],
     ) -> None:
         # Everything is checked before anything is copied: a bad state leaves the layer as it was.
+        where = f"SpatialLayer state at {prefix!r}"
+        saved = [(n, t) for n, t in self._parameters.items() if t is not None]
+        saved += [(n, self._buffers[n]) for n in _SAVED_BUFFERS]
+        for name, tensor in saved:
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape != tensor.shape:
+                raise ValueError(
+                    f"{where}: {name} has shape {tuple(state_dict[key].shape)}, this layer "
+                    f"{tuple(tensor.shape)}"
+                )
+        positions = state_dict.get(prefix + "input_positions", self.input_positions)
+        try:
+            positions = _checked_positions(positions, self.in_features)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: {error}") from None
         extra_key = prefix + "_extra_state"
         if extra_key in state_dict:
             state = state_dict[extra_key]
-            self._memory_from_state(state)
+            self._memory_from_state(state, positions)
             if state["frozen"] != self.frozen:
-                saved = "frozen" if state["frozen"] else "with latent weights"
+                kind = "frozen" if state["frozen"] else "with latent weights"
                 mine = "frozen" if self.frozen else "not"
                 raise ValueError(
-                    f"SpatialLayer state at {prefix!r}: saved {saved}, this layer is {mine}; "
-                    "call st.freeze(model) first to load a frozen state"
-                )
-        for name, param in (("weight", self.weight), ("bias", self.bias)):
-            key = prefix + name
-            if key in state_dict and param is not None and state_dict[key].shape != param.shape:
-                raise ValueError(
-                    f"SpatialLayer state at {prefix!r}: {name} has shape "
-                    f"{tuple(state_dict[key].shape)}, this layer {tuple(param.shape)}"
+                    f"{where}: saved {kind}, this layer is {mine}; call st.freeze(model) "
+                    "first to load a frozen state"
                 )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

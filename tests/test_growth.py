@@ -406,6 +406,37 @@ def test_spatial_network_grows_prunes_and_reports():
     assert net.train_batch(x, x) < 1.0
 
 
+def test_a_grown_model_saves_and_loads_into_a_model_of_its_widths():
+    torch.manual_seed(0)
+    layer = sparse_layer(growth_threshold=0.8, activation="map", map_init="random")
+    saturate(layer, [1, 2, 5])
+    model = nn.Sequential(layer, nn.ReLU(), st.SpatialLayer(8, 4, region_bits=2))
+    controller = st.GrowthController(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    controller.grow()
+    controller.grow()
+    x = torch.rand(8, 64)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    fresh = nn.Sequential(
+        st.SpatialLayer(64, 11, region_bits=3, activation="map", map_init="random"),
+        nn.ReLU(),
+        st.SpatialLayer(11, 4, region_bits=2),
+    ).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)
+    assert torch.equal(fresh[0].neuron_positions, layer.neuron_positions)
+    assert torch.equal(fresh[2].input_positions, model[2].input_positions)
+    # A state of other widths is refused before anything changes.
+    small = nn.Sequential(sparse_layer(), nn.ReLU(), st.SpatialLayer(8, 4, region_bits=2))
+    before = {k: v.clone() for k, v in small.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match="shape"):
+        small.load_state_dict(model.state_dict())
+    after = small.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
 # --- growth pays --------------------------------------------------------------------------------
 def test_growth_pays_on_digits():
     """The issue's experiment: a 64-8-10 spatial MLP with memory growth, with and without
