@@ -2,19 +2,24 @@
 // functions of core/activations.h elementwise; activation_map applies, per sample and neuron,
 // the function its (neuron, cell) holds in a table; activation_mixture applies the
 // probability-weighted sum of all 12 (a learnable map while training). Each has a backward op.
+// simhash_cells picks each sample's cell and count_hits_ counts the cells' hits. The kernels
+// (core/activation_kernels.h) run over contiguous runs of neurons.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <tuple>
 
-#include "core/activations.h"
+#include "core/activation_kernels.h"
 
 namespace spatium {
 namespace {
 
+// Elements (function evaluations) per parallel task: below, a call runs on the calling thread,
+// since a parallel region costs more than a batch-1 map.
 constexpr int64_t kGrain = int64_t{1} << 14;
 
 act::Fn checked_fn(int64_t fn) {
@@ -28,9 +33,8 @@ void check_float(const at::Tensor& t, const char* name) {
                    "activation: ", name, " must be float32 or float64, got ", t.scalar_type());
 }
 
-// out[i] = op(in[i]) (and times grad[i] when given), in parallel.
-template <class Op>
-at::Tensor elementwise(const at::Tensor& x_in, const at::Tensor* grad_in, Op op) {
+// One function over x (times grad when given), in parallel over chunks.
+at::Tensor apply_one(const at::Tensor& x_in, const at::Tensor* grad_in, act::Fn fn) {
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty_like(x);
   const at::Tensor grad = grad_in != nullptr ? grad_in->contiguous() : at::Tensor();
@@ -39,7 +43,7 @@ at::Tensor elementwise(const at::Tensor& x_in, const at::Tensor* grad_in, Op op)
     const scalar_t* g = grad.defined() ? grad.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) o[i] = op(in[i]) * (g != nullptr ? g[i] : scalar_t(1));
+      act::apply_one(fn, in + begin, g != nullptr ? g + begin : nullptr, end - begin, o + begin);
     });
   });
   return out;
@@ -47,91 +51,102 @@ at::Tensor elementwise(const at::Tensor& x_in, const at::Tensor* grad_in, Op op)
 
 at::Tensor activation_cpu(const at::Tensor& x, int64_t fn) {
   check_float(x, "x");
-  const act::Fn f = checked_fn(fn);
-  return elementwise(x, nullptr, [f](auto v) { return act::apply(f, v); });
+  return apply_one(x, nullptr, checked_fn(fn));
 }
 
 at::Tensor activation_backward_cpu(const at::Tensor& grad, const at::Tensor& x, int64_t fn) {
   check_float(x, "x");
   TORCH_CHECK_VALUE(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
                     "activation_backward: grad must match x in shape and dtype");
-  const act::Fn f = checked_fn(fn);
-  return elementwise(x, &grad, [f](auto v) { return act::derivative(f, v); });
+  return apply_one(x, &grad, checked_fn(fn));
 }
 
 // --- activation maps: per (neuron, cell) one function (a table) or a mixture (probabilities) ---
 constexpr int64_t kCells = 64;
+constexpr int kHashBits = 6;
 
-// pre [B, N] float, cells [B] int64 in [0, 64): checked, contiguous.
-void check_map_inputs(const at::Tensor& pre, const at::Tensor& cells, const char* op) {
-  check_float(pre, "pre");
-  TORCH_CHECK_VALUE(pre.dim() == 2, op, ": pre must be [batch, neurons], got ", pre.sizes());
-  TORCH_CHECK_TYPE(cells.scalar_type() == at::kLong, op, ": cells must be int64");
-  TORCH_CHECK_VALUE(cells.dim() == 1 && cells.size(0) == pre.size(0), op,
-                    ": cells must be [batch] = [", pre.size(0), "], got ", cells.sizes());
-  if (cells.numel() > 0) {
-    TORCH_CHECK_VALUE(cells.min().item<int64_t>() >= 0 && cells.max().item<int64_t>() < kCells,
-                      op, ": cells must be in [0, 64)");
-  }
+// cells [B] int64 in [0, 64), contiguous.
+at::Tensor checked_cells(const at::Tensor& cells_in, int64_t batch, const char* op) {
+  TORCH_CHECK_TYPE(cells_in.scalar_type() == at::kLong, op, ": cells must be int64");
+  TORCH_CHECK_VALUE(cells_in.dim() == 1 && cells_in.size(0) == batch, op,
+                    ": cells must be [batch] = [", batch, "], got ", cells_in.sizes());
+  at::Tensor cells = cells_in.contiguous();
+  const int64_t* c = cells.const_data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(std::all_of(c, c + batch, [](int64_t v) { return v >= 0 && v < kCells; }),
+                    op, ": cells must be in [0, 64)");
+  return cells;
 }
 
-void check_table(const at::Tensor& table, int64_t neurons) {
+// pre [B, N] float, checked, contiguous.
+at::Tensor checked_pre(const at::Tensor& pre, const char* op) {
+  check_float(pre, "pre");
+  TORCH_CHECK_VALUE(pre.dim() == 2, op, ": pre must be [batch, neurons], got ", pre.sizes());
+  return pre.contiguous();
+}
+
+// The table [N, 64] as cell-major [64, N] (no copy when it is a view of one, as the module's
+// cached table is): a sample's functions are then one contiguous row.
+at::Tensor cell_major_table(const at::Tensor& table, int64_t neurons) {
   TORCH_CHECK_TYPE(table.scalar_type() == at::kByte, "activation_map: table must be uint8");
   TORCH_CHECK_VALUE(table.dim() == 2 && table.size(0) == neurons && table.size(1) == kCells,
                     "activation_map: table must be [", neurons, ", 64], got ", table.sizes());
-  if (table.numel() > 0) {
-    TORCH_CHECK_VALUE(table.max().item<uint8_t>() < act::kNumFns,
-                      "activation_map: table holds a function index >= ", act::kNumFns);
-  }
+  at::Tensor t = table.t().contiguous();
+  const uint8_t* v = t.const_data_ptr<uint8_t>();
+  // A max, not an early-exit search, in a local the check does not see: it vectorises.
+  const uint8_t top = [v, n = t.numel()] {
+    uint8_t m = 0;
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, v[i]);
+    return m;
+  }();
+  TORCH_CHECK_VALUE(top < act::kNumFns,
+                    "activation_map: table holds a function index >= ", act::kNumFns);
+  return t;
 }
 
-void check_probs(const at::Tensor& probs, const at::Tensor& pre) {
+// The probabilities [N, 64, 12] as cell-major [64, 12, N] (no copy when a view of one, as the
+// module's cached probabilities are): a sample's weights of function k are one contiguous row.
+at::Tensor cell_major_probs(const at::Tensor& probs, const at::Tensor& pre) {
   TORCH_CHECK_TYPE(probs.scalar_type() == pre.scalar_type(),
                    "activation_mixture: probs must have pre's dtype");
   TORCH_CHECK_VALUE(probs.dim() == 3 && probs.size(0) == pre.size(1) && probs.size(1) == kCells &&
                         probs.size(2) == act::kNumFns,
                     "activation_mixture: probs must be [", pre.size(1), ", 64, ", act::kNumFns,
                     "], got ", probs.sizes());
+  return probs.permute({1, 2, 0}).contiguous();
 }
 
-// Parallel over neurons: each task owns whole columns of pre/out and rows of table/probs.
+// body(b, n0, n1) for every sample b and neuron range [n0, n1), in parallel over neurons: each
+// task owns whole columns of the outputs and the neurons' weights.
 template <class Body>
-void for_neurons(const at::Tensor& pre, Body body) {
-  const int64_t neurons = pre.size(1);
-  at::parallel_for(0, neurons, std::max<int64_t>(1, kGrain / std::max<int64_t>(pre.size(0), 1)),
-                   body);
+void for_neurons(int64_t batch, int64_t neurons, Body body) {
+  at::parallel_for(0, neurons, std::max<int64_t>(1, kGrain / std::max<int64_t>(batch, 1)),
+                   [&](int64_t n0, int64_t n1) {
+                     for (int64_t b = 0; b < batch; ++b) body(b, n0, n1);
+                   });
 }
 
-// out[b, n] = op(the function of (n, cells[b]), pre[b, n]), times grad[b, n] when given: the
-// forward (op = apply) and backward (op = derivative) of a fixed map.
-template <class Op>
-at::Tensor map_elementwise(const at::Tensor& pre_in, const at::Tensor& cells_in,
-                           const at::Tensor& table_in, const at::Tensor* grad_in, const char* op,
-                           Op fn_op) {
-  check_map_inputs(pre_in, cells_in, op);
-  check_table(table_in, pre_in.size(1));
-  TORCH_CHECK_VALUE(grad_in == nullptr || (grad_in->sizes() == pre_in.sizes() &&
-                                           grad_in->scalar_type() == pre_in.scalar_type()),
+// The fixed map's forward (grad undefined) and backward.
+at::Tensor map_table(const at::Tensor& pre_in, const at::Tensor& cells_in,
+                     const at::Tensor& table_in, const at::Tensor* grad_in, const char* op) {
+  const at::Tensor pre = checked_pre(pre_in, op);
+  const int64_t batch = pre.size(0), neurons = pre.size(1);
+  const at::Tensor cells = checked_cells(cells_in, batch, op);
+  const at::Tensor table = cell_major_table(table_in, neurons);
+  TORCH_CHECK_VALUE(grad_in == nullptr || (grad_in->sizes() == pre.sizes() &&
+                                           grad_in->scalar_type() == pre.scalar_type()),
                     op, ": grad must match pre");
-  const at::Tensor pre = pre_in.contiguous(), cells = cells_in.contiguous();
-  const at::Tensor table = table_in.contiguous();
   const at::Tensor grad = grad_in != nullptr ? grad_in->contiguous() : at::Tensor();
   at::Tensor out = at::empty_like(pre);
-  const int64_t batch = pre.size(0), neurons = pre.size(1);
   AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "activation_map", [&] {
     const scalar_t* x = pre.const_data_ptr<scalar_t>();
     const scalar_t* g = grad.defined() ? grad.const_data_ptr<scalar_t>() : nullptr;
     const int64_t* c = cells.const_data_ptr<int64_t>();
     const uint8_t* t = table.const_data_ptr<uint8_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    for_neurons(pre, [&](int64_t n0, int64_t n1) {
-      for (int64_t b = 0; b < batch; ++b) {
-        for (int64_t n = n0; n < n1; ++n) {
-          const int64_t i = b * neurons + n;
-          const scalar_t value = fn_op(static_cast<act::Fn>(t[n * kCells + c[b]]), x[i]);
-          o[i] = g != nullptr ? g[i] * value : value;
-        }
-      }
+    for_neurons(batch, neurons, [&](int64_t b, int64_t n0, int64_t n1) {
+      const int64_t i = b * neurons + n0;
+      act::apply_table(t + c[b] * neurons + n0, x + i, g != nullptr ? g + i : nullptr, n1 - n0,
+                       o + i);
     });
   });
   return out;
@@ -139,39 +154,29 @@ at::Tensor map_elementwise(const at::Tensor& pre_in, const at::Tensor& cells_in,
 
 at::Tensor activation_map_cpu(const at::Tensor& pre, const at::Tensor& cells,
                               const at::Tensor& table) {
-  return map_elementwise(pre, cells, table, nullptr, "activation_map",
-                         [](act::Fn fn, auto v) { return act::apply(fn, v); });
+  return map_table(pre, cells, table, nullptr, "activation_map");
 }
 
 at::Tensor activation_map_backward_cpu(const at::Tensor& grad, const at::Tensor& pre,
                                        const at::Tensor& cells, const at::Tensor& table) {
-  return map_elementwise(pre, cells, table, &grad, "activation_map_backward",
-                         [](act::Fn fn, auto v) { return act::derivative(fn, v); });
+  return map_table(pre, cells, table, &grad, "activation_map_backward");
 }
 
 at::Tensor activation_mixture_cpu(const at::Tensor& pre_in, const at::Tensor& cells_in,
                                   const at::Tensor& probs_in) {
-  check_map_inputs(pre_in, cells_in, "activation_mixture");
-  check_probs(probs_in, pre_in);
-  const at::Tensor pre = pre_in.contiguous(), cells = cells_in.contiguous();
-  const at::Tensor probs = probs_in.contiguous();
-  at::Tensor out = at::empty_like(pre);
+  const at::Tensor pre = checked_pre(pre_in, "activation_mixture");
   const int64_t batch = pre.size(0), neurons = pre.size(1);
+  const at::Tensor cells = checked_cells(cells_in, batch, "activation_mixture");
+  const at::Tensor probs = cell_major_probs(probs_in, pre);
+  at::Tensor out = at::empty_like(pre);
   AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "activation_mixture", [&] {
     const scalar_t* x = pre.const_data_ptr<scalar_t>();
     const int64_t* c = cells.const_data_ptr<int64_t>();
     const scalar_t* p = probs.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    for_neurons(pre, [&](int64_t n0, int64_t n1) {
-      for (int64_t b = 0; b < batch; ++b) {
-        for (int64_t n = n0; n < n1; ++n) {
-          const scalar_t* w = p + (n * kCells + c[b]) * act::kNumFns;
-          const scalar_t v = x[b * neurons + n];
-          scalar_t sum = 0;
-          for (int k = 0; k < act::kNumFns; ++k) sum += w[k] * act::apply(static_cast<act::Fn>(k), v);
-          y[b * neurons + n] = sum;
-        }
-      }
+    for_neurons(batch, neurons, [&](int64_t b, int64_t n0, int64_t n1) {
+      act::apply_mixture(p + c[b] * act::kNumFns * neurons + n0, neurons, x + b * neurons + n0,
+                         n1 - n0, y + b * neurons + n0);
     });
   });
   return out;
@@ -181,15 +186,16 @@ std::tuple<at::Tensor, at::Tensor> activation_mixture_backward_cpu(const at::Ten
                                                                    const at::Tensor& pre_in,
                                                                    const at::Tensor& cells_in,
                                                                    const at::Tensor& probs_in) {
-  check_map_inputs(pre_in, cells_in, "activation_mixture_backward");
-  check_probs(probs_in, pre_in);
-  TORCH_CHECK_VALUE(grad_in.sizes() == pre_in.sizes() && grad_in.scalar_type() == pre_in.scalar_type(),
-                    "activation_mixture_backward: grad must match pre");
-  const at::Tensor pre = pre_in.contiguous(), cells = cells_in.contiguous();
-  const at::Tensor probs = probs_in.contiguous(), grad = grad_in.contiguous();
-  at::Tensor grad_pre = at::empty_like(pre);
-  at::Tensor grad_probs = at::zeros_like(probs);
+  const char* op = "activation_mixture_backward";
+  const at::Tensor pre = checked_pre(pre_in, op);
   const int64_t batch = pre.size(0), neurons = pre.size(1);
+  const at::Tensor cells = checked_cells(cells_in, batch, op);
+  const at::Tensor probs = cell_major_probs(probs_in, pre);
+  TORCH_CHECK_VALUE(grad_in.sizes() == pre.sizes() && grad_in.scalar_type() == pre.scalar_type(),
+                    op, ": grad must match pre");
+  const at::Tensor grad = grad_in.contiguous();
+  at::Tensor grad_pre = at::empty_like(pre);
+  at::Tensor grad_probs = at::zeros_like(probs);  // cell-major, as probs
   AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "activation_mixture_backward", [&] {
     const scalar_t* x = pre.const_data_ptr<scalar_t>();
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
@@ -197,23 +203,68 @@ std::tuple<at::Tensor, at::Tensor> activation_mixture_backward_cpu(const at::Ten
     const scalar_t* p = probs.const_data_ptr<scalar_t>();
     scalar_t* gx = grad_pre.mutable_data_ptr<scalar_t>();
     scalar_t* gp = grad_probs.mutable_data_ptr<scalar_t>();
-    // Each task owns its neurons' rows of grad_probs: no two tasks write the same element.
-    for_neurons(pre, [&](int64_t n0, int64_t n1) {
-      for (int64_t b = 0; b < batch; ++b) {
-        for (int64_t n = n0; n < n1; ++n) {
-          const int64_t i = b * neurons + n, cell = (n * kCells + c[b]) * act::kNumFns;
-          scalar_t slope = 0;
-          for (int k = 0; k < act::kNumFns; ++k) {
-            const auto fn = static_cast<act::Fn>(k);
-            slope += p[cell + k] * act::derivative(fn, x[i]);
-            gp[cell + k] += g[i] * act::apply(fn, x[i]);
-          }
-          gx[i] = g[i] * slope;
-        }
-      }
+    for_neurons(batch, neurons, [&](int64_t b, int64_t n0, int64_t n1) {
+      const int64_t i = b * neurons + n0, w = c[b] * act::kNumFns * neurons + n0;
+      act::mixture_backward(p + w, neurons, x + i, g + i, n1 - n0, gx + i, gp + w);
     });
   });
-  return {grad_pre, grad_probs};
+  // Back to [N, 64, 12], in probs' own layout.
+  const at::Tensor as_given = grad_probs.permute({2, 0, 1});
+  if (as_given.strides() == probs_in.strides()) return {grad_pre, as_given};
+  return {grad_pre, at::empty_like(probs_in).copy_(as_given)};
+}
+
+// --- hashing and hit counts --------------------------------------------------------------------
+
+at::Tensor simhash_cells_cpu(const at::Tensor& x_in, const at::Tensor& projections_in) {
+  check_float(x_in, "x");
+  TORCH_CHECK_VALUE(x_in.dim() == 2, "simhash_cells: x must be [batch, features], got ",
+                    x_in.sizes());
+  TORCH_CHECK_VALUE(projections_in.dim() == 2 && projections_in.size(0) == kHashBits &&
+                        projections_in.size(1) == x_in.size(1),
+                    "simhash_cells: projections must be [", kHashBits, ", ", x_in.size(1),
+                    "], got ", projections_in.sizes());
+  TORCH_CHECK_TYPE(projections_in.scalar_type() == x_in.scalar_type(),
+                   "simhash_cells: projections must have x's dtype");
+  const at::Tensor x = x_in.contiguous(), projections = projections_in.contiguous();
+  const int64_t batch = x.size(0), features = x.size(1);
+  at::Tensor cells = at::empty({batch}, x.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "simhash_cells", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* pp = projections.const_data_ptr<scalar_t>();
+    int64_t* out = cells.mutable_data_ptr<int64_t>();
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(features, 1));
+    at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) {
+      act::simhash(xp + b0 * features, b1 - b0, features, pp, kHashBits, out + b0);
+    });
+  });
+  return cells;
+}
+
+// hits[n, c] += the number of samples in cell c, for every neuron n (each neuron sees every
+// sample): only the cells that were hit are touched, row by row (cache lines in order).
+void count_hits_cpu(at::Tensor& hits, const at::Tensor& cells_in) {
+  TORCH_CHECK_TYPE(hits.scalar_type() == at::kLong, "count_hits_: hits must be int64");
+  TORCH_CHECK_VALUE(hits.dim() == 2 && hits.size(1) == kCells && hits.is_contiguous(),
+                    "count_hits_: hits must be contiguous [neurons, 64], got ", hits.sizes());
+  TORCH_CHECK_VALUE(cells_in.dim() == 1, "count_hits_: cells must be [batch]");
+  const at::Tensor cells = checked_cells(cells_in, cells_in.size(0), "count_hits_");
+  std::array<int64_t, kCells> counts{};
+  const int64_t* c = cells.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < cells.size(0); ++b) ++counts[static_cast<size_t>(c[b])];
+  std::array<int64_t, kCells> hit{};
+  int64_t num_hit = 0;
+  for (int64_t cell = 0; cell < kCells; ++cell) {
+    if (counts[static_cast<size_t>(cell)] > 0) hit[static_cast<size_t>(num_hit++)] = cell;
+  }
+  int64_t* h = hits.mutable_data_ptr<int64_t>();
+  for (int64_t n = 0; n < hits.size(0); ++n) {
+    int64_t* row = h + n * kCells;
+    for (int64_t i = 0; i < num_hit; ++i) {
+      const auto cell = static_cast<size_t>(hit[static_cast<size_t>(i)]);
+      row[cell] += counts[cell];
+    }
+  }
 }
 
 }  // namespace
@@ -227,6 +278,8 @@ TORCH_LIBRARY_FRAGMENT(spatium, m) {
   m.def(
       "activation_mixture_backward(Tensor grad, Tensor pre, Tensor cells, Tensor probs) "
       "-> (Tensor, Tensor)");
+  m.def("simhash_cells(Tensor x, Tensor projections) -> Tensor");
+  m.def("count_hits_(Tensor(a!) hits, Tensor cells) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(spatium, CPU, m) {
@@ -236,6 +289,8 @@ TORCH_LIBRARY_IMPL(spatium, CPU, m) {
   m.impl("activation_map_backward", &activation_map_backward_cpu);
   m.impl("activation_mixture", &activation_mixture_cpu);
   m.impl("activation_mixture_backward", &activation_mixture_backward_cpu);
+  m.impl("simhash_cells", &simhash_cells_cpu);
+  m.impl("count_hits_", &count_hits_cpu);
 }
 
 }  // namespace spatium

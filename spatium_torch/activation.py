@@ -109,13 +109,15 @@ class ActivationMap(nn.Module):
         self._probs_key: tuple[int, int] | None = None
         self._argmax: torch.Tensor | None = None
         self._argmax_key: tuple[int, int] | None = None
+        # (table, its version, its cell-major copy); holding the table keeps its identity.
+        self._table_copy: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     def cells(self, hash_input: torch.Tensor) -> torch.Tensor:
         """The cell (row * 8 + column) of every sample: int64 ``[...]``."""
         self._check_hash_input(hash_input)
-        signs = (hash_input.to(self.projections.dtype) @ self.projections.t()) > 0
-        weights = 1 << torch.arange(HASH_BITS, device=signs.device)
-        return (signs.long() * weights).sum(-1)
+        flat = hash_input.reshape(-1, self.hash_features).to(self.projections.dtype)
+        cells = torch.ops.spatium.simhash_cells(flat, self.projections)
+        return cells.reshape(hash_input.shape[:-1])
 
     def _check_hash_input(self, hash_input: torch.Tensor) -> None:
         if hash_input.dim() == 0 or hash_input.shape[-1] != self.hash_features:
@@ -131,7 +133,9 @@ class ActivationMap(nn.Module):
         key = (id(self.logits), self.logits._version)
         if key != self._probs_key:
             with torch.no_grad():
-                self._probs = torch.softmax(self.logits, dim=-1)
+                # Stored cell-major ([64, 12, neurons] in memory), the layout the kernels read.
+                probs = torch.softmax(self.logits, dim=-1)
+                self._probs = probs.permute(1, 2, 0).contiguous().permute(2, 0, 1)
             self._probs_key = key
             self.softmax_computations += 1
         return self._probs
@@ -143,9 +147,20 @@ class ActivationMap(nn.Module):
             return self.table
         key = (id(self.logits), self.logits._version)
         if key != self._argmax_key:
-            self._argmax = self.logits.detach().argmax(-1).to(torch.uint8)
+            self._argmax = _cell_major(self.logits.detach().argmax(-1).to(torch.uint8))
             self._argmax_key = key
         return self._argmax
+
+    def _kernel_table(self) -> torch.Tensor:
+        """function_table() stored cell-major, the layout the kernels read (a fixed map's table
+        is transposed once per change, not per call)."""
+        table = self.function_table()
+        if table.t().is_contiguous():
+            return table
+        cached = self._table_copy
+        if cached is None or cached[0] is not table or cached[1] != table._version:
+            cached = self._table_copy = (table, table._version, _cell_major(table))
+        return cached[2]
 
     def select_neurons(self, rows: torch.Tensor) -> ActivationMap:
         """A copy whose neuron i is this map's neuron rows[i]: cells, logits and hit counts
@@ -182,15 +197,18 @@ class ActivationMap(nn.Module):
             )
         cells = self.cells(hash_input.reshape(-1, self.hash_features))
         with torch.no_grad():
-            self.hits += torch.bincount(cells, minlength=CELLS)  # every neuron sees the cell
+            torch.ops.spatium.count_hits_(self.hits, cells)  # every neuron sees the cell
         flat = pre.reshape(-1, self.num_features)
         compute = torch.float64 if flat.dtype == torch.float64 else torch.float32
         flat = flat.to(compute)
         if self.logits is not None and self.training:
             probs = self.probabilities().to(compute)
-            y = _LogitsMixture.apply(flat, cells, self.logits, probs)
+            if torch.is_grad_enabled():
+                y = _LogitsMixture.apply(flat, cells, self.logits, probs)
+            else:  # nothing to differentiate: the op without the autograd Function's overhead
+                y = torch.ops.spatium.activation_mixture(flat, cells, probs)
         else:
-            y = torch.ops.spatium.activation_map(flat, cells, self.function_table())
+            y = torch.ops.spatium.activation_map(flat, cells, self._kernel_table())
         return y.to(pre.dtype).reshape(pre.shape)
 
     def extra_repr(self) -> str:
@@ -198,6 +216,11 @@ class ActivationMap(nn.Module):
             f"num_features={self.num_features}, hash_features={self.hash_features}, "
             f"init={self.init!r}, learnable={self.learnable}"
         )
+
+
+def _cell_major(table: torch.Tensor) -> torch.Tensor:
+    """The same ``[neurons, 64]`` values, stored cell-major."""
+    return table.t().contiguous().t()
 
 
 def _initial_table(neurons: int, init: str, generator: torch.Generator) -> torch.Tensor:

@@ -247,6 +247,16 @@ torch.library.register_autograd(
 )
 
 
+@torch.library.register_fake("spatium::simhash_cells")
+def _simhash_cells_fake(x: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0],), dtype=torch.int64)
+
+
+@torch.library.register_fake("spatium::count_hits_")
+def _count_hits_fake(hits: torch.Tensor, cells: torch.Tensor) -> None:
+    return None
+
+
 @torch.library.register_fake("spatium::track_activity_")
 def _track_activity_fake(
     output: torch.Tensor, activity: torch.Tensor, output_mean: torch.Tensor, momentum: float

@@ -200,3 +200,72 @@ def test_initial_logit_sets_the_starting_mixture():
     even = st.ActivationMap(2, 3, learnable=True, initial_logit=0.0)
     assert sure.probabilities()[..., 0].min() > 0.8  # relu
     torch.testing.assert_close(even.probabilities(), torch.full((2, 64, 12), 1 / 12))
+
+
+def test_cells_are_the_signs_of_the_projections():
+    amap = st.ActivationMap(3, 40, seed=10)
+    x = torch.randn(300, 40)
+    dots = x.double() @ amap.projections.double().t()
+    expected = ((dots > 0).long() * (1 << torch.arange(6))).sum(-1)
+    clear = (dots.abs() > 1e-4).all(-1)  # away from a sign decided by rounding
+    assert torch.equal(amap.cells(x)[clear], expected[clear])
+    assert torch.equal(amap.cells(x.view(3, 100, 40)), amap.cells(x).view(3, 100))
+
+
+def test_hit_counts_follow_each_cell():
+    amap = st.ActivationMap(4, 8)
+    x = torch.randn(70, 8)
+    amap(torch.randn(70, 4), x)
+    counts = torch.bincount(amap.cells(x), minlength=64)
+    assert torch.equal(amap.hits, counts.expand(4, 64))
+
+
+def test_new_ops_pass_opcheck():
+    x, projections = torch.randn(5, 7), torch.randn(6, 7)
+    torch.library.opcheck(torch.ops.spatium.simhash_cells.default, (x, projections))
+    hits = torch.zeros(3, 64, dtype=torch.int64)
+    cells = torch.tensor([0, 9, 63, 9])
+    torch.library.opcheck(torch.ops.spatium.count_hits_.default, (hits, cells))
+
+
+def test_mixture_reads_any_probability_layout():
+    pre, cells = torch.randn(9, 5), torch.randint(0, 64, (9,))
+    probs = torch.softmax(torch.randn(5, 64, 12), -1)
+    cell_major = probs.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    y = torch.ops.spatium.activation_mixture(pre, cells, probs)
+    assert torch.equal(torch.ops.spatium.activation_mixture(pre, cells, cell_major), y)
+    grad = torch.randn(9, 5)
+    gx, gp = torch.ops.spatium.activation_mixture_backward(grad, pre, cells, probs)
+    gx2, gp2 = torch.ops.spatium.activation_mixture_backward(grad, pre, cells, cell_major)
+    assert torch.equal(gx, gx2) and torch.equal(gp, gp2)
+    assert gp.stride() == probs.stride() and gp2.stride() == cell_major.stride()
+    torch.library.opcheck(torch.ops.spatium.activation_mixture.default, (pre, cells, cell_major))
+    torch.library.opcheck(
+        torch.ops.spatium.activation_mixture_backward.default, (grad, pre, cells, cell_major)
+    )
+
+
+def test_fixed_map_follows_changes_of_its_table():
+    amap = st.ActivationMap(6, 10, init="random", seed=11)
+    pre, x = torch.randn(40, 6), torch.randn(40, 10)
+    amap(pre, x)  # caches the table's cell-major copy
+    with torch.no_grad():
+        amap.table[2] = ACTIVATIONS.index("sin")
+    assert torch.equal(amap(pre, x), reference(pre, amap.cells(x), amap.table))
+    amap.load_state_dict(st.ActivationMap(6, 10, init="gradient").state_dict())
+    assert torch.equal(amap(pre, x), reference(pre, amap.cells(x), amap.table))
+
+
+def test_batch_one_and_batched_maps_agree():
+    amap = st.ActivationMap(300, 20, init="random", seed=12)
+    pre, x = torch.randn(33, 300), torch.randn(33, 20)
+    rows = torch.cat([amap(pre[i : i + 1], x[i : i + 1]) for i in range(33)])
+    assert torch.equal(rows, amap(pre, x))
+
+
+def test_training_mixture_without_grad_matches_with_grad():
+    amap = st.ActivationMap(5, 7, learnable=True, init="random", seed=13)
+    pre, x = torch.randn(20, 5), torch.randn(20, 7)
+    with torch.no_grad():
+        y = amap(pre, x)
+    assert torch.equal(y, amap(pre, x).detach())

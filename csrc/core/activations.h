@@ -1,6 +1,7 @@
 // The 12 activation functions an activation map chooses from (DESIGN §4), with derivatives.
 // Header-only and free of torch and of host-only calls, so CPU kernels inline them and CUDA
-// kernels can share them. Conventions follow torch.nn.functional: leaky_relu slope 0.01,
+// kernels can share them (float32 on the CPU runs the vectorised versions of
+// activation_kernels.h, which follow the same conventions). Conventions follow torch.nn.functional: leaky_relu slope 0.01,
 // elu alpha 1, exact (erf) gelu, softplus with beta 1 and threshold 20; relu, leaky_relu and
 // abs take the derivative at 0 from the left (0, 0.01, 0), as autograd does.
 #pragma once
