@@ -20,8 +20,9 @@ CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 
 test: lint cpp-test cuda-check py-test
 
+# nn.Linear against SpatialLayer on digits: a table, report.md and PNGs in ./spatium_report.
 demo: $(VENV)/.ext-built
-	$(PY) -m spatium_torch.demo
+	$(VENV)/bin/spatium-torch compare
 
 bench: $(CMAKE_BUILD)/build.ninja $(VENV)/.ext-built
 	cmake --build $(CMAKE_BUILD) --target core_benchmarks

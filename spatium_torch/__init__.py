@@ -4,8 +4,12 @@ memory addressed by Morton codes.
 ``SpatialLayer`` replaces ``nn.Linear``; ``freeze`` drops its latent weights; ``SpatialNetwork``
 stacks layers; ``GrowthController`` grows, prunes and rewires layers between optimizer steps;
 ``network_stats`` summarises them; ``morton_encode``/``morton_decode`` and ``layouts`` place
-inputs in space.
+inputs in space. ``st.viz`` draws pictures and ``st.Dashboard`` shows training live
+(matplotlib and rich, loaded on first use).
 """
+
+import importlib
+from typing import Any
 
 import torch  # noqa: F401  (loads libtorch, which _C links against)
 
@@ -46,3 +50,15 @@ __all__ = [
     "morton_encode",
     "network_stats",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Pictures and the dashboard need matplotlib and rich: loaded on first use, never by the core.
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"spatium_torch.{name}")
+    if name == "Dashboard":
+        return importlib.import_module("spatium_torch.dashboard").Dashboard
+    raise AttributeError(f"module 'spatium_torch' has no attribute {name!r}")
+
+
+_LAZY_MODULES = ("viz", "dashboard", "compare")
