@@ -281,10 +281,10 @@ def _growth_controller(
     return st.GrowthController(
         model,
         optimizer,
-        grow_every=50,
+        grow_every=100,
         prune_every=200,
         rewire_every=25,
-        max_neurons=hidden,
+        max_neurons=hidden // 2,
         mode="duplicate",
     )
 
