@@ -146,6 +146,7 @@ class GrowthController:
             the layers' settings.
         mode: ``"duplicate"`` or ``"partition"`` (see :meth:`SpatialLayer.grow`).
         perturbation: noise between ``"duplicate"`` children.
+        grow_ratio, drop_ratio: memory growth's thresholds (see :meth:`SpatialLayer.rewire`).
         closure: optional callable returning the loss on fixed data; it is evaluated (without
             gradients) before and after every event for the log.
         history_every: record widths, saturation and the last loss every this many steps.
@@ -166,6 +167,8 @@ class GrowthController:
         cooldown: int | None = None,
         mode: str = "duplicate",
         perturbation: float = DEFAULT_PERTURBATION,
+        grow_ratio: float = 1.0,
+        drop_ratio: float = 0.05,
         closure: Callable[[], torch.Tensor | float] | None = None,
         history_every: int = 10,
     ) -> None:
@@ -183,6 +186,13 @@ class GrowthController:
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         if mode not in SPLIT_MODES:
             raise ValueError(f"mode must be one of {SPLIT_MODES}, got {mode!r}")
+        for name, value in (
+            ("perturbation", perturbation),
+            ("grow_ratio", grow_ratio),
+            ("drop_ratio", drop_ratio),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
         self.links = link_layers(model)
         if not self.links:
             raise ValueError("GrowthController: the model has no SpatialLayer")
@@ -201,6 +211,7 @@ class GrowthController:
         self.cooldown = cooldown
         self.mode = mode
         self.perturbation = perturbation
+        self.grow_ratio, self.drop_ratio = grow_ratio, drop_ratio
         self.closure = closure
         self.history_every = history_every
         self.history = TrainingHistory()
@@ -307,7 +318,8 @@ class GrowthController:
         return change, 0
 
     def _rewire_link(self, link: Link) -> tuple[None, int]:
-        return None, sum(link.layer.rewire())
+        rewired = link.layer.rewire(grow_ratio=self.grow_ratio, drop_ratio=self.drop_ratio)
+        return None, sum(rewired)
 
     def _apply(self, link: Link, change: NeuronChange, layer_stage: Stage) -> None:
         """Builds every stage of the resize, then commits them all."""

@@ -358,6 +358,8 @@ def test_controller_bad_settings():
         st.GrowthController(model, optimizer, grow_every=0)
     with pytest.raises(ValueError, match="mode"):
         st.GrowthController(model, optimizer, mode="clone")
+    with pytest.raises(ValueError, match="drop_ratio"):
+        st.GrowthController(model, optimizer, drop_ratio=-1)
     with pytest.raises(ValueError, match="takes 7 inputs"):
         st.GrowthController(nn.Sequential(sparse_layer(), nn.Linear(7, 2)), optimizer)
     with pytest.raises(ValueError, match="no SpatialLayer"):
