@@ -260,6 +260,9 @@ def test_controller_grows_prunes_and_rewires_on_schedule():
     controller = st.GrowthController(
         model, optimizer, grow_every=20, prune_every=30, rewire_every=5, prune_threshold=0.001
     )
+    with torch.no_grad():
+        layer.bias[5] = -1e3  # a dead neuron: its relu output is always zero
+        layer.activity[5] = 0.0
     x = torch.rand(256, 64)
     target = x[:, 56:].sum(1, keepdim=True)
     start = layer.saturation().clone()
@@ -275,6 +278,7 @@ def test_controller_grows_prunes_and_rewires_on_schedule():
     kinds = {(e.kind, e.step) for e in controller.events}
     assert {("rewire", s) for s in (5, 10, 15)} <= kinds
     assert {k for k, s in kinds if s % 20 and k == "grow"} == set()
+    assert {(k, s) for k, s in kinds if k == "prune"} == {("prune", 30)}
     assert any(k == "grow" for k, _ in kinds) and layer.out_features > 8
     # Memory growth: neurons took regions the gradient asked for (the last region, 56..63).
     assert layer.saturation().mean() > start.mean()
