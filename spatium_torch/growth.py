@@ -17,7 +17,7 @@ from torch import nn
 from spatium_torch.activation import ActivationMap
 from spatium_torch.history import GrowthEvent, TrainingHistory
 from spatium_torch.layer import DEFAULT_PERTURBATION, SPLIT_MODES, SpatialLayer
-from spatium_torch.neurons import NeuronChange, Stage, place_children
+from spatium_torch.neurons import NeuronChange, Stage, parameter_like, place_children
 
 # Modules that act on each feature alone: a consumer may sit behind them.
 ELEMENTWISE = (
@@ -65,13 +65,22 @@ class Link:
 def link_layers(model: nn.Module) -> list[Link]:
     """Pairs each SpatialLayer of ``model`` (module order) with its consumer: the next
     SpatialLayer or nn.Linear, across elementwise modules, activation maps and
-    LayerNorm/BatchNorm1d. Raises ValueError naming any other module in between."""
+    LayerNorm/BatchNorm1d. Raises ValueError naming any other module in between, and any module
+    used at more than one place (its calls could not be told apart)."""
+    places: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        places.setdefault(id(module), []).append(name)
     links: list[Link] = []
     for name, module in _leaves(model):
         pending = links[-1] if links and links[-1].consumer is None else None
         if pending is not None and isinstance(module, CONSUMERS):
             for between in pending.tail:
                 _check_between(pending, *between)
+                if len(places[id(between[1])]) > 1:
+                    raise ValueError(
+                        f"GrowthController: {' and '.join(places[id(between[1])])} are the same "
+                        f"{type(between[1]).__name__}; give each place its own module"
+                    )
             _check_consumer(pending, name, module)
             pending.consumer = (name, module)
         elif pending is not None:
@@ -217,11 +226,9 @@ class GrowthController:
         self.history = TrainingHistory()
         self.steps = 0
         self.last_loss: float | None = None
-        self._handles = [optimizer.register_step_post_hook(self._after_step)]
+        self._handle = optimizer.register_step_post_hook(self._after_step)
         for link in self.links:
-            handle = self._measure_activity(link)
-            if handle is not None:
-                self._handles.append(handle)
+            self._measure_activity(link)
         if rewire_every == 1:
             self._collect_gradients(True)
 
@@ -236,12 +243,25 @@ class GrowthController:
 
     def remove(self) -> None:
         """Detaches the controller from the optimizer and the model."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._handle.remove()
         for link in self.links:
             link.layer.track_activity = True
             link.layer.collect_region_gradients = False
+            for _, module in link.tail:
+                hooks = module._forward_hooks
+                for key in [k for k, h in hooks.items() if isinstance(h, _ActivityProbe)]:
+                    del hooks[key]
+
+    # Copies (copy.deepcopy, pickling a SpatialNetwork) hook the copied optimizer again; the
+    # activity probes travel with the copied modules.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_handle"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._handle = self.optimizer.register_step_post_hook(self._after_step)
 
     # --- events ---------------------------------------------------------------------------------
     def grow(self) -> list[GrowthEvent]:
@@ -297,8 +317,15 @@ class GrowthController:
     def _loss(self) -> float | None:
         if self.closure is None:
             return self.last_loss
-        with torch.no_grad():
-            return float(self.closure())
+        # In eval mode: measuring the loss must not move running statistics or activity.
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return float(self.closure())
+        finally:
+            for module, training in modes:
+                module.training = training
 
     def _grow_link(self, link: Link) -> tuple[NeuronChange, int]:
         change, stage = link.layer._plan_growth(
@@ -342,8 +369,8 @@ class GrowthController:
             return values
         if any(isinstance(module, ActivationMap) for _, module in link.tail):
             return link.layer.output_mean[change.removed].float()
-        vector = link.layer.output_mean.clone().float()
-        vector[change.removed] = change.removed_output
+        vector = link.layer.output_mean.clone()  # in the model's dtype, as the tail expects
+        vector[change.removed] = change.removed_output.to(vector.dtype)
         vector = vector.unsqueeze(0)
         with torch.no_grad():
             for _, module in link.tail:
@@ -353,25 +380,38 @@ class GrowthController:
                     vector = module(vector)
                 finally:
                     module.train(was_training)
-        values[exact] = vector[0, change.removed[exact]]
+        values[exact] = vector[0, change.removed[exact]].to(values.dtype)
         return values
 
-    def _measure_activity(self, link: Link) -> torch.utils.hooks.RemovableHandle | None:
+    def _measure_activity(self, link: Link) -> None:
         measured = [m for _, m in link.tail if not isinstance(m, (nn.Dropout, nn.AlphaDropout))]
         if not measured:
-            return None
+            return
         layer = link.layer
         layer.track_activity = False
-
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if layer.training and output.shape[-1] == layer.out_features:
-                layer.update_activity(output)
-
-        return measured[-1].register_forward_hook(hook)
+        with torch.no_grad():
+            # What was measured before the elementwise modules does not describe the outputs
+            # the consumer sees: start over (no evidence of idleness yet).
+            layer.activity.fill_(1.0)
+            layer.output_mean.zero_()
+        measured[-1].register_forward_hook(_ActivityProbe(layer))
 
     def _collect_gradients(self, on: bool) -> None:
         for link in self.links:
             link.layer.collect_region_gradients = on
+
+
+class _ActivityProbe:
+    """Forward hook on the last elementwise module after a layer: updates the layer's activity
+    from the outputs its consumer sees (a class, not a closure, so models can be copied and
+    pickled with it)."""
+
+    def __init__(self, layer: SpatialLayer) -> None:
+        self.layer = layer
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self.layer.training and output.shape[-1] == self.layer.out_features:
+            self.layer.update_activity(output)
 
 
 def _stage_tail_module(module: nn.Module, change: NeuronChange) -> Stage:
@@ -393,7 +433,7 @@ def _stage_tail_module(module: nn.Module, change: NeuronChange) -> Stage:
     if not isinstance(module, NORMS):
         return Stage(lambda: None)
     params = {n: p for n, p in module.named_parameters(recurse=False) if p is not None}
-    new_params = {n: nn.Parameter(p.detach()[rows].clone()) for n, p in params.items()}
+    new_params = {n: parameter_like(p, p.detach()[rows].clone()) for n, p in params.items()}
     buffers = {
         n: b[rows].clone()
         for n, b in module.named_buffers(recurse=False)
@@ -422,7 +462,7 @@ def _stage_consumer(link: Link, change: NeuronChange, folded: torch.Tensor) -> S
         weight = consumer.dequantized_weight()
     else:
         weight = consumer.weight.detach()
-        new_weight = nn.Parameter(weight[:, rows] * scale)
+        new_weight = parameter_like(consumer.weight, weight[:, rows] * scale)
 
         def resize() -> None:
             consumer._parameters["weight"] = new_weight
@@ -475,6 +515,13 @@ def _stage_optimizer(
         state = optimizer.state.get(old)
         new_state = None
         if state is not None:
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != old.shape:
+                    raise ValueError(
+                        f"GrowthController: optimizer state {key!r} has shape "
+                        f"{tuple(value.shape)}, not its parameter's {tuple(old.shape)}; "
+                        f"{type(optimizer).__name__} state cannot follow a resize"
+                    )
             new_state = {
                 key: follow(value).clone()
                 if isinstance(value, torch.Tensor) and value.shape == old.shape

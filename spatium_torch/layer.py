@@ -14,7 +14,7 @@ from torch import nn
 from spatium_torch import layouts
 from spatium_torch.activation import ActivationMap
 from spatium_torch.memory import LayerMemory
-from spatium_torch.neurons import NeuronChange, Stage, place_children
+from spatium_torch.neurons import NeuronChange, Stage, parameter_like, place_children
 from spatium_torch.ops import CODE_BITS, MAX_COORD, morton_decode, morton_encode
 
 VALID_BITS = (1, 2, 4, 8)
@@ -626,14 +626,17 @@ class SpatialLayer(nn.Module):
         if order is not None:
             covered = torch.empty_like(covered).index_copy_(1, order, covered)
         weight[covered & ~inherited] = 0.0
-        new_weight = nn.Parameter(weight)
+        old_weight = self._parameters["weight"]
+        new_weight = parameter_like(old_weight, weight)
         new_map = None
+        replaced = [(old_weight, new_weight, lambda t: t[:, columns])]
         if self.activation_map is not None:
             # The hash keeps its value: a duplicated input's projections are split like weights.
             new_map = copy.deepcopy(self.activation_map)
             new_map.projections = self.activation_map.projections[:, columns] * scale
             new_map.hash_features = len(columns)
-        old_weight = self._parameters["weight"]
+            if new_map.logits is not None:
+                replaced.append((self.activation_map.logits, new_map.logits, lambda t: t))
 
         def commit() -> None:
             self._install(memory)
@@ -646,7 +649,7 @@ class SpatialLayer(nn.Module):
                 self.activation_map = new_map
             self._region_gradients = None
 
-        return Stage(commit, [(old_weight, new_weight, lambda t: t[:, columns])])
+        return Stage(commit, replaced)
 
     def _select_neurons(self, rows: torch.Tensor) -> None:
         """Makes neuron i the current neuron rows[i] (a row twice: a copy; left out: removed):
@@ -681,8 +684,10 @@ class SpatialLayer(nn.Module):
         old_weight, old_bias = self._parameters["weight"], self._parameters["bias"]
         if weight is None and old_weight is not None:
             weight = old_weight.detach()[rows]
-        new_weight = None if weight is None else nn.Parameter(weight.clone())
-        new_bias = None if old_bias is None else nn.Parameter(old_bias.detach()[rows].clone())
+        new_weight = None if weight is None else parameter_like(old_weight, weight.clone())
+        new_bias = None
+        if old_bias is not None:
+            new_bias = parameter_like(old_bias, old_bias.detach()[rows].clone())
         new_map = None if self.activation_map is None else self.activation_map.select_neurons(rows)
         buffers = {
             "neuron_positions": self.neuron_positions[rows] if positions is None else positions,
@@ -867,6 +872,8 @@ class SpatialLayer(nn.Module):
         except (TypeError, ValueError) as error:
             raise ValueError(f"{where}: {error}") from None
         extra_key = prefix + "_extra_state"
+        if extra_key not in state_dict and not torch.equal(positions, self.input_positions):
+            raise ValueError(f"{where}: new input_positions need the memory (_extra_state) too")
         if extra_key in state_dict:
             state = state_dict[extra_key]
             self._memory_from_state(state, positions)

@@ -63,6 +63,12 @@ class SpatialNetwork(nn.Sequential):
         self.optimizer = torch.optim.Adam(self.parameters(), lr=lr)
         self.controller = GrowthController(self, self.optimizer)
 
+    def __getitem__(self, index: int | slice) -> nn.Module:
+        # A slice is a plain Sequential: its layers need not make a SpatialNetwork.
+        if isinstance(index, slice):
+            return nn.Sequential(*list(self._modules.values())[index])
+        return super().__getitem__(index)
+
     def train_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """One optimizer step on the mean squared error; returns that error (before the step)."""
         self.train()

@@ -115,6 +115,11 @@ def _offsets_within(radius: int) -> tuple[torch.Tensor, list[float]]:
     return offsets[order], lengths[order].tolist()
 
 
+def parameter_like(old: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
+    """A new Parameter holding ``data`` that is trainable when ``old`` was."""
+    return nn.Parameter(data, requires_grad=old.requires_grad)
+
+
 @dataclass
 class Stage:
     """A change built aside: ``commit()`` installs it with assignments only (it cannot fail), so

@@ -455,6 +455,103 @@ def test_a_grown_model_saves_and_loads_into_a_model_of_its_widths():
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
+def test_a_consumer_learnable_map_stays_in_the_optimizer():
+    torch.manual_seed(0)
+    layer = sparse_layer(growth_threshold=0.8)
+    saturate(layer, [1, 2])
+    head = st.SpatialLayer(8, 3, activation="map", map_learnable=True)
+    model = nn.Sequential(layer, nn.ReLU(), head)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, target = torch.rand(16, 64), torch.rand(16, 3)
+    step(model, optimizer, x, target)
+    st.GrowthController(model, optimizer).grow()
+    logits = head.activation_map.logits
+    assert any(p is logits for g in optimizer.param_groups for p in g["params"])
+    assert logits in optimizer.state
+    before = logits.detach().clone()
+    step(model, optimizer, x, target)
+    assert not torch.equal(head.activation_map.logits, before)
+
+
+def test_pruning_a_float64_model_through_batchnorm_folds_exactly():
+    torch.manual_seed(0)
+    layer = sparse_layer()
+    mask = layer.region_mask()
+    mask[6] = False
+    layer.set_active_regions(mask)
+    model = nn.Sequential(layer, nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    controller = st.GrowthController(model, optimizer)
+    model(torch.rand(32, 64, dtype=torch.float64))  # BatchNorm's running statistics move
+    model.eval()
+    x = torch.rand(8, 64, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+    (event,) = controller.prune(0.01)
+    assert event.pruned == 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=1e-9)
+
+
+def test_copies_and_pickles_of_a_controlled_model_measure_themselves(tmp_path):
+    import copy
+
+    model = nn.Sequential(sparse_layer(), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    st.GrowthController(model, optimizer)
+    twin = copy.deepcopy(model)
+    activity = model[0].activity.clone()
+    with torch.no_grad():
+        twin[0].bias.fill_(-1e3)  # the twin's neurons go silent
+    twin(torch.rand(16, 64))
+    assert torch.equal(model[0].activity, activity)
+    assert (twin[0].activity < 1).all()
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    loaded(torch.rand(4, 64))
+    net = st.SpatialNetwork([4, 8, 2], growth_threshold=0.5)
+    net.controller.grow_every = 1
+    copied = copy.deepcopy(net)
+    copied.train_batch(torch.randn(8, 4), torch.randn(8, 2))
+    assert copied[0].out_features == 10 and net[0].out_features == 8
+
+
+def test_what_the_controller_refuses_or_resets():
+    relu = nn.ReLU()
+    shared = nn.Sequential(sparse_layer(), relu, st.SpatialLayer(8, 8), relu, nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="same ReLU"):
+        st.GrowthController(shared, torch.optim.SGD(shared.parameters(), lr=0.1))
+    # Adafactor's factored state has other shapes than its parameters: a resize is refused and
+    # nothing changes.
+    layer = sparse_layer(growth_threshold=0.8)
+    saturate(layer, [0])
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.Adafactor(model.parameters())
+    step(model, optimizer, torch.rand(4, 64), torch.rand(4, 2))
+    controller = st.GrowthController(model, optimizer)
+    with pytest.raises(ValueError, match="Adafactor"):
+        controller.grow()
+    assert layer.out_features == 8 and layer.weight in optimizer.state
+    # Statistics measured before the activation are dropped when the controller takes over.
+    fresh = sparse_layer().train()
+    fresh(torch.rand(8, 64))
+    st.GrowthController(nn.Sequential(fresh, nn.ReLU(), nn.Linear(8, 2)), optimizer)
+    assert (fresh.activity == 1).all() and (fresh.output_mean == 0).all()
+
+
+def test_resizes_keep_frozen_parameters_frozen_and_slices_work():
+    layer = sparse_layer(growth_threshold=0.8)
+    saturate(layer, [0])
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(8, 2))
+    layer.bias.requires_grad_(False)
+    model[2].weight.requires_grad_(False)
+    st.GrowthController(model, torch.optim.SGD(model.parameters(), lr=0.1)).grow()
+    assert not layer.bias.requires_grad and not model[2].weight.requires_grad
+    assert layer.weight.requires_grad
+    net = st.SpatialNetwork([4, 8, 2])
+    assert isinstance(net[:1], nn.Sequential) and net[:1][0] is net[0]
+
+
 # --- growth pays --------------------------------------------------------------------------------
 def test_growth_pays_on_digits():
     """The issue's experiment: a 64-8-10 spatial MLP with memory growth, with and without
