@@ -18,6 +18,16 @@ def saturate(layer, neurons):
     layer.set_active_regions(mask)
 
 
+def layer_with_empty_neuron(neuron):
+    """A sparse layer whose `neuron` holds no block (its output is its bias)."""
+    torch.manual_seed(0)
+    layer = sparse_layer()
+    mask = layer.region_mask()
+    mask[neuron] = False
+    layer.set_active_regions(mask)
+    return layer
+
+
 def sparse_layer(out=8, **kw):
     return st.SpatialLayer(64, out, region_bits=3, density=0.375, **kw)
 
@@ -158,11 +168,7 @@ def test_grid_dims_bound_growth_and_children_sit_next_to_their_parent():
 
 # --- pruning ----------------------------------------------------------------------------------
 def test_pruning_a_neuron_with_no_blocks_folds_its_output_into_the_consumer_bias():
-    torch.manual_seed(0)
-    layer = sparse_layer()
-    mask = layer.region_mask()
-    mask[4] = False
-    layer.set_active_regions(mask)
+    layer = layer_with_empty_neuron(4)
     model = nn.Sequential(layer, nn.Sigmoid(), st.SpatialLayer(8, 5, bits=8))
     optimizer = torch.optim.Adam(model.parameters())
     controller = st.GrowthController(model, optimizer)
@@ -474,11 +480,7 @@ def test_a_consumer_learnable_map_stays_in_the_optimizer():
 
 
 def test_pruning_a_float64_model_through_batchnorm_folds_exactly():
-    torch.manual_seed(0)
-    layer = sparse_layer()
-    mask = layer.region_mask()
-    mask[6] = False
-    layer.set_active_regions(mask)
+    layer = layer_with_empty_neuron(6)
     model = nn.Sequential(layer, nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     controller = st.GrowthController(model, optimizer)
