@@ -17,7 +17,13 @@ from torch import nn
 from spatium_torch.activation import ActivationMap
 from spatium_torch.history import GrowthEvent, TrainingHistory
 from spatium_torch.layer import DEFAULT_PERTURBATION, SPLIT_MODES, SpatialLayer
-from spatium_torch.neurons import NeuronChange, Stage, parameter_like, place_children
+from spatium_torch.neurons import (
+    NeuronChange,
+    Stage,
+    check_non_negative,
+    parameter_like,
+    place_children,
+)
 
 # Modules that act on each feature alone: a consumer may sit behind them.
 ELEMENTWISE = (
@@ -189,9 +195,9 @@ class GrowthController:
             ("rewire_every", rewire_every),
             ("history_every", history_every),
         ):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-            if value is not None and value < 1:
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         if mode not in SPLIT_MODES:
             raise ValueError(f"mode must be one of {SPLIT_MODES}, got {mode!r}")
@@ -200,8 +206,7 @@ class GrowthController:
             ("grow_ratio", grow_ratio),
             ("drop_ratio", drop_ratio),
         ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+            check_non_negative(value, name)
         self.links = link_layers(model)
         if not self.links:
             raise ValueError("GrowthController: the model has no SpatialLayer")
@@ -459,10 +464,8 @@ def _stage_consumer(link: Link, change: NeuronChange, folded: torch.Tensor) -> S
     if isinstance(consumer, SpatialLayer):
         positions = _consumer_positions(consumer, link.layer, change)
         stage = consumer._stage_inputs(rows, scale, positions)
-        weight = consumer.dequantized_weight()
     else:
-        weight = consumer.weight.detach()
-        new_weight = parameter_like(consumer.weight, weight[:, rows] * scale)
+        new_weight = parameter_like(consumer.weight, consumer.weight.detach()[:, rows] * scale)
 
         def resize() -> None:
             consumer._parameters["weight"] = new_weight
@@ -472,6 +475,11 @@ def _stage_consumer(link: Link, change: NeuronChange, folded: torch.Tensor) -> S
     bias = consumer.bias
     if bias is None or change.pruned == 0:
         return stage
+    # The weights the forward pass uses: a SpatialLayer's quantized ones.
+    if isinstance(consumer, SpatialLayer):
+        weight = consumer.dequantized_weight()
+    else:
+        weight = consumer.weight.detach()
     shift = weight[:, change.removed].double() @ folded.double()
     resize_inputs = stage.commit
 

@@ -14,7 +14,13 @@ from torch import nn
 from spatium_torch import layouts
 from spatium_torch.activation import ActivationMap
 from spatium_torch.memory import LayerMemory
-from spatium_torch.neurons import NeuronChange, Stage, parameter_like, place_children
+from spatium_torch.neurons import (
+    NeuronChange,
+    Stage,
+    check_non_negative,
+    parameter_like,
+    place_children,
+)
 from spatium_torch.ops import CODE_BITS, MAX_COORD, morton_decode, morton_encode
 
 VALID_BITS = (1, 2, 4, 8)
@@ -278,20 +284,12 @@ class SpatialLayer(nn.Module):
         dense = torch.ops.spatium.dequantize(
             self._views, self.bits, self.in_features, self.out_features
         )
-        if self._order is None:
-            return dense
-        out = torch.empty_like(dense)
-        out[:, self._order] = dense
-        return out
+        return _to_input_order(dense, self._order)
 
     def block_mask(self) -> torch.Tensor:
         """``[out, in]`` bool: True where the weight lies in an active block."""
         mask = torch.ops.spatium.active_mask(self._views, self.in_features, self.out_features)
-        if self._order is None:
-            return mask
-        out = torch.empty_like(mask)
-        out[:, self._order] = mask
-        return out
+        return _to_input_order(mask, self._order)
 
     # --- growth statistics ----------------------------------------------------------------------
     def region_mask(self) -> torch.Tensor:
@@ -403,12 +401,7 @@ class SpatialLayer(nn.Module):
 
     def _columns_of(self, region_mask: torch.Tensor) -> torch.Tensor:
         """``[rows, in]`` bool in the inputs' order: which inputs the given blocks cover."""
-        sorted_columns = region_mask[:, self._region_of_sorted_input()]
-        if self._order is None:
-            return sorted_columns
-        columns = torch.empty_like(sorted_columns)
-        columns[:, self._order] = sorted_columns
-        return columns
+        return _to_input_order(region_mask[:, self._region_of_sorted_input()], self._order)
 
     def _plan_growth(
         self,
@@ -422,8 +415,7 @@ class SpatialLayer(nn.Module):
         self._check_resizable()
         if mode not in SPLIT_MODES:
             raise ValueError(f"mode must be one of {SPLIT_MODES}, got {mode!r}")
-        if not (isinstance(perturbation, (int, float)) and perturbation >= 0):
-            raise ValueError(f"perturbation must be a non-negative number, got {perturbation!r}")
+        check_non_negative(perturbation, "perturbation")
         threshold = self.growth_threshold if threshold is None else threshold
         fraction = self.max_split_fraction if max_split_fraction is None else max_split_fraction
         cooldown = self.cooldown if cooldown is None else cooldown
@@ -479,7 +471,7 @@ class SpatialLayer(nn.Module):
                 keep = math.ceil(len(active) / 2)
                 drop = active[keep:] if not moved[child] else active[:keep]
                 new_mask[child, drop] = False
-        elif perturbation > 0 and len(parents):
+        elif perturbation > 0:
             # Opposite noise on the two children, inside the parent's blocks, scaled to the RMS
             # of its weights there.
             parent_weight = self.weight.detach()[parents]
@@ -528,16 +520,15 @@ class SpatialLayer(nn.Module):
         self._check_resizable()
         if max_changes is not None and (isinstance(max_changes, bool) or max_changes < 0):
             raise ValueError(f"max_changes must be a non-negative int, got {max_changes!r}")
-        for name, value in (("grow_ratio", grow_ratio), ("drop_ratio", drop_ratio)):
-            if not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        check_non_negative(grow_ratio, "grow_ratio")
+        check_non_negative(drop_ratio, "drop_ratio")
         budget = self.out_features if max_changes is None else max_changes
         self._sync()
         mask = self.region_mask()
         sizes = self.region_sizes().to(torch.float32)
         region = self._region_of_sorted_input()
         latent = self._sorted_latent().detach().float()
-        weight_rms = _sum_per_region(latent.square(), region, len(sizes)) / sizes
+        weight_rms = (_sum_per_region(latent.square(), region, len(sizes)) / sizes).sqrt()
         # Activate: the inactive region with the largest gradient RMS, if it beats the median
         # of the neuron's active blocks.
         activate = torch.zeros_like(mask)
@@ -551,7 +542,6 @@ class SpatialLayer(nn.Module):
             chosen = _strongest(strength, wanted, budget)
             activate[chosen, region_index[chosen]] = True
         # Drop: blocks whose weights became negligible; each neuron keeps its strongest block.
-        weight_rms = weight_rms.sqrt()
         typical = _masked_median(weight_rms, mask)
         weak = mask & (weight_rms < drop_ratio * typical.unsqueeze(1))
         strongest = weight_rms.masked_fill(~mask, -1.0).argmax(1)
@@ -622,9 +612,7 @@ class SpatialLayer(nn.Module):
         sorted_inherited = inherited if order is None else inherited[:, order]
         region_mask = _sum_per_region(sorted_inherited.float(), region, memory.num_regions()) > 0
         memory.set_active(region_mask)
-        covered = region_mask[:, region]
-        if order is not None:
-            covered = torch.empty_like(covered).index_copy_(1, order, covered)
+        covered = _to_input_order(region_mask[:, region], order)
         weight[covered & ~inherited] = 0.0
         old_weight = self._parameters["weight"]
         new_weight = parameter_like(old_weight, weight)
@@ -909,6 +897,15 @@ def _morton_order(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor |
     sorted_codes, order = torch.sort(morton_encode(positions))
     identity = torch.equal(order, torch.arange(len(order)))
     return sorted_codes, None if identity else order
+
+
+def _to_input_order(sorted_columns: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """``[rows, in]`` columns in Morton order rearranged into the inputs' order."""
+    if order is None:
+        return sorted_columns
+    columns = torch.empty_like(sorted_columns)
+    columns[:, order] = sorted_columns
+    return columns
 
 
 def _region_of(region_begin: torch.Tensor, count: int) -> torch.Tensor:

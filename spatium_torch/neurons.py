@@ -115,6 +115,12 @@ def _offsets_within(radius: int) -> tuple[torch.Tensor, list[float]]:
     return offsets[order], lengths[order].tolist()
 
 
+def check_non_negative(value: float, name: str) -> None:
+    """Raises ValueError unless ``value`` is a non-negative number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+
+
 def parameter_like(old: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
     """A new Parameter holding ``data`` that is trainable when ``old`` was."""
     return nn.Parameter(data, requires_grad=old.requires_grad)
