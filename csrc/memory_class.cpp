@@ -1,7 +1,8 @@
-// torch.classes.spatium.SpatialMemory: the C++ store, reachable from Python. The ops take its
-// arrays as tensors (views(), in the order of kMemoryParts in spatial_ops.cpp); those views keep
-// both the holder and the arrays they show alive, so a layout change (which builds new arrays)
-// never leaves a saved view pointing at freed memory.
+// torch.classes.spatium.SpatialMemory: the torch-free store on the host, reachable from Python.
+// A layer keeps its store as tensors (buffers on the layer's device); this class builds and
+// checks those arrays on the host: a new layout, layout changes (growth, rewiring), validation
+// of a saved state, the bloom filter, stats and the point API. parts() and from_parts() are the
+// way in and out.
 #include "memory_class.h"
 
 #include <ATen/ATen.h>
@@ -25,13 +26,6 @@ std::vector<T> to_vector(const at::Tensor& t, at::ScalarType dtype, const char* 
   const at::Tensor c = t.to(at::kCPU).contiguous();
   const auto* data = static_cast<const T*>(c.const_data_ptr());
   return std::vector<T>(data, data + c.numel());
-}
-
-// A tensor over `data` that keeps `owner` alive as long as it (or a view of it) lives.
-template <class T, class Owner>
-at::Tensor view_of(const T* data, size_t count, at::ScalarType dtype, Owner owner) {
-  return at::from_blob(const_cast<T*>(data), {static_cast<int64_t>(count)},
-                       [owner](void*) {}, at::TensorOptions().dtype(dtype));
 }
 
 template <class T>
@@ -93,18 +87,6 @@ int64_t state_bytes(const Holder& self) {
   return total;
 }
 
-std::vector<at::Tensor> views(const Holder& self) {
-  const SpatialMemory& m = self->memory;
-  const auto& blocks = m.blocks();
-  auto keep = std::make_pair(self, blocks);
-  return {view_of(m.region_begins().data(), m.region_begins().size(), at::kLong, keep),
-          view_of(blocks->bitmap.data(), blocks->bitmap.size(), at::kLong, keep),
-          view_of(blocks->block_begin.data(), blocks->block_begin.size(), at::kLong, keep),
-          view_of(blocks->code_begin.data(), blocks->code_begin.size(), at::kLong, keep),
-          view_of(blocks->scales.data(), blocks->scales.size(), at::kShort, keep),
-          view_of(blocks->codes.data(), blocks->codes.size(), at::kByte, keep)};
-}
-
 void set_active(const Holder& self, const at::Tensor& mask) {
   SpatialMemory& m = self->memory;
   TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(0) == m.out_features() &&
@@ -154,7 +136,6 @@ TORCH_LIBRARY_FRAGMENT(spatium, m) {
       .def("region_bits", [](const Holder& self) { return int64_t{self->memory.region_bits()}; })
       .def("num_regions", [](const Holder& self) { return self->memory.num_regions(); })
       .def("active_blocks", [](const Holder& self) { return self->memory.active_blocks(); })
-      .def("views", &views)
       .def("parts", &parts)
       .def("set_active", &set_active)
       .def("contains",

@@ -1,5 +1,5 @@
-// Schemas and CPU impls of the spatial-memory ops. Each takes the memory as its six arrays
-// (`Tensor[] memory`, from SpatialMemory.views(); layout in core/spatial_memory.h):
+// Schemas and CPU impls of the spatial-memory ops. Each takes the store as its six arrays, by
+// name (a layer's `store` buffers; layout in core/spatial_memory.h):
 //   region_begin int64, bitmap int64, block_begin int64, code_begin int64,
 //   scales int16 (fp16 bits), codes uint8
 // Forward and backward dequantize each block once per call into a small panel and multiply it
@@ -17,7 +17,6 @@
 namespace spatium {
 namespace {
 
-constexpr int64_t kMemoryParts = 6;
 constexpr int64_t kPanelFloats = int64_t{1} << 16;  // 256 KiB panels: they stay in L2
 // Weights per parallel task: below it a layer runs on one thread (a parallel region costs
 // microseconds, a small layer's whole forward less).
@@ -26,28 +25,40 @@ constexpr int64_t kWeightsPerTask = int64_t{1} << 15;
 // with each row); above, dense panels through at::mm amortize better.
 constexpr int64_t kSmallBatch = 4;
 
-const at::Tensor& part(at::TensorList memory, int64_t i, at::ScalarType dtype, const char* name) {
-  const at::Tensor& t = memory[i];
+// The store's arrays as the ops receive them.
+struct Store {
+  const at::Tensor& region_begin;
+  const at::Tensor& bitmap;
+  const at::Tensor& block_begin;
+  const at::Tensor& code_begin;
+  const at::Tensor& scales;
+  const at::Tensor& codes;
+};
+
+void check_part(const at::Tensor& t, at::ScalarType dtype, const char* name) {
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, "spatium: memory ", name, " must be ", dtype,
                    ", got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 1 && t.is_contiguous() && t.device().is_cpu(),
-                    "spatium: memory ", name, " must be a contiguous 1-D CPU tensor");
-  return t;
+                    "spatium: memory ", name, " must be a contiguous 1-D CPU tensor, got ",
+                    t.dim(), "-D on ", t.device());
 }
 
 // Checks that the six arrays describe one consistent memory and returns the kernels' view.
-PackedView view_of(at::TensorList memory, int64_t bits, int64_t in_features,
-                   int64_t out_features) {
-  TORCH_CHECK_VALUE(memory.size() == kMemoryParts, "spatium: memory must be ", kMemoryParts,
-                    " tensors (SpatialMemory.views()), got ", memory.size());
+PackedView view_of(const Store& s, int64_t bits, int64_t in_features, int64_t out_features) {
   TORCH_CHECK_VALUE(quant::valid_bits(static_cast<int>(bits)), "spatium: bits must be 1, 2, 4 or 8, got ",
                     bits);
-  const at::Tensor& region_begin = part(memory, 0, at::kLong, "region_begin");
-  const at::Tensor& bitmap = part(memory, 1, at::kLong, "bitmap");
-  const at::Tensor& block_begin = part(memory, 2, at::kLong, "block_begin");
-  const at::Tensor& code_begin = part(memory, 3, at::kLong, "code_begin");
-  const at::Tensor& scales = part(memory, 4, at::kShort, "scales");
-  const at::Tensor& codes = part(memory, 5, at::kByte, "codes");
+  check_part(s.region_begin, at::kLong, "region_begin");
+  check_part(s.bitmap, at::kLong, "bitmap");
+  check_part(s.block_begin, at::kLong, "block_begin");
+  check_part(s.code_begin, at::kLong, "code_begin");
+  check_part(s.scales, at::kShort, "scales");
+  check_part(s.codes, at::kByte, "codes");
+  const at::Tensor& region_begin = s.region_begin;
+  const at::Tensor& bitmap = s.bitmap;
+  const at::Tensor& block_begin = s.block_begin;
+  const at::Tensor& code_begin = s.code_begin;
+  const at::Tensor& scales = s.scales;
+  const at::Tensor& codes = s.codes;
   PackedView v;
   v.bits = static_cast<int>(bits);
   v.num_regions = region_begin.numel() - 1;
@@ -111,10 +122,12 @@ at::Tensor dequantized_panel(const PackedView& v, int64_t n0, int64_t n1, at::Sc
 }
 
 at::Tensor spatial_linear_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
-                              const std::optional<at::Tensor>& bias, at::TensorList memory,
+                              const std::optional<at::Tensor>& bias, const at::Tensor& region_begin, const at::Tensor& bitmap,
+                              const at::Tensor& block_begin, const at::Tensor& code_begin,
+                              const at::Tensor& scales, const at::Tensor& codes,
                               int64_t bits, int64_t out_features) {
   check_input(x_in, "spatial_linear", "x");
-  const PackedView v = view_of(memory, bits, x_in.size(1), out_features);
+  const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes}, bits, x_in.size(1), out_features);
   const at::Tensor x = x_in.contiguous();
   const int64_t batch = x.size(0);
   at::Tensor y;
@@ -151,10 +164,12 @@ at::Tensor spatial_linear_cpu(const at::Tensor& x_in, const std::optional<at::Te
   return y;
 }
 
-at::Tensor spatial_linear_backward_input_cpu(const at::Tensor& grad_y_in, at::TensorList memory,
+at::Tensor spatial_linear_backward_input_cpu(const at::Tensor& grad_y_in, const at::Tensor& region_begin, const at::Tensor& bitmap,
+                              const at::Tensor& block_begin, const at::Tensor& code_begin,
+                              const at::Tensor& scales, const at::Tensor& codes,
                                              int64_t bits, int64_t in_features) {
   check_input(grad_y_in, "spatial_linear_backward_input", "grad_y");
-  const PackedView v = view_of(memory, bits, in_features, grad_y_in.size(1));
+  const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes}, bits, in_features, grad_y_in.size(1));
   const at::Tensor grad_y = grad_y_in.contiguous();
   const int64_t batch = grad_y.size(0);
   const int64_t rows = panel_rows(in_features);
@@ -193,9 +208,12 @@ at::Tensor spatial_linear_backward_input_cpu(const at::Tensor& grad_y_in, at::Te
   return grad_x;
 }
 
-at::Tensor active_mask_cpu(at::TensorList memory, int64_t in_features, int64_t out_features) {
+at::Tensor active_mask_cpu(const at::Tensor& region_begin, const at::Tensor& bitmap,
+                              const at::Tensor& block_begin, const at::Tensor& code_begin,
+                              const at::Tensor& scales, const at::Tensor& codes, int64_t in_features,
+                           int64_t out_features) {
   // The mask does not depend on the code width; 8 only satisfies the view's check.
-  const PackedView v = view_of(memory, 8, in_features, out_features);
+  const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes}, 8, in_features, out_features);
   at::Tensor mask = at::empty({v.out_features, in_features}, at::kBool);
   auto* out = reinterpret_cast<uint8_t*>(mask.mutable_data_ptr<bool>());
   at::parallel_for(0, v.out_features, neuron_grain(v), [&](int64_t n0, int64_t n1) {
@@ -204,9 +222,11 @@ at::Tensor active_mask_cpu(at::TensorList memory, int64_t in_features, int64_t o
   return mask;
 }
 
-at::Tensor dequantize_cpu(at::TensorList memory, int64_t bits, int64_t in_features,
-                          int64_t out_features) {
-  const PackedView v = view_of(memory, bits, in_features, out_features);
+at::Tensor dequantize_cpu(const at::Tensor& region_begin, const at::Tensor& bitmap,
+                              const at::Tensor& block_begin, const at::Tensor& code_begin,
+                              const at::Tensor& scales, const at::Tensor& codes, int64_t bits,
+                          int64_t in_features, int64_t out_features) {
+  const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes}, bits, in_features, out_features);
   at::Tensor dense = at::empty({v.out_features, in_features}, at::kFloat);
   float* out = dense.mutable_data_ptr<float>();
   at::parallel_for(0, v.out_features, neuron_grain(v), [&](int64_t n0, int64_t n1) {
@@ -215,33 +235,41 @@ at::Tensor dequantize_cpu(at::TensorList memory, int64_t bits, int64_t in_featur
   return dense;
 }
 
-void requantize_cpu(const at::Tensor& latent_in, at::TensorList memory, int64_t bits) {
+void requantize_cpu(const at::Tensor& latent_in, const at::Tensor& region_begin,
+                    const at::Tensor& bitmap, const at::Tensor& block_begin,
+                    const at::Tensor& code_begin, at::Tensor& scales, at::Tensor& codes,
+                    int64_t bits) {
   TORCH_CHECK_VALUE(latent_in.dim() == 2, "requantize_: latent must be 2-D [out, in], got ",
                     latent_in.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(latent_in.scalar_type()),
                    "requantize_: latent must be floating point, got ", latent_in.scalar_type());
-  const PackedView v = view_of(memory, bits, latent_in.size(1), latent_in.size(0));
+  const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes}, bits, latent_in.size(1),
+                               latent_in.size(0));
   const at::Tensor latent = latent_in.to(at::kFloat).contiguous();
   const float* w = latent.const_data_ptr<float>();
-  auto* scales = reinterpret_cast<uint16_t*>(memory[4].mutable_data_ptr<int16_t>());
-  uint8_t* codes = memory[5].mutable_data_ptr<uint8_t>();
+  auto* scale_out = reinterpret_cast<uint16_t*>(scales.mutable_data_ptr<int16_t>());
+  uint8_t* code_out = codes.mutable_data_ptr<uint8_t>();
   at::parallel_for(0, v.out_features, neuron_grain(v), [&](int64_t n0, int64_t n1) {
-    v.quantize_rows(n0, n1, w, v.in_features, scales, codes);
+    v.quantize_rows(n0, n1, w, v.in_features, scale_out, code_out);
   });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(spatium, m) {
+#define SPATIUM_STORE \
+  "Tensor region_begin, Tensor bitmap, Tensor block_begin, Tensor code_begin, Tensor scales, " \
+  "Tensor codes"
+  m.def("spatial_linear(Tensor x, Tensor? weight, Tensor? bias, " SPATIUM_STORE
+        ", int bits, int out_features) -> Tensor");
+  m.def("spatial_linear_backward_input(Tensor grad_y, " SPATIUM_STORE
+        ", int bits, int in_features) -> Tensor");
+  m.def("active_mask(" SPATIUM_STORE ", int in_features, int out_features) -> Tensor");
+  m.def("dequantize(" SPATIUM_STORE ", int bits, int in_features, int out_features) -> Tensor");
   m.def(
-      "spatial_linear(Tensor x, Tensor? weight, Tensor? bias, Tensor[] memory, int bits, "
-      "int out_features) -> Tensor");
-  m.def(
-      "spatial_linear_backward_input(Tensor grad_y, Tensor[] memory, int bits, int in_features) "
-      "-> Tensor");
-  m.def("active_mask(Tensor[] memory, int in_features, int out_features) -> Tensor");
-  m.def("dequantize(Tensor[] memory, int bits, int in_features, int out_features) -> Tensor");
-  m.def("requantize_(Tensor latent, Tensor(a!)[] memory, int bits) -> ()");
+      "requantize_(Tensor latent, Tensor region_begin, Tensor bitmap, Tensor block_begin, "
+      "Tensor code_begin, Tensor(a!) scales, Tensor(b!) codes, int bits) -> ()");
+#undef SPATIUM_STORE
 }
 
 TORCH_LIBRARY_IMPL(spatium, CPU, m) {

@@ -374,7 +374,8 @@ class GrowthController:
             return values
         if any(isinstance(module, ActivationMap) for _, module in link.tail):
             return link.layer.output_mean[change.removed].float()
-        vector = link.layer.output_mean.clone()  # in the model's dtype, as the tail expects
+        # In the layer's dtype, as the tail expects (the statistics themselves are float32).
+        vector = link.layer.output_mean.to(link.layer.weight.dtype, copy=True)
         vector[change.removed] = change.removed_output.to(vector.dtype)
         vector = vector.unsqueeze(0)
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""SpatialLayer: a drop-in for nn.Linear whose weights live in a spatial memory (DESIGN §3)."""
+"""SpatialLayer: a drop-in for nn.Linear whose weights live in a spatial memory."""
 
 from __future__ import annotations
 
@@ -22,6 +22,13 @@ from spatium_torch.neurons import (
     place_children,
 )
 from spatium_torch.ops import CODE_BITS, MAX_COORD, morton_decode, morton_encode
+from spatium_torch.store import (
+    ARRAYS,
+    STATE_FORMAT,
+    LatentWeight,
+    SpatialStore,
+    is_latent_stale,
+)
 
 VALID_BITS = (1, 2, 4, 8)
 # Weight of the newest batch in the activity EMA (about the last 20 training batches count).
@@ -30,38 +37,12 @@ SPLIT_MODES = ("duplicate", "partition")
 # Children of a "duplicate" split differ by this much noise (relative to the parent's RMS weight).
 DEFAULT_PERTURBATION = 0.2
 CONNECTIVITIES = ("local", "random")
-_STATE_FORMAT = 1
-# The store's arrays, in the order SpatialMemory.parts() gives them: every array it holds, so a
-# state's tensors add up to memory.bytes.
-_MEMORY_PARTS = (
-    "input_codes",
-    "region_keys",
-    "region_begin",
-    "bitmap",
-    "block_begin",
-    "code_begin",
-    "scales",
-    "codes",
-    "bloom",
-)
+# Growth statistics: float32 whatever the layer's dtype (.half() must not round them).
+_STATISTICS = ("activity", "output_mean")
 # The buffers in the state_dict besides the store (positions change as layers grow).
-_SAVED_BUFFERS = (
-    "input_positions",
-    "neuron_positions",
-    "activity",
-    "output_mean",
-    "split_cooldown",
-)
-_STATE_KEYS = (
-    "format",
-    "in_features",
-    "out_features",
-    "bits",
-    "region_bits",
-    "frozen",
-    "checksum",
-    *_MEMORY_PARTS,
-)
+_SAVED_BUFFERS = ("input_positions", "neuron_positions", *_STATISTICS, "split_cooldown")
+# The keys of the first state format: the store in one `_extra_state` dict.
+_V1_CONFIG = ("in_features", "out_features", "bits", "region_bits", "frozen", "checksum")
 
 
 class SpatialLayer(nn.Module):
@@ -157,43 +138,55 @@ class SpatialLayer(nn.Module):
         self.collect_region_gradients = False
         self._region_gradients: torch.Tensor | None = None
 
-        positions = _checked_positions(input_positions, in_features)
-        sorted_codes, order = _morton_order(positions)
+        # The layout is computed on the host and the module placed where factory functions
+        # put tensors now (a `with torch.device(...)` block, "meta" included).
+        device = torch.empty(0).device
+        with torch.device("cpu"):
+            positions = _checked_positions(input_positions, in_features)
+            sorted_codes, order = _morton_order(positions)
+            neurons = _neuron_grid(out_features, grid_dims)
+            memory = torch.classes.spatium.SpatialMemory(
+                out_features, sorted_codes, bits, region_bits
+            )
+            memory.set_active(
+                _initial_mask(memory, sorted_codes, neurons, self.density, connectivity)
+            )
+            # The map hashes the layer's input to pick each sample's cell.
+            activation_map = (
+                ActivationMap(
+                    out_features, in_features, init=map_init, learnable=map_learnable,
+                    seed=map_seed,
+                )
+                if activation == "map"
+                else None
+            )  # fmt: skip
         # Saved in the state_dict: growth moves neurons and gives consumers new inputs.
-        self.register_buffer("input_positions", positions)
-        self.register_buffer("neuron_positions", _neuron_grid(out_features, grid_dims))
-        self.register_buffer("_order", order, persistent=False)
-        self.register_buffer("_sorted_codes", sorted_codes, persistent=False)
+        self.register_buffer("input_positions", positions.to(device))
+        self.register_buffer("neuron_positions", neurons.to(device))
+        self._set_input_order(sorted_codes, order)
 
-        self.weight: nn.Parameter | None = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight: nn.Parameter | None = LatentWeight(
+            torch.empty(out_features, in_features, device=device)
+        )
         if bias:
-            self.bias = nn.Parameter(torch.empty(out_features))
+            self.bias = nn.Parameter(torch.empty(out_features, device=device))
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
-        # Growth statistics (DESIGN §5): an EMA of the share of training samples with a non-zero
-        # output, an EMA of the mean output (folded into the consumer's bias on a prune), and
-        # the growth events a neuron must wait before it may split again.
-        self.register_buffer("activity", torch.ones(out_features))
-        self.register_buffer("output_mean", torch.zeros(out_features))
-        self.register_buffer("split_cooldown", torch.zeros(out_features, dtype=torch.int64))
-
-        self._memory = torch.classes.spatium.SpatialMemory(
-            out_features, sorted_codes, bits, region_bits
+        # Growth statistics: an EMA of the share of training samples with a non-zero output,
+        # an EMA of the mean output (folded into the consumer's bias on a prune), and the growth
+        # events a neuron must wait before it may split again.
+        self.register_buffer("activity", torch.ones(out_features, device=device))
+        self.register_buffer("output_mean", torch.zeros(out_features, device=device))
+        self.register_buffer(
+            "split_cooldown", torch.zeros(out_features, dtype=torch.int64, device=device)
         )
-        self._views = self._memory.views()
-        self._memory.set_active(self._initial_mask())
-        self._views = self._memory.views()
-        self._synced_with: tuple[int, int] | None = None
+        # The quantized weights: buffers, never Parameters.
+        self.store = SpatialStore(memory, device)
+        # The latent weight's stamp when the store was last quantized from it.
+        self._synced: tuple | None = None
         self._sync()
-        # The map hashes the layer's input to pick each sample's cell (DESIGN §4).
-        self.activation_map = (
-            ActivationMap(
-                out_features, in_features, init=map_init, learnable=map_learnable, seed=map_seed
-            )
-            if activation == "map"
-            else None
-        )
+        self.activation_map = None if activation_map is None else activation_map.to(device)
 
     # --- set-up -----------------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -206,23 +199,15 @@ class SpatialLayer(nn.Module):
                 self.bias.uniform_(-bound, bound)
 
     def _region_of_sorted_input(self) -> torch.Tensor:
-        return _region_of(self._views[0], self.in_features)
+        return _region_of(self.store.region_begin, self.in_features)
 
-    def _initial_mask(self) -> torch.Tensor:
-        regions = self._memory.num_regions()
-        if self.density >= 1.0:
-            return torch.ones(self.out_features, regions, dtype=torch.bool)
-        keep = max(1, round(self.density * regions))
-        if self.connectivity == "random":
-            scores = torch.rand(self.out_features, regions)
-        else:
-            region = self._region_of_sorted_input()
-            inputs = _unit_cube(morton_decode(self._sorted_codes))
-            centers = torch.zeros(regions, 3).index_add_(0, region, inputs)
-            centers /= torch.bincount(region, minlength=regions).unsqueeze(1)
-            scores = torch.cdist(_unit_cube(self.neuron_positions), centers)
-        chosen = torch.argsort(scores, dim=1, stable=True)[:, :keep]
-        return torch.zeros(self.out_features, regions, dtype=torch.bool).scatter_(1, chosen, True)
+    def _set_input_order(self, sorted_codes: torch.Tensor, order: torch.Tensor | None) -> None:
+        """The inputs' Morton codes and order (derived from input_positions, not saved)."""
+        device = self.input_positions.device
+        self.register_buffer("_sorted_codes", sorted_codes.to(device), persistent=False)
+        self.register_buffer(
+            "_order", None if order is None else order.to(device), persistent=False
+        )
 
     # --- the store ----------------------------------------------------------------------------
     @property
@@ -243,28 +228,43 @@ class SpatialLayer(nn.Module):
         return weight.index_select(1, order)
 
     def _sync(self) -> None:
-        """Re-quantizes the store when the latent weight changed since the last time."""
+        """Re-quantizes the store when the latent weight may have changed since the last time
+        (any write: optimizer steps, ``.data`` edits, loads, device or dtype moves)."""
         weight = self._parameters["weight"]
-        if weight is None:
+        if weight is None or not is_latent_stale(weight, self._synced):
             return
-        key = (id(weight), weight._version)
-        if key == self._synced_with:
-            return
+        if weight.device.type == "meta":
+            return  # no values to quantize
+        self._requantize()
+        # An eager call of the op does not move the arrays' version counters: moving them lets
+        # autograd refuse a backward through codes that changed since its forward.
+        torch.autograd.graph.increment_version([self.store.scales, self.store.codes])
+        self._synced = weight.stamp() if isinstance(weight, LatentWeight) else None
+
+    def _requantize(self) -> None:
+        """Quantizes the latent weight into the store's scales and codes."""
+        region_begin, bitmap, block_begin, code_begin, scales, codes = self.store.arrays()
         with torch.no_grad():
-            latent = self._sorted_latent().detach().to("cpu", torch.float32)
-            torch.ops.spatium.requantize_(latent, self._views, self.bits)
-        self._synced_with = key
+            torch.ops.spatium.requantize_(
+                self._sorted_latent().detach(), region_begin, bitmap, block_begin, code_begin,
+                scales, codes, self.bits,
+            )  # fmt: skip
+
+    def _install(self, memory: torch.ScriptObject) -> None:
+        """Makes ``memory`` (a host store) the layer's store; a layer with latent weights
+        re-quantizes from them before its next forward."""
+        self.store.install(memory)
+        self._synced = None
 
     def _write(self, neuron: int, code: int, value: float) -> None:
         self._sync()
-        was_active = (
-            self._memory.contains(neuron, code) if 0 <= neuron < self.out_features else True
-        )
-        self._memory.write(neuron, code, value)  # raises for a bad neuron or a non-input
-        self._views = self._memory.views()
+        host = self.store.host()
+        was_active = host.contains(neuron, code) if 0 <= neuron < self.out_features else True
+        host.write(neuron, code, value)  # raises for a bad neuron or a non-input
+        self._install(host)
         if self.weight is None:
             return
-        column = int(torch.searchsorted(self._sorted_codes, torch.tensor(code)))
+        column = int(torch.searchsorted(self._sorted_codes.cpu(), torch.tensor(code)))
         with torch.no_grad():
             if not was_active:
                 # A block that starts now holds only what is written into it.
@@ -282,26 +282,25 @@ class SpatialLayer(nn.Module):
         blocks), columns in the order of the inputs."""
         self._sync()
         dense = torch.ops.spatium.dequantize(
-            self._views, self.bits, self.in_features, self.out_features
+            *self.store.arrays(), self.bits, self.in_features, self.out_features
         )
         return _to_input_order(dense, self._order)
 
     def block_mask(self) -> torch.Tensor:
         """``[out, in]`` bool: True where the weight lies in an active block."""
-        mask = torch.ops.spatium.active_mask(self._views, self.in_features, self.out_features)
+        mask = torch.ops.spatium.active_mask(
+            *self.store.arrays(), self.in_features, self.out_features
+        )
         return _to_input_order(mask, self._order)
 
     # --- growth statistics ----------------------------------------------------------------------
     def region_mask(self) -> torch.Tensor:
         """``[out, regions]`` bool: which blocks (neuron x region) are active."""
-        regions = self._memory.num_regions()
-        words = self._views[1].view(torch.uint8)
-        bits = (words.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
-        return bits.flatten()[: self.out_features * regions].view(self.out_features, regions).bool()
+        return self.store.region_mask()
 
     def region_sizes(self) -> torch.Tensor:
         """``[regions]`` int64: how many of the layer's inputs each region holds."""
-        return self._views[0].diff()
+        return self.store.region_sizes()
 
     def saturation(self) -> torch.Tensor:
         """``[out]`` float32: the share of each neuron's fan-in its active blocks cover."""
@@ -558,7 +557,7 @@ class SpatialLayer(nn.Module):
         Kept blocks keep their weights; a block that starts now holds zeros."""
         self._check_resizable()
         region_mask = torch.as_tensor(region_mask)
-        expected = (self.out_features, self._memory.num_regions())
+        expected = (self.out_features, self.store.num_regions)
         if region_mask.dtype != torch.bool or tuple(region_mask.shape) != expected:
             raise ValueError(
                 f"region_mask must be a bool tensor of shape {list(expected)}, got "
@@ -568,8 +567,8 @@ class SpatialLayer(nn.Module):
 
     def _stage_regions(self, region_mask: torch.Tensor) -> Stage:
         self._sync()
-        memory = self._memory.select_neurons(torch.arange(self.out_features))
-        memory.set_active(region_mask)
+        memory = self.store.host().select_neurons(torch.arange(self.out_features))
+        memory.set_active(region_mask.cpu())
         started = self._columns_of(region_mask & ~self.region_mask())
 
         def commit() -> None:
@@ -587,7 +586,7 @@ class SpatialLayer(nn.Module):
         grad_weight = grad_output.detach().reshape(-1, self.out_features).t().float()
         grad_weight = grad_weight @ sorted_input.float()
         sums = _sum_per_region(
-            grad_weight.square(), self._region_of_sorted_input(), self._memory.num_regions()
+            grad_weight.square(), self._region_of_sorted_input(), self.store.num_regions
         )
         previous = self._region_gradients
         self._region_gradients = sums if previous is None else previous + sums
@@ -607,8 +606,7 @@ class SpatialLayer(nn.Module):
         memory = torch.classes.spatium.SpatialMemory(
             self.out_features, sorted_codes, self.bits, self.region_bits
         )
-        views = memory.views()
-        region = _region_of(views[0], len(columns))
+        region = _region_of(memory.parts()[ARRAYS.index("region_begin")], len(columns))
         sorted_inherited = inherited if order is None else inherited[:, order]
         region_mask = _sum_per_region(sorted_inherited.float(), region, memory.num_regions()) > 0
         memory.set_active(region_mask)
@@ -630,9 +628,8 @@ class SpatialLayer(nn.Module):
             self._install(memory)
             self.in_features = len(columns)
             self._parameters["weight"] = new_weight
-            self._buffers.update(
-                input_positions=positions, _order=order, _sorted_codes=sorted_codes
-            )
+            self._buffers["input_positions"] = positions.to(self.input_positions.device)
+            self._set_input_order(sorted_codes, order)
             if new_map is not None:
                 self.activation_map = new_map
             self._region_gradients = None
@@ -666,9 +663,9 @@ class SpatialLayer(nn.Module):
         (``weight`` when given), bias, activation map, statistics and positions follow;
         ``region_mask`` sets the new neurons' active blocks."""
         self._sync()
-        memory = self._memory.select_neurons(rows)
+        memory = self.store.host().select_neurons(rows.cpu())
         if region_mask is not None:
-            memory.set_active(region_mask)
+            memory.set_active(region_mask.cpu())
         old_weight, old_bias = self._parameters["weight"], self._parameters["bias"]
         if weight is None and old_weight is not None:
             weight = old_weight.detach()[rows]
@@ -710,6 +707,7 @@ class SpatialLayer(nn.Module):
         self._sync()
         del self.weight
         self.register_parameter("weight", None)
+        self.store.frozen = True
 
     # --- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -726,11 +724,19 @@ class SpatialLayer(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"SpatialLayer: expected a floating-point input, got {x.dtype}")
-        if x.device.type != "cpu":
+        store = self._modules["store"]
+        if x.device != store.device:
             raise ValueError(
-                f"SpatialLayer: input is on {x.device}, but this build computes on the CPU only"
+                f"SpatialLayer: input is on {x.device}, the layer on {store.device}; move one "
+                "of them (layer.to(device))"
             )
-        self._sync()
+        if torch.compiler.is_compiling():
+            # In a compiled graph the store follows the latent weight on every call: the
+            # check that spares eager calls a re-quantize would guard on Python state.
+            if self._parameters["weight"] is not None:
+                self._requantize()
+        else:
+            self._sync()
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if flat.dtype != torch.float32 and flat.dtype != torch.float64:
             flat = flat.float()  # bf16/fp16: computed in fp32
@@ -740,7 +746,7 @@ class SpatialLayer(nn.Module):
             flat,
             self._sorted_latent(),
             self._parameters["bias"],
-            self._views,
+            *store.arrays(),
             self.bits,
             self.out_features,
         )
@@ -762,76 +768,32 @@ class SpatialLayer(nn.Module):
             + (", frozen" if self.frozen else "")
         )
 
-    # --- copying and state_dict -----------------------------------------------------------------
+    # --- copying, moving and state_dict ---------------------------------------------------------
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # copy.deepcopy and pickling copy the store (its own pickle support) and the view
-        # tensors separately: rebuild the views over the copied store.
         super().__setstate__(state)
-        self._views = self._memory.views()
-        self._synced_with = None
+        self._synced = None  # a copy's latent weight is a new tensor: quantize it again
 
-    def get_extra_state(self) -> dict[str, Any]:
-        """The store, as tensors and plain values only (``torch.load(weights_only=True)``)."""
-        self._sync()
-        parts = dict(zip(_MEMORY_PARTS, self._memory.parts(), strict=True))
-        return {
-            "format": _STATE_FORMAT,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bits": self.bits,
-            "region_bits": self.region_bits,
-            "frozen": self.frozen,
-            "checksum": self._memory.checksum(),
-            **parts,
-        }
+    def _apply(self, fn: Any, recurse: bool = True) -> SpatialLayer:
+        # .half()/.bfloat16()/.double() cast the latent weight and bias; the statistics stay
+        # float32 (the store's arrays are integers and never change).
+        # A store in step with the latent weight stays as it is: the cast rounds the latent
+        # weight, but the codes keep what they hold until the weight really changes.
+        statistics = {name: self._buffers[name] for name in _STATISTICS}
+        weight = self._parameters["weight"]
+        in_step = weight is not None and not is_latent_stale(weight, self._synced)
+        super()._apply(fn, recurse)
+        for name, before in statistics.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        weight = self._parameters["weight"]
+        if in_step and isinstance(weight, LatentWeight):
+            self._synced = weight.stamp()
+        return self
 
-    def set_extra_state(self, state: Any) -> None:
-        memory = self._memory_from_state(state, self.input_positions)
-        self._install(memory)
-        sorted_codes, order = _morton_order(self.input_positions)
-        self._buffers.update(_order=order, _sorted_codes=sorted_codes)
-
-    def _install(self, memory: torch.ScriptObject) -> None:
-        self._memory = memory
-        self._views = memory.views()
-        # A layer with latent weights re-quantizes from them on the next forward.
-        self._synced_with = None
-
-    def _memory_from_state(self, state: Any, positions: torch.Tensor) -> torch.ScriptObject:
-        """Validates a saved state against this layer with the given input positions and builds
-        its memory; changes nothing."""
-        where = "SpatialLayer state"
-        if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
-            missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
-            raise ValueError(f"{where}: not a SpatialLayer state (missing {missing})")
-        if state["format"] != _STATE_FORMAT:
-            raise ValueError(f"{where}: unknown format {state['format']!r}")
-        for key in ("in_features", "out_features", "bits", "region_bits"):
-            if state[key] != getattr(self, key):
-                raise ValueError(
-                    f"{where}: {key} is {state[key]} in the state but {getattr(self, key)} in "
-                    "this layer"
-                )
-        for key in _MEMORY_PARTS:
-            if not isinstance(state[key], torch.Tensor):
-                raise ValueError(f"{where}: {key} must be a tensor")
-        sorted_codes, _ = _morton_order(positions)
-        layout = torch.classes.spatium.SpatialMemory(1, sorted_codes, self.bits, self.region_bits)
-        if not torch.equal(state["input_codes"], layout.parts()[0]):
-            raise ValueError(f"{where}: the memory's input positions differ from the layer's")
-        try:
-            memory = torch.classes.spatium.SpatialMemory.from_parts(
-                self.out_features,
-                self.in_features,
-                self.bits,
-                self.region_bits,
-                [state[k] for k in _MEMORY_PARTS],
-            )
-        except (ValueError, TypeError, RuntimeError) as error:
-            raise ValueError(f"{where}: damaged or inconsistent memory: {error}") from None
-        if memory.checksum() != state["checksum"]:
-            raise ValueError(f"{where}: checksum mismatch (damaged memory)")
-        return memory
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        self._sync()  # the saved codes are the quantization of the saved latent weight
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(
         self,
@@ -843,8 +805,11 @@ class SpatialLayer(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # Everything is checked before anything is copied: a bad state leaves the layer as it was.
+        # Everything is checked before anything is copied: a bad state leaves the layer as it
+        # was. The store (a submodule) loads after this, from the state checked here.
         where = f"SpatialLayer state at {prefix!r}"
+        if prefix + "_extra_state" in state_dict:
+            _upgrade_first_format(state_dict, prefix, where)
         saved = [(n, t) for n, t in self._parameters.items() if t is not None]
         saved += [(n, self._buffers[n]) for n in _SAVED_BUFFERS]
         for name, tensor in saved:
@@ -859,22 +824,30 @@ class SpatialLayer(nn.Module):
             positions = _checked_positions(positions, self.in_features)
         except (TypeError, ValueError) as error:
             raise ValueError(f"{where}: {error}") from None
-        extra_key = prefix + "_extra_state"
-        if extra_key not in state_dict and not torch.equal(positions, self.input_positions):
-            raise ValueError(f"{where}: new input_positions need the memory (_extra_state) too")
-        if extra_key in state_dict:
-            state = state_dict[extra_key]
-            self._memory_from_state(state, positions)
-            if state["frozen"] != self.frozen:
-                kind = "frozen" if state["frozen"] else "with latent weights"
+        store_prefix = prefix + "store."
+        if not any(key.startswith(store_prefix) for key in state_dict):
+            if not torch.equal(positions, self.input_positions.cpu()):
+                raise ValueError(f"{where}: new input_positions need the store too")
+        else:
+            frozen = self.store.saved_frozen(state_dict, store_prefix)
+            if frozen is not None and frozen != self.frozen:
+                kind = "frozen" if frozen else "with latent weights"
                 mine = "frozen" if self.frozen else "not"
                 raise ValueError(
                     f"{where}: saved {kind}, this layer is {mine}; call st.freeze(model) "
                     "first to load a frozen state"
                 )
+            memory = self.store.check_state(state_dict, store_prefix)
+            layout = torch.classes.spatium.SpatialMemory(
+                1, _morton_order(positions)[0], self.bits, self.region_bits
+            )
+            if not torch.equal(memory.parts()[0], layout.parts()[0]):
+                raise ValueError(f"{where}: the store's input positions differ from the layer's")
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        self._set_input_order(*_morton_order(positions))
+        self._synced = None
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -893,10 +866,51 @@ def _check_count(value: int, name: str) -> None:
 
 def _morton_order(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The inputs' sorted Morton codes, and the permutation from that order to the inputs'
-    order (None when they already are in Morton order): the memory keeps inputs sorted."""
-    sorted_codes, order = torch.sort(morton_encode(positions))
+    order (None when they already are in Morton order): the memory keeps inputs sorted. On the
+    host."""
+    sorted_codes, order = torch.sort(morton_encode(positions.cpu()))
     identity = torch.equal(order, torch.arange(len(order)))
     return sorted_codes, None if identity else order
+
+
+def _initial_mask(
+    memory: torch.ScriptObject,
+    sorted_codes: torch.Tensor,
+    neuron_positions: torch.Tensor,
+    density: float,
+    connectivity: str,
+) -> torch.Tensor:
+    """``[out, regions]`` bool: each neuron's first active blocks (``density`` of them, the
+    nearest to the neuron or random)."""
+    out, regions = memory.out_features(), memory.num_regions()
+    if density >= 1.0:
+        return torch.ones(out, regions, dtype=torch.bool)
+    keep = max(1, round(density * regions))
+    if connectivity == "random":
+        scores = torch.rand(out, regions)
+    else:
+        region = _region_of(memory.parts()[ARRAYS.index("region_begin")], len(sorted_codes))
+        inputs = _unit_cube(morton_decode(sorted_codes))
+        centers = torch.zeros(regions, 3).index_add_(0, region, inputs)
+        centers /= torch.bincount(region, minlength=regions).unsqueeze(1)
+        scores = torch.cdist(_unit_cube(neuron_positions), centers)
+    chosen = torch.argsort(scores, dim=1, stable=True)[:, :keep]
+    return torch.zeros(out, regions, dtype=torch.bool).scatter_(1, chosen, True)
+
+
+def _upgrade_first_format(state_dict: dict[str, Any], prefix: str, where: str) -> None:
+    """Rewrites a layer state of the first format (the store as one `_extra_state` dict) into
+    the flat tensors of this one; the store's checks then apply as to any state."""
+    extra = state_dict.pop(prefix + "_extra_state")
+    if not isinstance(extra, dict) or extra.get("format") != 1:
+        raise ValueError(f"{where}: _extra_state is not a SpatialLayer state of format 1")
+    missing = [k for k in (*_V1_CONFIG, *ARRAYS) if k not in extra]
+    if missing:
+        raise ValueError(f"{where}: not a SpatialLayer state (missing {missing})")
+    config = [int(extra[k]) for k in _V1_CONFIG]
+    state_dict[prefix + "store.header"] = torch.tensor([STATE_FORMAT, *config])
+    for name in ARRAYS:
+        state_dict[prefix + "store." + name] = extra[name]
 
 
 def _to_input_order(sorted_columns: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
@@ -910,7 +924,8 @@ def _to_input_order(sorted_columns: torch.Tensor, order: torch.Tensor | None) ->
 
 def _region_of(region_begin: torch.Tensor, count: int) -> torch.Tensor:
     """The region of each of ``count`` Morton-sorted inputs."""
-    return torch.searchsorted(region_begin[1:], torch.arange(count), right=True)
+    inputs = torch.arange(count, device=region_begin.device)
+    return torch.searchsorted(region_begin[1:], inputs, right=True)
 
 
 def _sum_per_region(values: torch.Tensor, region: torch.Tensor, regions: int) -> torch.Tensor:

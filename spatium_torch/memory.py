@@ -1,4 +1,4 @@
-"""Python face of a layer's spatial memory: the point API and MemoryStats (DESIGN §2)."""
+"""Python face of a layer's spatial memory: the point API and MemoryStats."""
 
 from __future__ import annotations
 
@@ -68,6 +68,10 @@ class LayerMemory:
     def __init__(self, layer: SpatialLayer) -> None:
         self._layer = layer
 
+    def _host(self) -> torch.ScriptObject:
+        self._layer._sync()
+        return self._layer.store.host()
+
     def _code(self, xyz: Sequence[int] | torch.Tensor) -> int:
         position = torch.as_tensor(xyz).reshape(-1)
         if position.numel() != 3:
@@ -76,13 +80,11 @@ class LayerMemory:
 
     def contains(self, neuron: int, xyz: Sequence[int] | torch.Tensor) -> bool:
         """Whether the neuron holds the block of that position (False for non-inputs)."""
-        self._layer._sync()
-        return self._layer._memory.contains(neuron, self._code(xyz))
+        return self._host().contains(neuron, self._code(xyz))
 
     def read(self, neuron: int, xyz: Sequence[int] | torch.Tensor) -> float:
         """The stored (quantized) weight of the neuron for the input at that position."""
-        self._layer._sync()
-        return self._layer._memory.read(neuron, self._code(xyz))
+        return self._host().read(neuron, self._code(xyz))
 
     def write(self, neuron: int, xyz: Sequence[int] | torch.Tensor, value: float) -> None:
         """Stores a weight, activating its block if needed (its block is re-quantized)."""
@@ -90,13 +92,11 @@ class LayerMemory:
 
     def stats(self) -> MemoryStats:
         """Summed over the layer's neurons, plus the layer-wide tables in ``bytes``."""
-        self._layer._sync()
-        return MemoryStats.from_counts(self._layer._memory.stats(), self._layer.bits)
+        return MemoryStats.from_counts(self._host().stats(), self._layer.bits)
 
     def neuron_stats(self, neuron: int | None = None) -> MemoryStats | list[MemoryStats]:
         """One neuron's stats, or every neuron's as a list."""
-        self._layer._sync()
-        rows = self._layer._memory.neuron_stats().tolist()
+        rows = self._host().neuron_stats().tolist()
         if neuron is None:
             return [MemoryStats.from_counts(r, self._layer.bits) for r in rows]
         if not 0 <= neuron < len(rows):

@@ -122,8 +122,8 @@ def check_non_negative(value: float, name: str) -> None:
 
 
 def parameter_like(old: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
-    """A new Parameter holding ``data`` that is trainable when ``old`` was."""
-    return nn.Parameter(data, requires_grad=old.requires_grad)
+    """A new Parameter of ``old``'s class holding ``data``, trainable when ``old`` was."""
+    return type(old)(data, requires_grad=old.requires_grad)
 
 
 @dataclass

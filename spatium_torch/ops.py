@@ -72,8 +72,8 @@ def _morton_decode_fake(codes: torch.Tensor) -> torch.Tensor:
 
 
 # --- spatial memory ops ------------------------------------------------------------------------
-# `memory` is the list of six tensors of SpatialMemory.views(): region_begin, bitmap, block_begin,
-# code_begin, scales, codes (layout in csrc/core/spatial_memory.h).
+# Each takes the store's six arrays by name (region_begin, bitmap, block_begin, code_begin,
+# scales, codes: a layer's `store` buffers, StoreArrays; layout in csrc/core/spatial_memory.h).
 
 
 @torch.library.register_fake("spatium::spatial_linear")
@@ -81,7 +81,12 @@ def _spatial_linear_fake(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    memory: list[torch.Tensor],
+    region_begin: torch.Tensor,
+    bitmap: torch.Tensor,
+    block_begin: torch.Tensor,
+    code_begin: torch.Tensor,
+    scales: torch.Tensor,
+    codes: torch.Tensor,
     bits: int,
     out_features: int,
 ) -> torch.Tensor:
@@ -90,33 +95,69 @@ def _spatial_linear_fake(
 
 @torch.library.register_fake("spatium::spatial_linear_backward_input")
 def _spatial_linear_backward_input_fake(
-    grad_y: torch.Tensor, memory: list[torch.Tensor], bits: int, in_features: int
+    grad_y: torch.Tensor,
+    region_begin: torch.Tensor,
+    bitmap: torch.Tensor,
+    block_begin: torch.Tensor,
+    code_begin: torch.Tensor,
+    scales: torch.Tensor,
+    codes: torch.Tensor,
+    bits: int,
+    in_features: int,
 ) -> torch.Tensor:
     return grad_y.new_empty((grad_y.shape[0], in_features))
 
 
 @torch.library.register_fake("spatium::active_mask")
 def _active_mask_fake(
-    memory: list[torch.Tensor], in_features: int, out_features: int
+    region_begin: torch.Tensor,
+    bitmap: torch.Tensor,
+    block_begin: torch.Tensor,
+    code_begin: torch.Tensor,
+    scales: torch.Tensor,
+    codes: torch.Tensor,
+    in_features: int,
+    out_features: int,
 ) -> torch.Tensor:
-    return memory[0].new_empty((out_features, in_features), dtype=torch.bool)
+    return codes.new_empty((out_features, in_features), dtype=torch.bool)
 
 
 @torch.library.register_fake("spatium::dequantize")
 def _dequantize_fake(
-    memory: list[torch.Tensor], bits: int, in_features: int, out_features: int
+    region_begin: torch.Tensor,
+    bitmap: torch.Tensor,
+    block_begin: torch.Tensor,
+    code_begin: torch.Tensor,
+    scales: torch.Tensor,
+    codes: torch.Tensor,
+    bits: int,
+    in_features: int,
+    out_features: int,
 ) -> torch.Tensor:
-    return memory[0].new_empty((out_features, in_features), dtype=torch.float32)
+    return codes.new_empty((out_features, in_features), dtype=torch.float32)
 
 
 @torch.library.register_fake("spatium::requantize_")
-def _requantize_fake(latent: torch.Tensor, memory: list[torch.Tensor], bits: int) -> None:
+def _requantize_fake(
+    latent: torch.Tensor,
+    region_begin: torch.Tensor,
+    bitmap: torch.Tensor,
+    block_begin: torch.Tensor,
+    code_begin: torch.Tensor,
+    scales: torch.Tensor,
+    codes: torch.Tensor,
+    bits: int,
+) -> None:
     return None
 
 
+_STORE_ARGS = slice(3, 9)  # where spatial_linear's arguments hold the six store arrays
+
+
 def _spatial_linear_setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
-    x, weight, bias, memory, bits, out_features = inputs
-    ctx.save_for_backward(x, *memory)
+    x, weight, bias = inputs[:3]
+    bits, out_features = inputs[9:]
+    ctx.save_for_backward(x, *inputs[_STORE_ARGS])
     ctx.bits = bits
     ctx.out_features = out_features
     ctx.weight_dtype = weight.dtype if weight is not None else None
@@ -126,21 +167,22 @@ def _spatial_linear_setup_context(ctx: object, inputs: tuple, output: torch.Tens
 def _spatial_linear_backward(ctx: object, grad_y: torch.Tensor) -> tuple:
     """Input gradient through the quantized weights; latent-weight gradient straight through
     the quantizer, inside active blocks only; bias gradient as in nn.Linear."""
-    x, *memory = ctx.saved_tensors
+    x, *store = ctx.saved_tensors
     grad_x = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
         grad_x = torch.ops.spatium.spatial_linear_backward_input(
-            grad_y, memory, ctx.bits, x.shape[1]
+            grad_y, *store, ctx.bits, x.shape[1]
         )
     if ctx.needs_input_grad[1]:
         grad_weight = grad_y.t() @ x
-        regions = memory[0].shape[0] - 1
-        if memory[4].shape[0] != ctx.out_features * regions:  # some block inactive
-            grad_weight.mul_(torch.ops.spatium.active_mask(memory, x.shape[1], ctx.out_features))
+        region_begin, scales = store[0], store[4]
+        regions = region_begin.shape[0] - 1
+        if scales.shape[0] != ctx.out_features * regions:  # some block inactive
+            grad_weight.mul_(torch.ops.spatium.active_mask(*store, x.shape[1], ctx.out_features))
         grad_weight = grad_weight.to(ctx.weight_dtype)
     if ctx.needs_input_grad[2]:
         grad_bias = grad_y.sum(0).to(ctx.bias_dtype)
-    return grad_x, grad_weight, grad_bias, [None] * len(memory), None, None
+    return grad_x, grad_weight, grad_bias, *([None] * len(store)), None, None
 
 
 torch.library.register_autograd(

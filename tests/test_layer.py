@@ -101,11 +101,10 @@ def test_latent_weight_gradient_is_straight_through(density):
 
 def per_weight_scale(layer):
     """The fp16 scale of the block each weight belongs to (0 outside active blocks)."""
-    parts = layer._memory.parts()
-    bitmap, scales = parts[3], parts[6]
-    out, regions = layer.out_features, layer._memory.num_regions()
-    bits = (bitmap.view(-1, 1) >> torch.arange(64)) & 1
+    out, regions = layer.out_features, layer.store.num_regions
+    bits = (layer.store.bitmap.view(-1, 1) >> torch.arange(64)) & 1
     active = bits.flatten()[: out * regions].view(out, regions).bool()
+    scales = layer.store.scales
     index = torch.cumsum(active.flatten(), 0).view(out, regions) - 1
     scale = torch.where(active, scales.view(torch.float16).float()[index.clamp(min=0)], 0.0)
     return scale[:, layer._region_of_sorted_input()]  # default layout: sorted == user order

@@ -11,7 +11,7 @@ ops = torch.ops.spatium
 def memory_of(bits=4, out=7, inputs=90, region_bits=3, density=0.5):
     torch.manual_seed(0)
     layer = st.SpatialLayer(inputs, out, bits=bits, region_bits=region_bits, density=density)
-    return layer, layer._views
+    return layer, tuple(layer.store.arrays())
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
@@ -22,24 +22,27 @@ def test_opcheck_every_op(bits, batch):
     weight = layer.weight.detach().clone()
     bias = layer.bias.detach().clone()
     for args in (
-        (x, weight, bias, memory, bits, 7),
-        (x, None, None, memory, bits, 7),
+        (x, weight, bias, *memory, bits, 7),
+        (x, None, None, *memory, bits, 7),
         (
             x.double().requires_grad_(),
             weight.requires_grad_(),
             bias.requires_grad_(),
-            memory,
+            *memory,
             bits,
             7,
         ),
     ):
         torch.library.opcheck(ops.spatial_linear.default, args)
     torch.library.opcheck(
-        ops.spatial_linear_backward_input.default, (torch.randn(batch, 7), memory, bits, 90)
+        ops.spatial_linear_backward_input.default, (torch.randn(batch, 7), *memory, bits, 90)
     )
-    torch.library.opcheck(ops.active_mask.default, (memory, 90, 7))
-    torch.library.opcheck(ops.dequantize.default, (memory, bits, 90, 7))
-    torch.library.opcheck(ops.requantize_.default, (weight.detach(), memory, bits))
+    torch.library.opcheck(ops.active_mask.default, (*memory, 90, 7))
+    torch.library.opcheck(ops.dequantize.default, (*memory, bits, 90, 7))
+    torch.library.opcheck(
+        ops.requantize_.default,
+        (weight.detach(), *memory[:4], *(t.clone() for t in memory[4:]), bits),
+    )
 
 
 def test_gradcheck_input_float64():
@@ -47,33 +50,32 @@ def test_gradcheck_input_float64():
     x = torch.randn(4, 90, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x, b: ops.spatial_linear(x, None, b, memory, 2, 7), (x, bias)
+        lambda x, b: ops.spatial_linear(x, None, b, *memory, 2, 7), (x, bias)
     )
 
 
 def test_ops_reject_inconsistent_memory():
     _, memory = memory_of()
     x = torch.randn(2, 90)
-    with pytest.raises(ValueError, match="6 tensors"):
-        ops.spatial_linear(x, None, None, memory[:5], 4, 7)
+    *layout, scales, codes = memory
     with pytest.raises(ValueError, match="covers 90 inputs"):
-        ops.spatial_linear(torch.randn(2, 91), None, None, memory, 4, 7)
+        ops.spatial_linear(torch.randn(2, 91), None, None, *memory, 4, 7)
     with pytest.raises(ValueError, match="disagree"):
-        ops.spatial_linear(x, None, None, [*memory[:5], memory[5][:-1].clone()], 4, 7)
+        ops.spatial_linear(x, None, None, *layout, scales, codes[:-1].clone(), 4, 7)
     with pytest.raises(TypeError, match="codes must be"):
-        ops.spatial_linear(x, None, None, [*memory[:5], memory[5].long()], 4, 7)
+        ops.spatial_linear(x, None, None, *layout, scales, codes.long(), 4, 7)
     with pytest.raises(ValueError, match="bits"):
-        ops.spatial_linear(x, None, None, memory, 3, 7)
+        ops.spatial_linear(x, None, None, *memory, 3, 7)
     with pytest.raises(TypeError, match="float32 or float64"):
-        ops.spatial_linear(x.half(), None, None, memory, 4, 7)
+        ops.spatial_linear(x.half(), None, None, *memory, 4, 7)
     # 7 neurons x 12 regions; the last neuron has active blocks, so 6 rows cannot fit
     with pytest.raises(ValueError, match="do not fit 6 neurons"):
-        ops.requantize_(torch.randn(6, 90), memory, 4)
+        ops.requantize_(torch.randn(6, 90), *memory, 4)
     with pytest.raises(ValueError, match="do not fit 20 neurons"):
-        ops.spatial_linear(x, None, None, memory, 4, 20)
+        ops.spatial_linear(x, None, None, *memory, 4, 20)
 
 
-def test_views_outlive_a_layout_change():
+def test_a_graph_outlives_a_layout_change():
     layer, _ = memory_of()
     x = torch.randn(3, 90, requires_grad=True)
     y = layer(x)
