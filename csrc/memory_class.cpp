@@ -55,7 +55,7 @@ std::vector<at::Tensor> parts(const Holder& self) {
   return {copy_of(m.stored_input_codes(), at::kLong), copy_of(m.region_keys(), at::kLong),
           copy_of(m.region_begins(), at::kLong), copy_of(m.bitmap(), at::kLong),
           copy_of(m.block_begin(), at::kLong),   copy_of(m.code_begin(), at::kLong),
-          copy_of(m.scales(), at::kShort),       copy_of(m.codes(), at::kByte),
+          copy_of(m.scales(), at::kHalf),        copy_of(m.codes(), at::kByte),
           copy_of(m.bloom().serialize(), at::kByte)};
 }
 
@@ -65,7 +65,7 @@ Holder from_parts(int64_t out_features, int64_t in_features, int64_t bits, int64
                     " parts, got ", p.size());
   auto input = to_vector<uint64_t>(p[0], at::kLong, kStateParts[0]);
   auto bitmap = to_vector<uint64_t>(p[3], at::kLong, kStateParts[3]);
-  auto scales = to_vector<uint16_t>(p[6], at::kShort, kStateParts[6]);
+  auto scales = to_vector<uint16_t>(p[6], at::kHalf, kStateParts[6]);
   auto codes = to_vector<uint8_t>(p[7], at::kByte, kStateParts[7]);
   auto holder = with_python_errors([&] {
     return c10::make_intrusive<MemoryHolder>(SpatialMemory::from_parts(

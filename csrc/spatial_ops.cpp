@@ -1,7 +1,7 @@
 // Schemas and CPU impls of the spatial-memory ops. Each takes the store as its six arrays, by
 // name (a layer's `store` buffers; layout in core/spatial_memory.h):
 //   region_begin int64, bitmap int64, block_begin int64, code_begin int64,
-//   scales int16 (fp16 bits), codes uint8
+//   scales float16, codes uint8
 // Forward and backward dequantize each block once per call into a small panel and multiply it
 // with the whole batch (at::mm on the panel), in parallel over panels.
 #include <ATen/ATen.h>
@@ -51,7 +51,7 @@ PackedView view_of(const Store& s, int64_t bits, int64_t in_features, int64_t ou
   check_part(s.bitmap, at::kLong, "bitmap");
   check_part(s.block_begin, at::kLong, "block_begin");
   check_part(s.code_begin, at::kLong, "code_begin");
-  check_part(s.scales, at::kShort, "scales");
+  check_part(s.scales, at::kHalf, "scales");
   check_part(s.codes, at::kByte, "codes");
   const at::Tensor& region_begin = s.region_begin;
   const at::Tensor& bitmap = s.bitmap;
@@ -74,7 +74,7 @@ PackedView view_of(const Store& s, int64_t bits, int64_t in_features, int64_t ou
   v.bitmap = reinterpret_cast<const uint64_t*>(bitmap.const_data_ptr<int64_t>());
   v.block_begin = block_begin.const_data_ptr<int64_t>();
   v.code_begin = code_begin.const_data_ptr<int64_t>();
-  v.scales = reinterpret_cast<const uint16_t*>(scales.const_data_ptr<int16_t>());
+  v.scales = reinterpret_cast<const uint16_t*>(scales.const_data_ptr<at::Half>());
   v.codes = codes.const_data_ptr<uint8_t>();
   // A full region's size, as the kernels' fixed-size path wants it: the largest region, if a
   // power of two (otherwise every block takes the generic path).
@@ -247,7 +247,7 @@ void requantize_cpu(const at::Tensor& latent_in, const at::Tensor& region_begin,
                                latent_in.size(0));
   const at::Tensor latent = latent_in.to(at::kFloat).contiguous();
   const float* w = latent.const_data_ptr<float>();
-  auto* scale_out = reinterpret_cast<uint16_t*>(scales.mutable_data_ptr<int16_t>());
+  auto* scale_out = reinterpret_cast<uint16_t*>(scales.mutable_data_ptr<at::Half>());
   uint8_t* code_out = codes.mutable_data_ptr<uint8_t>();
   at::parallel_for(0, v.out_features, neuron_grain(v), [&](int64_t n0, int64_t n1) {
     v.quantize_rows(n0, n1, w, v.in_features, scale_out, code_out);

@@ -911,6 +911,9 @@ def _upgrade_first_format(state_dict: dict[str, Any], prefix: str, where: str) -
     state_dict[prefix + "store.header"] = torch.tensor([STATE_FORMAT, *config])
     for name in ARRAYS:
         state_dict[prefix + "store." + name] = extra[name]
+    scales = extra["scales"]
+    if isinstance(scales, torch.Tensor) and scales.dtype == torch.int16:
+        state_dict[prefix + "store.scales"] = scales.view(torch.float16)  # fp16 bits then
 
 
 def _to_input_order(sorted_columns: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:

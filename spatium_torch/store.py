@@ -37,7 +37,7 @@ ARRAYS = (
     "bloom",
 )
 _DTYPES = dict(
-    zip(ARRAYS, (torch.int64,) * 6 + (torch.int16, torch.uint8, torch.uint8), strict=True)
+    zip(ARRAYS, (torch.int64,) * 6 + (torch.float16, torch.uint8, torch.uint8), strict=True)
 )
 # The int64 `header` buffer: what the arrays mean, so a state_dict is tensors only.
 HEADER = ("format", "in_features", "out_features", "bits", "region_bits", "frozen", "checksum")
@@ -130,6 +130,17 @@ class SpatialStore(nn.Module):
         self.out_features = memory.out_features()
         if device.type != "meta":
             self._host = (tuple((id(t), t._version) for t in self._store_tensors()), memory)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SpatialStore:
+        # The arrays hold codes, not values: a move (.to(device), to_empty) moves them, a cast
+        # (.half(), .double()) leaves them as they are.
+        before = {name: self._buffers[name] for name in ARRAYS}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
 
     def _store_tensors(self) -> list[torch.Tensor]:
         return [self._buffers[name] for name in ARRAYS]

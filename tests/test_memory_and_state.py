@@ -126,7 +126,11 @@ def test_frozen_state_into_unfrozen_layer_is_refused():
         lambda s: s.update({"store.scales": s["store.scales"][:-2]}),
         lambda s: s.update({"store.bitmap": s["store.bitmap"][:1]}),
         lambda s: s["store.codes"].__setitem__(0, s["store.codes"][0] ^ 0x11),
-        lambda s: s["store.scales"].__setitem__(0, s["store.scales"][0] ^ 0x400),
+        lambda s: (
+            s["store.scales"]
+            .view(torch.int16)
+            .__setitem__(0, s["store.scales"].view(torch.int16)[0] ^ 0x400)
+        ),
         lambda s: s["store.header"].__setitem__(-1, s["store.header"][-1] + 1),
         lambda s: s["store.header"].__setitem__(0, 7),
         lambda s: s.pop("store.bitmap"),
