@@ -1,4 +1,4 @@
-"""The activation map's cost inside a SpatialLayer forward against plain relu (DESIGN §4), at
+"""The activation map's cost inside a SpatialLayer forward against plain relu, at
 batch 1 and 256, measured in the same run. Writes its section of benchmarks/RESULTS.md.
 
     python benchmarks/bench_activation_map.py

@@ -1,4 +1,4 @@
-// Statistics growth and pruning read (DESIGN §5), updated in training forwards: per neuron, an
+// Statistics growth and pruning read, updated in training forwards: per neuron, an
 // EMA of the share of samples with a non-zero output and an EMA of the mean output. One pass
 // over the batch and no temporaries, so it costs little next to the layer's matmul.
 #include <ATen/ATen.h>

@@ -1,4 +1,4 @@
-"""Activation maps (DESIGN §4): every neuron has an 8x8 grid of cells, each holding one of 12
+"""Activation maps: every neuron has an 8x8 grid of cells, each holding one of 12
 activation functions; a SimHash of the layer's input picks the cell for each sample, so similar
 inputs use the same cell."""
 

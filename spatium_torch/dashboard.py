@@ -1,4 +1,4 @@
-"""A live terminal dashboard for training loops (DESIGN §6), built on rich.
+"""A live terminal dashboard for training loops, built on rich.
 
 ``with st.Dashboard(model, optimizer, total_steps=n):`` around an ordinary training loop shows,
 per SpatialLayer, its neurons, active neurons, average saturation, sparsity and growth/prune

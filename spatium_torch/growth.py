@@ -1,4 +1,4 @@
-"""GrowthController: growth, pruning and memory growth between optimizer steps (DESIGN §5).
+"""GrowthController: growth, pruning and memory growth between optimizer steps.
 
 The controller pairs every SpatialLayer with the module that consumes its outputs and, when a
 layer's width changes, resizes that consumer, the norms in between and the optimizer's state

@@ -308,7 +308,7 @@ class SpatialLayer(nn.Module):
         return covered / self.in_features
 
     def should_split(self, neuron: int) -> bool:
-        """Whether the neuron's saturation exceeds ``growth_threshold`` (DESIGN §5)."""
+        """Whether the neuron's saturation exceeds ``growth_threshold``."""
         if not 0 <= neuron < self.out_features:
             raise IndexError(f"neuron {neuron} out of range [0, {self.out_features})")
         return bool(self.saturation()[neuron] > self.growth_threshold)
@@ -330,7 +330,7 @@ class SpatialLayer(nn.Module):
         limit = self.prune_threshold if threshold is None else _fraction(threshold, "threshold")
         return (self.saturation() < limit) | (self._buffers["activity"] < limit)
 
-    # --- growth, pruning, rewiring (DESIGN §5) ----------------------------------------------------
+    # --- growth, pruning, rewiring ----------------------------------------------------
     def grow(
         self,
         mode: str = "duplicate",

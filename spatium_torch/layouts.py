@@ -1,4 +1,4 @@
-"""Input layouts: one distinct 3D position per input feature (DESIGN §1)."""
+"""Input layouts: one distinct 3D position per input feature."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""How a layer's neurons change in a growth or pruning event (DESIGN §5): the index maps a
+"""How a layer's neurons change in a growth or pruning event: the index maps a
 consumer follows, and where new neurons sit in space."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Layer and network statistics for growth and pruning (DESIGN §5)."""
+"""Layer and network statistics for growth and pruning."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pictures of layers and training runs (DESIGN §6), drawn with matplotlib.
+"""Pictures of layers and training runs, drawn with matplotlib.
 
 Every function returns a :class:`matplotlib.figure.Figure` built without pyplot: nothing is
 shown or saved until you call ``fig.savefig("name.png")`` (or a notebook displays it). Works

@@ -1,4 +1,4 @@
-"""Growth, pruning, memory growth, the GrowthController and the stats (DESIGN §5)."""
+"""Growth, pruning, memory growth, the GrowthController and the stats."""
 
 import statistics
 

@@ -74,7 +74,7 @@ def test_non_contiguous_and_empty_inputs():
 
 
 def test_morton_order_of_a_default_layout_is_index_order():
-    # DESIGN §1: input j sits at morton_decode(j), so index order is Morton order.
+    # The default layout: input j sits at morton_decode(j), so index order is Morton order.
     j = torch.arange(4096)
     assert torch.equal(st.morton_encode(st.morton_decode(j)), j)
 

@@ -1,4 +1,4 @@
-// The 12 activation functions an activation map chooses from (DESIGN §4), with derivatives.
+// The 12 activation functions an activation map chooses from, with derivatives.
 // Header-only and free of torch and of host-only calls, so CPU kernels inline them and CUDA
 // kernels can share them (float32 on the CPU runs the vectorised versions of
 // activation_kernels.h, which follow the same conventions). Conventions follow torch.nn.functional: leaky_relu slope 0.01,

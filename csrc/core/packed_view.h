@@ -1,4 +1,4 @@
-// A view of a packed block-sparse memory (DESIGN §2): the arrays a SpatialMemory owns, or the
+// A view of a packed block-sparse memory: the arrays a SpatialMemory owns, or the
 // same arrays held by torch tensors. The kernels run on views, so the torch ops and the store
 // share one implementation. Torch-free.
 #pragma once

@@ -1,5 +1,5 @@
 // The spatial memory of one layer: quantized, block-sparse weights of `out_features` neurons over
-// `in_features` inputs whose positions are Morton codes, sorted ascending (DESIGN §2). Torch-free.
+// `in_features` inputs whose positions are Morton codes, sorted ascending. Torch-free.
 //
 // Regions: region key = input code >> region_bits; the inputs of a region are one contiguous run
 // of the sorted inputs. A block is one neuron x one region; a neuron's memory is its set of
