@@ -1,0 +1,556 @@
+"""Reference implementations of every ``torch.ops.spatium`` op in plain torch.
+
+This is the portable path: it uses only ordinary tensor ops (indexing, gather/scatter,
+``index_add_``, ``searchsorted``, elementwise math), so it runs wherever torch does (CPU, CUDA,
+other backends) and follows the arrays to their device. It is written for clarity rather than
+speed: per-weight quantities are dense ``[out, in]`` tensors, and the only Python loops run
+over the 12 activation functions or the few steps of a bit spread. The C++ kernels are tested
+against it (``tests/test_reference.py``): the store ops (``dequantize``, ``active_mask``,
+``requantize_``) bit for bit, the products and activation functions to floating-point
+tolerance.
+
+The store arrays and their layout are those of ``csrc/core/spatial_memory.h``:
+
+- ``region_begin`` int64 ``[regions + 1]``: first (Morton-sorted) input of each region.
+- ``bitmap`` int64 ``[ceil(out * regions / 64)]``: bit ``n * regions + r`` (little-endian
+  within each word) says block (neuron ``n``, region ``r``) is active.
+- ``block_begin``, ``code_begin`` int64 ``[ceil(out / 8) + 1]``: the directory, derived from
+  the bitmap; only its totals (the last entries) are read here.
+- ``scales`` float16 (or int16 holding fp16 bits) ``[blocks]``: one per active block, in
+  (neuron, region) order.
+- ``codes`` uint8: each active block's codes, packed planar: a block of ``count`` codes takes
+  ``q = ceil(count * bits / 8)`` bytes and code ``j`` sits in byte ``j % q`` at bit
+  ``(j // q) * bits``, stored as ``code + offset`` (``offset`` 1, 7, 127 for 2, 4, 8 bits; for
+  1 bit, stored 1 is +1 and 0 is -1).
+
+Inputs and weight columns are in Morton-sorted order, as the ops take them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+VALID_BITS = (1, 2, 4, 8)
+HALF_MAX_BITS = 0x7BFF  # 65504, the largest finite fp16
+HALF_NAN_BITS = 0x7E00  # the scale of a block with a non-finite weight
+DIRECTORY_STRIDE = 8  # neurons per directory entry
+LEAKY_SLOPE = 0.01
+SOFTPLUS_THRESHOLD = 20.0
+MORTON_COORD_BITS = 16
+MORTON_CODE_BITS = 48
+
+
+# --- the block layout -----------------------------------------------------------------------------
+def max_code(bits: int) -> int:
+    """The largest code magnitude of a width: 1, 1, 7, 127."""
+    return 1 if bits == 1 else (1 << (bits - 1)) - 1
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in VALID_BITS:
+        raise ValueError(f"bits must be 1, 2, 4 or 8, got {bits}")
+
+
+class BlockLayout(NamedTuple):
+    """Where every weight of an ``[out, in]`` matrix lives in the store. Row ``n`` and column
+    ``i`` of each ``[out, in]`` tensor describe neuron ``n``'s weight on (sorted) input ``i``;
+    weights outside active blocks point one past the end of ``scales`` and ``codes``, so arrays
+    padded by one element can be gathered from and scattered into without masking."""
+
+    blocks: torch.Tensor  # [out, regions] bool: active blocks
+    block_of_slot: torch.Tensor  # [out, regions] int64: index into scales (num_blocks if inactive)
+    region: torch.Tensor  # [in] int64: the region of each input
+    active: torch.Tensor  # [out, in] bool: the weight lies in an active block
+    block: torch.Tensor  # [out, in] int64: its block's index into scales
+    byte: torch.Tensor  # [out, in] int64: index into codes of the byte holding its code
+    shift: torch.Tensor  # [in] int64: the code's bit offset within that byte
+
+
+def block_layout(
+    region_begin: torch.Tensor,
+    bitmap: torch.Tensor,
+    bits: int,
+    in_features: int,
+    out_features: int,
+    num_blocks: int,
+    num_bytes: int,
+) -> BlockLayout:
+    """Decodes the bitmap into every weight's block, code byte and bit shift (see
+    :class:`BlockLayout`). Blocks and their bytes follow in (neuron, region) order, so a block's
+    index and byte offset are prefix sums over the active blocks before it."""
+    _check_bits(bits)
+    regions = region_begin.numel() - 1
+    if regions < 1 or out_features < 1:
+        raise ValueError("spatium: empty memory")
+    if bitmap.numel() != (out_features * regions + 63) // 64:
+        raise ValueError(
+            f"spatium: bitmap of {bitmap.numel()} words does not fit {out_features} neurons x "
+            f"{regions} regions"
+        )
+    device = region_begin.device
+    slot = torch.arange(out_features * regions, device=device)
+    words = bitmap.to(torch.int64).index_select(0, slot >> 6)
+    blocks = ((words >> (slot & 63)) & 1).bool().view(out_features, regions)
+    taken = blocks.to(torch.int64)
+    region_bytes = (region_begin.diff() * bits + 7) // 8  # [regions]
+    block_of_slot = _exclusive_cumsum(taken).view(out_features, regions)
+    block_of_slot = torch.where(blocks, block_of_slot, num_blocks)
+    offset_of_slot = _exclusive_cumsum(taken * region_bytes).view(out_features, regions)
+
+    column = torch.arange(in_features, device=device)
+    region = torch.searchsorted(region_begin[1:].contiguous(), column, right=True)
+    within = column - region_begin.index_select(0, region)  # position inside the block
+    q = region_bytes.index_select(0, region)  # bytes of the block
+    active = blocks.index_select(1, region)
+    byte = torch.where(active, offset_of_slot.index_select(1, region) + within % q, num_bytes)
+    block = block_of_slot.index_select(1, region)
+    return BlockLayout(blocks, block_of_slot, region, active, block, byte, (within // q) * bits)
+
+
+def _exclusive_cumsum(t: torch.Tensor) -> torch.Tensor:
+    flat = t.flatten()
+    return flat.cumsum(0) - flat
+
+
+def _layout_of(
+    region_begin: torch.Tensor,
+    bitmap: torch.Tensor,
+    block_begin: torch.Tensor,
+    code_begin: torch.Tensor,
+    scales: torch.Tensor,
+    codes: torch.Tensor,
+    bits: int,
+    in_features: int,
+    out_features: int,
+) -> BlockLayout:
+    entries = (out_features + DIRECTORY_STRIDE - 1) // DIRECTORY_STRIDE + 1
+    if block_begin.numel() != entries or code_begin.numel() != entries:
+        raise ValueError(
+            f"spatium: directory of {block_begin.numel()}/{code_begin.numel()} entries does not "
+            f"fit {out_features} neurons"
+        )
+    return block_layout(
+        region_begin, bitmap, bits, in_features, out_features, scales.numel(), codes.numel()
+    )
+
+
+def _padded(t: torch.Tensor) -> torch.Tensor:
+    """t with one zero element appended: what weights outside active blocks index."""
+    return torch.cat([t, t.new_zeros(1)])
+
+
+def _scale_values(scales: torch.Tensor) -> torch.Tensor:
+    """The scales as float32 (exact: every fp16 value is a float32 value)."""
+    if scales.dtype == torch.int16:
+        scales = scales.view(torch.float16)
+    return scales.to(torch.float32)
+
+
+def _half_bits(values: torch.Tensor) -> torch.Tensor:
+    """float32 values rounded to the nearest fp16 (ties to even), as int16 bits."""
+    return values.to(torch.float16).view(torch.int16)
+
+
+def _half_bits_up(values: torch.Tensor) -> torch.Tensor:
+    """The smallest fp16 >= each finite value >= 0, saturating at 65504, as int16 bits (the
+    C++ ``float_to_half_up``)."""
+    nearest = values.to(torch.float16)
+    bits = nearest.view(torch.int16) + (nearest.to(torch.float32) < values).to(torch.int16)
+    return bits.clamp_max(HALF_MAX_BITS)
+
+
+# --- the store ops --------------------------------------------------------------------------------
+def dequantize(
+    region_begin: torch.Tensor,
+    bitmap: torch.Tensor,
+    block_begin: torch.Tensor,
+    code_begin: torch.Tensor,
+    scales: torch.Tensor,
+    codes: torch.Tensor,
+    bits: int,
+    in_features: int,
+    out_features: int,
+) -> torch.Tensor:
+    """The dense ``[out, in]`` float32 weight the store holds: ``scale * code`` in active
+    blocks (computed in float32), +0 elsewhere. A NaN scale makes its whole block NaN."""
+    layout = _layout_of(
+        region_begin, bitmap, block_begin, code_begin, scales, codes, bits, in_features,
+        out_features,
+    )  # fmt: skip
+    packed = _padded(codes).index_select(0, layout.byte.flatten()).view_as(layout.byte)
+    stored = (packed.to(torch.int32) >> layout.shift.to(torch.int32)) & ((1 << bits) - 1)
+    code = 2 * stored - 1 if bits == 1 else stored - max_code(bits)
+    scale = _padded(_scale_values(scales)).index_select(0, layout.block.flatten())
+    weight = scale.view_as(layout.block) * code.to(torch.float32)
+    return torch.where(layout.active, weight, 0.0)
+
+
+def active_mask(
+    region_begin: torch.Tensor,
+    bitmap: torch.Tensor,
+    block_begin: torch.Tensor,
+    code_begin: torch.Tensor,
+    scales: torch.Tensor,
+    codes: torch.Tensor,
+    in_features: int,
+    out_features: int,
+) -> torch.Tensor:
+    """``[out, in]`` bool: True where the weight lies in an active block."""
+    # The mask does not depend on the code width; 8 only satisfies the layout's check.
+    layout = _layout_of(
+        region_begin, bitmap, block_begin, code_begin, scales, codes, 8, in_features,
+        out_features,
+    )  # fmt: skip
+    return layout.active
+
+
+def requantize_(
+    latent: torch.Tensor,
+    region_begin: torch.Tensor,
+    bitmap: torch.Tensor,
+    block_begin: torch.Tensor,
+    code_begin: torch.Tensor,
+    scales: torch.Tensor,
+    codes: torch.Tensor,
+    bits: int,
+) -> None:
+    """Quantizes the active blocks of ``latent`` ``[out, in]`` (any floating dtype, rounded to
+    float32 first; columns in sorted order) into ``scales`` and ``codes`` in place.
+
+    Per block: for ``bits >= 2`` the scale is ``absmax / max_code`` rounded *up* to fp16
+    (saturating at 65504) and codes are ``round_half_even(w / scale)`` clamped to
+    ``+-max_code``; a zero scale gives all-zero codes. For 1 bit the scale is ``mean |w|``
+    rounded to the nearest fp16 and the code is +1 for ``w >= 0`` (zeros included), -1 below.
+    A block holding NaN or +-Inf gets the NaN scale (fp16 bits 0x7E00) and the codes of 0
+    (stored 0, i.e. -1, for 1 bit), so it dequantizes to NaN.
+    """
+    _check_bits(bits)
+    out_features, in_features = latent.shape
+    layout = _layout_of(
+        region_begin, bitmap, block_begin, code_begin, scales, codes, bits, in_features,
+        out_features,
+    )  # fmt: skip
+    regions = layout.blocks.shape[1]
+    w = latent.detach().to(torch.float32)
+    slot = torch.arange(out_features, device=w.device).unsqueeze(1) * regions + layout.region
+    slot = slot.flatten()
+
+    def per_block(values: torch.Tensor, reduce: str) -> torch.Tensor:
+        out = values.new_zeros(out_features * regions)
+        return out.scatter_reduce_(0, slot, values.flatten(), reduce).view(out_features, regions)
+
+    not_finite = per_block((~torch.isfinite(w)).to(torch.float32), "sum") > 0
+    qmax = max_code(bits)
+    if bits == 1:
+        # mean |w|: the sum in float64, then float32 sum / count as the C++ computes it.
+        abs_sum = per_block(w.abs().to(torch.float64), "sum").to(torch.float32)
+        count = region_begin.diff().to(torch.float32)
+        slot_bits = _half_bits(abs_sum / count)
+        stored = (w >= 0).to(torch.int64)
+        stored_if_not_finite = 0
+    else:
+        absmax = per_block(w.abs(), "amax")
+        slot_bits = _half_bits_up(absmax / qmax)
+        scale = slot_bits.view(torch.float16).to(torch.float32).index_select(1, layout.region)
+        q = torch.round(w / scale).clamp(-qmax, qmax)  # torch.round: half to even
+        stored = torch.where(scale > 0, q + qmax, qmax)
+        stored_if_not_finite = qmax
+    slot_bits = torch.where(not_finite, HALF_NAN_BITS, slot_bits)
+    stored = torch.where(not_finite.index_select(1, layout.region), stored_if_not_finite, stored)
+    stored = torch.where(layout.active, stored, 0).to(torch.int64)
+
+    # Codes of one byte occupy disjoint bits, so their sum is their OR.
+    packed = torch.zeros(codes.numel() + 1, dtype=torch.int64, device=codes.device)
+    packed.index_add_(0, layout.byte.flatten(), (stored << layout.shift).flatten())
+    codes.copy_(packed[:-1].to(torch.uint8))
+    new_scales = torch.zeros(scales.numel() + 1, dtype=torch.int16, device=scales.device)
+    new_scales.scatter_(0, layout.block_of_slot.flatten(), slot_bits.flatten())
+    target = scales if scales.dtype == torch.int16 else scales.view(torch.int16)
+    target.copy_(new_scales[:-1])
+
+
+def quantize(
+    latent: torch.Tensor,
+    region_begin: torch.Tensor,
+    bitmap: torch.Tensor,
+    block_begin: torch.Tensor,
+    code_begin: torch.Tensor,
+    bits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(scales, codes)`` that :func:`requantize_` writes, newly allocated: scales
+    float16 (fp16 bits as the store holds them), codes uint8, sized by the directory's
+    totals."""
+    num_blocks, num_bytes = int(block_begin[-1]), int(code_begin[-1])
+    scales = torch.zeros(num_blocks, dtype=torch.float16, device=region_begin.device)
+    codes = torch.zeros(num_bytes, dtype=torch.uint8, device=region_begin.device)
+    requantize_(latent, region_begin, bitmap, block_begin, code_begin, scales, codes, bits)
+    return scales, codes
+
+
+def spatial_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    region_begin: torch.Tensor,
+    bitmap: torch.Tensor,
+    block_begin: torch.Tensor,
+    code_begin: torch.Tensor,
+    scales: torch.Tensor,
+    codes: torch.Tensor,
+    bits: int,
+    out_features: int,
+) -> torch.Tensor:
+    """``x [batch, in] @ W_q^T + bias`` with the dequantized weight cast to x's dtype (``x``
+    in sorted input order). ``weight`` (the latent weight, there for autograd) is not read."""
+    dense = dequantize(
+        region_begin, bitmap, block_begin, code_begin, scales, codes, bits, x.shape[1],
+        out_features,
+    )  # fmt: skip
+    return F.linear(x, dense.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def spatial_linear_backward_input(
+    grad_y: torch.Tensor,
+    region_begin: torch.Tensor,
+    bitmap: torch.Tensor,
+    block_begin: torch.Tensor,
+    code_begin: torch.Tensor,
+    scales: torch.Tensor,
+    codes: torch.Tensor,
+    bits: int,
+    in_features: int,
+) -> torch.Tensor:
+    """``grad_y [batch, out] @ W_q``: the input gradient of :func:`spatial_linear`."""
+    dense = dequantize(
+        region_begin, bitmap, block_begin, code_begin, scales, codes, bits, in_features,
+        grad_y.shape[1],
+    )  # fmt: skip
+    return grad_y @ dense.to(grad_y.dtype)
+
+
+# --- activation functions -------------------------------------------------------------------------
+# (value, derivative) of each of the 12 functions, in the order of ops.ACTIVATIONS, with
+# torch.nn.functional's conventions: leaky_relu slope 0.01, elu alpha 1, exact (erf) gelu,
+# softplus beta 1 threshold 20. relu, leaky_relu and abs take the derivative at 0 from the
+# left (0, 0.01, 0). relu is `x > 0 ? x : 0`, so relu(NaN) is 0 as in the kernels.
+def _sigmoid_slope(x: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 - s)
+
+
+def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """P(N(0, 1) <= x) as erfc, which keeps its accuracy in the left tail."""
+    return 0.5 * torch.erfc(x * -0.7071067811865476)
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * _normal_cdf(x)
+
+
+def _gelu_slope(x: torch.Tensor) -> torch.Tensor:
+    return _normal_cdf(x) + x * torch.exp(-0.5 * x * x) * 0.3989422804014327
+
+
+def _silu_slope(x: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def _tanh_slope(x: torch.Tensor) -> torch.Tensor:
+    t = torch.tanh(x)
+    return 1 - t * t
+
+
+def _step(x: torch.Tensor, below: float) -> torch.Tensor:
+    """1 where x > 0, ``below`` elsewhere (NaN included), in x's dtype."""
+    return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, below))
+
+
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > SOFTPLUS_THRESHOLD, x, torch.log1p(torch.exp(x)))
+
+
+def _softplus_slope(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > SOFTPLUS_THRESHOLD, torch.ones_like(x), torch.sigmoid(x))
+
+
+def _gaussian(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-x * x)
+
+
+def _sign(x: torch.Tensor) -> torch.Tensor:
+    """1, -1 or 0 (for 0 and NaN), in x's dtype."""
+    return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
+
+
+_FUNCTIONS: tuple[tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]], ...] = (
+    (lambda x: torch.where(x > 0, x, 0.0), lambda x: _step(x, 0.0)),  # relu
+    (lambda x: torch.where(x > 0, x, LEAKY_SLOPE * x), lambda x: _step(x, LEAKY_SLOPE)),
+    (lambda x: torch.where(x > 0, x, torch.expm1(x)), lambda x: torch.where(x > 0, 1.0, x.exp())),
+    (_gelu, _gelu_slope),
+    (F.silu, _silu_slope),
+    (torch.sigmoid, _sigmoid_slope),
+    (torch.tanh, _tanh_slope),
+    (_softplus, _softplus_slope),
+    (lambda x: x, torch.ones_like),  # identity
+    (torch.sin, torch.cos),
+    (_gaussian, lambda x: -2 * x * _gaussian(x)),
+    (torch.abs, _sign),
+)
+NUM_FUNCTIONS = len(_FUNCTIONS)
+
+
+def _check_fn(fn: int) -> None:
+    if not 0 <= fn < NUM_FUNCTIONS:
+        raise ValueError(f"activation: function index must be in [0, {NUM_FUNCTIONS}), got {fn}")
+
+
+def activation(x: torch.Tensor, fn: int) -> torch.Tensor:
+    """Function ``fn`` (an index into ``ops.ACTIVATIONS``) applied elementwise."""
+    _check_fn(fn)
+    return _FUNCTIONS[fn][0](x)
+
+
+def activation_backward(grad: torch.Tensor, x: torch.Tensor, fn: int) -> torch.Tensor:
+    """``grad * f'(x)`` for function ``fn``."""
+    _check_fn(fn)
+    return grad * _FUNCTIONS[fn][1](x)
+
+
+def _map_functions(pre: torch.Tensor, cells: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``[batch, neurons]`` int64: the function index of every sample's cell, per neuron."""
+    return table.index_select(1, cells).t().to(torch.int64)
+
+
+def _pick(pre: torch.Tensor, fns: torch.Tensor, which: int) -> torch.Tensor:
+    """Each element through its own function's value (which=0) or derivative (which=1)."""
+    out = torch.zeros_like(pre)
+    for k, pair in enumerate(_FUNCTIONS):
+        out = torch.where(fns == k, pair[which](pre), out)
+    return out
+
+
+def activation_map(pre: torch.Tensor, cells: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``out[b, n] = f_{table[n, cells[b]]}(pre[b, n])`` for pre ``[batch, neurons]``, cells
+    ``[batch]`` int64 in ``[0, 64)`` and table ``[neurons, 64]`` uint8."""
+    return _pick(pre, _map_functions(pre, cells, table), 0)
+
+
+def activation_map_backward(
+    grad: torch.Tensor, pre: torch.Tensor, cells: torch.Tensor, table: torch.Tensor
+) -> torch.Tensor:
+    """``grad[b, n] * f'_{table[n, cells[b]]}(pre[b, n])``."""
+    return grad * _pick(pre, _map_functions(pre, cells, table), 1)
+
+
+def _mixture_weights(probs: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """``[batch, neurons, 12]``: each sample's function probabilities, per neuron."""
+    return probs.index_select(1, cells).permute(1, 0, 2)
+
+
+def activation_mixture(pre: torch.Tensor, cells: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """``out[b, n] = sum_k probs[n, cells[b], k] * f_k(pre[b, n])`` for probs
+    ``[neurons, 64, 12]`` of pre's dtype."""
+    weights = _mixture_weights(probs, cells)
+    out = torch.zeros_like(pre)
+    for k, (value, _) in enumerate(_FUNCTIONS):
+        out = out + weights[..., k] * value(pre)
+    return out
+
+
+def activation_mixture_backward(
+    grad: torch.Tensor, pre: torch.Tensor, cells: torch.Tensor, probs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_pre, grad_probs)`` of :func:`activation_mixture`: ``grad_pre[b, n] = grad[b, n]
+    * sum_k probs[n, cells[b], k] f'_k(pre[b, n])`` and ``grad_probs[n, c, k]`` the sum over
+    samples b in cell c of ``grad[b, n] * f_k(pre[b, n])`` (laid out as probs)."""
+    weights = _mixture_weights(probs, cells)
+    slope = torch.zeros_like(pre)
+    for k, (_, derivative) in enumerate(_FUNCTIONS):
+        slope = slope + weights[..., k] * derivative(pre)
+    values = torch.stack([value(pre) for value, _ in _FUNCTIONS], dim=-1)  # [B, N, 12]
+    per_cell = pre.new_zeros(probs.shape[1], pre.shape[1], NUM_FUNCTIONS)
+    per_cell.index_add_(0, cells, grad.unsqueeze(-1) * values)
+    return grad * slope, torch.empty_like(probs).copy_(per_cell.permute(1, 0, 2))
+
+
+def simhash_cells(x: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
+    """``[batch]`` int64 cells: bit j set where ``x[b] . projections[j] > 0`` (x ``[batch,
+    features]``, projections ``[bits, features]``)."""
+    positive = (x @ projections.t() > 0).to(torch.int64)
+    weights = torch.arange(projections.shape[0], device=x.device)
+    return (positive << weights).sum(1)
+
+
+def count_hits_(hits: torch.Tensor, cells: torch.Tensor) -> None:
+    """``hits[n, c] +=`` the number of samples in cell c, for every neuron n (in place)."""
+    counts = torch.zeros(hits.shape[1], dtype=hits.dtype, device=hits.device)
+    counts.index_add_(0, cells, torch.ones_like(cells, dtype=hits.dtype))
+    hits.add_(counts)
+
+
+def track_activity_(
+    output: torch.Tensor, activity: torch.Tensor, output_mean: torch.Tensor, momentum: float
+) -> None:
+    """Folds a batch of outputs ``[batch, neurons]`` into the EMAs in place (computed in
+    float64, stored in their dtype): ``activity = (1 - m) activity + m * share of non-zero
+    outputs`` (NaN counts as non-zero) and ``output_mean = (1 - m) output_mean + m * mean
+    output``. An empty batch changes nothing."""
+    rows = output.shape[0]
+    if rows == 0:
+        return
+    values = output.detach().to(torch.float64)
+    keep, scale = 1.0 - momentum, momentum / rows
+    nonzero = (values != 0).sum(0, dtype=torch.float64)
+    activity.copy_(keep * activity.to(torch.float64) + scale * nonzero)
+    output_mean.copy_(keep * output_mean.to(torch.float64) + scale * values.sum(0))
+
+
+# --- Morton codes ---------------------------------------------------------------------------------
+# (shift, mask) steps that move bit i of a 16-bit coordinate to bit 3i, and back.
+_SPREAD = ((16, 0x00000000FF0000FF), (8, 0x000000F00F00F00F), (4, 0x00000C30C30C30C3),
+           (2, 0x0000249249249249))  # fmt: skip
+_COMPACT = ((2, 0x00000C30C30C30C3), (4, 0x000000F00F00F00F), (8, 0x00000000FF0000FF),
+            (16, 0xFFFF))  # fmt: skip
+
+
+def _spread3(v: torch.Tensor) -> torch.Tensor:
+    for shift, mask in _SPREAD:
+        v = (v | (v << shift)) & mask
+    return v
+
+
+def _compact3(v: torch.Tensor) -> torch.Tensor:
+    v = v & _SPREAD[-1][1]
+    for shift, mask in _COMPACT:
+        v = (v ^ (v >> shift)) & mask
+    return v
+
+
+def morton_encode(xyz: torch.Tensor) -> torch.Tensor:
+    """int64 ``[N]`` Morton codes of integer positions ``[N, 3]`` in ``[0, 65535]``: bit i of
+    x, y, z goes to bit 3i, 3i+1, 3i+2. Raises ValueError for a coordinate out of range."""
+    if xyz.dim() != 2 or xyz.shape[1] != 3:
+        raise ValueError(
+            f"morton_encode: expected positions of shape [N, 3], got {list(xyz.shape)}"
+        )
+    xyz = xyz.to(torch.int64)
+    if bool(((xyz < 0) | (xyz >= 1 << MORTON_COORD_BITS)).any()):
+        raise ValueError("morton_encode: coordinates must be in [0, 65535]")
+    spread = _spread3(xyz)
+    return spread[:, 0] | (spread[:, 1] << 1) | (spread[:, 2] << 2)
+
+
+def morton_decode(codes: torch.Tensor) -> torch.Tensor:
+    """int64 ``[N, 3]`` positions of Morton codes ``[N]`` in ``[0, 2**48)``: the inverse of
+    :func:`morton_encode`. Raises ValueError for a code out of range."""
+    if codes.dim() != 1:
+        raise ValueError(f"morton_decode: expected codes of shape [N], got {list(codes.shape)}")
+    codes = codes.to(torch.int64)
+    if bool(((codes < 0) | (codes >= 1 << MORTON_CODE_BITS)).any()):
+        raise ValueError("morton_decode: codes must be in [0, 2^48)")
+    return torch.stack([_compact3(codes >> k) for k in range(3)], dim=1)
