@@ -1,5 +1,6 @@
-"""Builds spatium_torch._C: the torch-free core (csrc/core), the op bindings (csrc) and, when
-torch has CUDA and a CUDA toolkit is found, the CUDA impls (csrc/cuda). USE_CUDA=0 forces a
+"""Builds spatium_torch._C: the torch-free core (csrc/core), the CPU kernels (csrc/cpu), the
+store class and kernel registration (csrc) and, when torch has CUDA and a CUDA toolkit is found,
+the CUDA kernels (csrc/cuda). USE_CUDA=0 forces a
 CPU-only build. Install with `pip install --no-build-isolation -e .`."""
 
 import glob
@@ -30,7 +31,7 @@ with_cuda = want_cuda()
 # -fopenmp on compile *and* link: at::parallel_for is inline and runs serially without it.
 # The language standard is torch's own (C++20 for torch 2.13); csrc/core stays C++17 (CMake).
 cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
-extension_sources = sources("csrc/*.cpp") + sources("csrc/core/*.cpp")
+extension_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp") + sources("csrc/core/*.cpp")
 extension_kwargs = dict(
     include_dirs=[os.path.join(ROOT, "csrc")],
     extra_compile_args={"cxx": cxx_flags},

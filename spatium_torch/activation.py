@@ -9,11 +9,10 @@ import copy
 import torch
 from torch import nn
 
-from spatium_torch.ops import ACTIVATIONS
+from spatium_torch.ops import ACTIVATIONS, CELLS, HASH_BITS
 
 GRID = 8
-CELLS = GRID * GRID
-HASH_BITS = 6  # 3 bits of row, 3 of column
+# CELLS = GRID * GRID cells, picked by HASH_BITS = 6 bits: 3 of row, 3 of column.
 INITS = ("uniform", "random", "gradient")
 # "gradient": this function in the central 4x4 cells, the other on the edge.
 GRADIENT_CENTRE, GRADIENT_EDGE = "relu", "tanh"

@@ -21,7 +21,7 @@ from spatium_torch.neurons import (
     parameter_like,
     place_children,
 )
-from spatium_torch.ops import CODE_BITS, MAX_COORD, morton_decode, morton_encode
+from spatium_torch.ops import CODE_BITS, MAX_COORD, VALID_BITS, morton_decode, morton_encode
 from spatium_torch.store import (
     ARRAYS,
     STATE_FORMAT,
@@ -30,7 +30,6 @@ from spatium_torch.store import (
     is_latent_stale,
 )
 
-VALID_BITS = (1, 2, 4, 8)
 # Weight of the newest batch in the activity EMA (about the last 20 training batches count).
 ACTIVITY_EMA = 0.05
 SPLIT_MODES = ("duplicate", "partition")

@@ -1,10 +1,17 @@
-"""Python faces of the C++ ops in ``torch.ops.spatium``: public wrappers with docstrings and the
-fake (meta) impls that let ``torch.compile`` and ``torch.library.opcheck`` trace them."""
+"""The op contract of ``torch.ops.spatium``, in one place: every op's schema, its checked fake
+(meta) impl, its autograd formula and, for devices without a kernel, its portable reference
+impl (spatium_torch.reference). The kernels (C++ for the CPU, CUDA) only register impls of
+these schemas (csrc/register.cpp). Public wrappers with docstrings come first."""
 
 import torch
 
+from spatium_torch import reference
+
 MAX_COORD = 0xFFFF
 CODE_BITS = 48
+VALID_BITS = reference.VALID_BITS
+HASH_BITS = 6  # an activation map hashes inputs to 6 bits: 64 cells
+CELLS = 1 << HASH_BITS
 
 
 def morton_encode(xyz: torch.Tensor) -> torch.Tensor:
@@ -47,8 +54,135 @@ def built_with_cuda() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("spatium::morton_encode", "CUDA")
 
 
+ACTIVATIONS = (
+    "relu",
+    "leaky_relu",
+    "elu",
+    "gelu",
+    "silu",
+    "sigmoid",
+    "tanh",
+    "softplus",
+    "identity",
+    "sin",
+    "gaussian",
+    "abs",
+)
+
+
+def activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """One of the 12 activation-map functions (:data:`ACTIVATIONS`) applied elementwise, with
+    torch.nn.functional's conventions (leaky_relu slope 0.01, elu alpha 1, exact gelu,
+    softplus beta 1); ``gaussian`` is ``exp(-x**2)``. Differentiable."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+    return torch.ops.spatium.activation(x, ACTIVATIONS.index(name))
+
+
+# --- schemas ---------------------------------------------------------------------------------
+# The store's six arrays, by name (a layer's `store` buffers; layout in
+# csrc/core/spatial_memory.h): region_begin, bitmap, block_begin, code_begin int64, scales
+# float16, codes uint8.
+_STORE = (
+    "Tensor region_begin, Tensor bitmap, Tensor block_begin, Tensor code_begin, Tensor scales, "
+    "Tensor codes"
+)
+SCHEMAS = {
+    "morton_encode": "(Tensor xyz) -> Tensor",
+    "morton_decode": "(Tensor codes) -> Tensor",
+    "_threads_used_by_parallel_for": "(int work_items) -> int",
+    "spatial_linear": (
+        f"(Tensor x, Tensor? weight, Tensor? bias, {_STORE}, int bits, int out_features) -> Tensor"
+    ),
+    "spatial_linear_backward_input": (
+        f"(Tensor grad_y, {_STORE}, int bits, int in_features) -> Tensor"
+    ),
+    "active_mask": f"({_STORE}, int in_features, int out_features) -> Tensor",
+    "dequantize": f"({_STORE}, int bits, int in_features, int out_features) -> Tensor",
+    "requantize_": (
+        "(Tensor latent, Tensor region_begin, Tensor bitmap, Tensor block_begin, "
+        "Tensor code_begin, Tensor(a!) scales, Tensor(b!) codes, int bits) -> ()"
+    ),
+    "activation": "(Tensor x, int fn) -> Tensor",
+    "activation_backward": "(Tensor grad, Tensor x, int fn) -> Tensor",
+    "activation_map": "(Tensor pre, Tensor cells, Tensor table) -> Tensor",
+    "activation_map_backward": "(Tensor grad, Tensor pre, Tensor cells, Tensor table) -> Tensor",
+    "activation_mixture": "(Tensor pre, Tensor cells, Tensor probs) -> Tensor",
+    "activation_mixture_backward": (
+        "(Tensor grad, Tensor pre, Tensor cells, Tensor probs) -> (Tensor, Tensor)"
+    ),
+    "simhash_cells": "(Tensor x, Tensor projections) -> Tensor",
+    "count_hits_": "(Tensor(a!) hits, Tensor cells) -> ()",
+    "track_activity_": (
+        "(Tensor output, Tensor(a!) activity, Tensor(b!) output_mean, float momentum) -> ()"
+    ),
+}
+_LIBRARY = torch.library.Library("spatium", "FRAGMENT")
+for _name, _schema in SCHEMAS.items():
+    _LIBRARY.define(_name + _schema)
+
+# Every op but the test hook has a reference impl in plain torch ops: it serves every device
+# that has no kernel of its own (CompositeExplicitAutograd fills in for those backends only).
+for _name in SCHEMAS:
+    if not _name.startswith("_"):
+        _LIBRARY.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
+
+
+# --- checked fakes ----------------------------------------------------------------------------
+# They check what the kernels check without reading values (shapes, dtypes, devices), so that
+# torch.compile, export and meta tensors report the kernels' errors.
 def _is_integer(t: torch.Tensor) -> bool:
     return not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool
+
+
+def _check_float(t: torch.Tensor, op: str, name: str) -> None:
+    if t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: {name} must be float32 or float64, got {t.dtype}")
+
+
+def _check_same_device(op: str, first: torch.Tensor, *others: torch.Tensor) -> None:
+    for other in others:
+        if other.device != first.device:
+            raise ValueError(f"{op}: tensors on {first.device} and {other.device}")
+
+
+_STORE_DTYPES = (torch.int64,) * 4 + (torch.float16, torch.uint8)
+_STORE_NAMES = ("region_begin", "bitmap", "block_begin", "code_begin", "scales", "codes")
+
+
+def _check_store(
+    op: str, like: torch.Tensor, store: tuple, bits: int, in_features: int, out_features: int
+) -> None:
+    """The store's arrays: 1-D, their dtypes, ``like``'s device, sizes that fit
+    ``out_features`` neurons (the kernels also check the values)."""
+    for t, dtype, name in zip(store, _STORE_DTYPES, _STORE_NAMES, strict=True):
+        if t.dtype != dtype:
+            raise TypeError(f"spatium: memory {name} must be {dtype}, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"spatium: memory {name} must be 1-D, got {t.dim()}-D")
+    _check_same_device(op, like, *store)
+    if bits not in VALID_BITS:
+        raise ValueError(f"spatium: bits must be 1, 2, 4 or 8, got {bits}")
+    region_begin, bitmap, block_begin, code_begin = store[:4]
+    regions = region_begin.shape[0] - 1
+    if regions < 1 or out_features < 1:
+        raise ValueError("spatium: empty memory")
+    directory = (out_features + 7) // 8 + 1
+    if (
+        bitmap.shape[0] != (out_features * regions + 63) // 64
+        or block_begin.shape[0] != directory
+        or code_begin.shape[0] != directory
+    ):
+        raise ValueError(
+            f"spatium: memory arrays do not fit {out_features} neurons x {regions} regions "
+            "(not from one SpatialMemory?)"
+        )
+
+
+def _check_rows(op: str, t: torch.Tensor, name: str) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{op}: {name} must be 2-D [batch, features], got {list(t.shape)}")
+    _check_float(t, op, name)
 
 
 @torch.library.register_fake("spatium::morton_encode")
@@ -71,86 +205,191 @@ def _morton_decode_fake(codes: torch.Tensor) -> torch.Tensor:
     return codes.new_empty((codes.shape[0], 3), dtype=torch.int64)
 
 
-# --- spatial memory ops ------------------------------------------------------------------------
-# Each takes the store's six arrays by name (region_begin, bitmap, block_begin, code_begin,
-# scales, codes: a layer's `store` buffers, StoreArrays; layout in csrc/core/spatial_memory.h).
-
-
 @torch.library.register_fake("spatium::spatial_linear")
 def _spatial_linear_fake(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    region_begin: torch.Tensor,
-    bitmap: torch.Tensor,
-    block_begin: torch.Tensor,
-    code_begin: torch.Tensor,
-    scales: torch.Tensor,
-    codes: torch.Tensor,
-    bits: int,
-    out_features: int,
+    *store_bits_out: object,
 ) -> torch.Tensor:
+    *store, bits, out_features = store_bits_out
+    _check_rows("spatial_linear", x, "x")
+    _check_store("spatial_linear", x, tuple(store), bits, x.shape[1], out_features)
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_features):
+        raise ValueError(f"spatial_linear: bias must be [{out_features}], got {list(bias.shape)}")
     return x.new_empty((x.shape[0], out_features))
 
 
 @torch.library.register_fake("spatium::spatial_linear_backward_input")
 def _spatial_linear_backward_input_fake(
-    grad_y: torch.Tensor,
-    region_begin: torch.Tensor,
-    bitmap: torch.Tensor,
-    block_begin: torch.Tensor,
-    code_begin: torch.Tensor,
-    scales: torch.Tensor,
-    codes: torch.Tensor,
-    bits: int,
-    in_features: int,
+    grad_y: torch.Tensor, *store_bits_in: object
 ) -> torch.Tensor:
+    *store, bits, in_features = store_bits_in
+    _check_rows("spatial_linear_backward_input", grad_y, "grad_y")
+    _check_store(
+        "spatial_linear_backward_input", grad_y, tuple(store), bits, in_features, grad_y.shape[1]
+    )
     return grad_y.new_empty((grad_y.shape[0], in_features))
 
 
 @torch.library.register_fake("spatium::active_mask")
-def _active_mask_fake(
-    region_begin: torch.Tensor,
-    bitmap: torch.Tensor,
-    block_begin: torch.Tensor,
-    code_begin: torch.Tensor,
-    scales: torch.Tensor,
-    codes: torch.Tensor,
-    in_features: int,
-    out_features: int,
-) -> torch.Tensor:
-    return codes.new_empty((out_features, in_features), dtype=torch.bool)
+def _active_mask_fake(*store_in_out: object) -> torch.Tensor:
+    *store, in_features, out_features = store_in_out
+    _check_store("active_mask", store[0], tuple(store), 8, in_features, out_features)
+    return store[0].new_empty((out_features, in_features), dtype=torch.bool)
 
 
 @torch.library.register_fake("spatium::dequantize")
-def _dequantize_fake(
-    region_begin: torch.Tensor,
-    bitmap: torch.Tensor,
-    block_begin: torch.Tensor,
-    code_begin: torch.Tensor,
-    scales: torch.Tensor,
-    codes: torch.Tensor,
-    bits: int,
-    in_features: int,
-    out_features: int,
-) -> torch.Tensor:
-    return codes.new_empty((out_features, in_features), dtype=torch.float32)
+def _dequantize_fake(*store_bits_in_out: object) -> torch.Tensor:
+    *store, bits, in_features, out_features = store_bits_in_out
+    _check_store("dequantize", store[0], tuple(store), bits, in_features, out_features)
+    return store[0].new_empty((out_features, in_features), dtype=torch.float32)
 
 
 @torch.library.register_fake("spatium::requantize_")
-def _requantize_fake(
-    latent: torch.Tensor,
-    region_begin: torch.Tensor,
-    bitmap: torch.Tensor,
-    block_begin: torch.Tensor,
-    code_begin: torch.Tensor,
-    scales: torch.Tensor,
-    codes: torch.Tensor,
-    bits: int,
+def _requantize_fake(latent: torch.Tensor, *store_bits: object) -> None:
+    *store, bits = store_bits
+    if latent.dim() != 2:
+        raise ValueError(f"requantize_: latent must be 2-D [out, in], got {list(latent.shape)}")
+    if not latent.dtype.is_floating_point:
+        raise TypeError(f"requantize_: latent must be floating point, got {latent.dtype}")
+    _check_store("requantize_", latent, tuple(store), bits, latent.shape[1], latent.shape[0])
+
+
+@torch.library.register_fake("spatium::activation")
+def _activation_fake(x: torch.Tensor, fn: int) -> torch.Tensor:
+    _check_float(x, "activation", "x")
+    _check_fn(fn)
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("spatium::activation_backward")
+def _activation_backward_fake(grad: torch.Tensor, x: torch.Tensor, fn: int) -> torch.Tensor:
+    _check_float(x, "activation", "x")
+    _check_fn(fn)
+    if grad.shape != x.shape or grad.dtype != x.dtype:
+        raise ValueError("activation_backward: grad must match x in shape and dtype")
+    return torch.empty_like(x)
+
+
+def _check_fn(fn: int) -> None:
+    if not 0 <= fn < len(ACTIVATIONS):
+        raise ValueError(f"activation: function index must be in [0, {len(ACTIVATIONS)}), got {fn}")
+
+
+def _check_map(op: str, pre: torch.Tensor, cells: torch.Tensor, *others: torch.Tensor) -> None:
+    _check_float(pre, op, "pre")
+    if pre.dim() != 2:
+        raise ValueError(f"{op}: pre must be [batch, neurons], got {list(pre.shape)}")
+    if cells.dtype != torch.int64:
+        raise TypeError(f"{op}: cells must be int64")
+    if cells.dim() != 1 or cells.shape[0] != pre.shape[0]:
+        raise ValueError(f"{op}: cells must be [batch] = [{pre.shape[0]}], got {list(cells.shape)}")
+    _check_same_device(op, pre, cells, *others)
+
+
+def _check_table(table: torch.Tensor, neurons: int) -> None:
+    if table.dtype != torch.uint8:
+        raise TypeError("activation_map: table must be uint8")
+    if tuple(table.shape) != (neurons, CELLS):
+        raise ValueError(f"activation_map: table must be [{neurons}, 64], got {list(table.shape)}")
+
+
+def _check_probs(probs: torch.Tensor, pre: torch.Tensor) -> None:
+    if probs.dtype != pre.dtype:
+        raise TypeError("activation_mixture: probs must have pre's dtype")
+    if tuple(probs.shape) != (pre.shape[1], CELLS, len(ACTIVATIONS)):
+        raise ValueError(
+            f"activation_mixture: probs must be [{pre.shape[1]}, 64, {len(ACTIVATIONS)}], got "
+            f"{list(probs.shape)}"
+        )
+
+
+@torch.library.register_fake("spatium::activation_map")
+def _activation_map_fake(
+    pre: torch.Tensor, cells: torch.Tensor, table: torch.Tensor
+) -> torch.Tensor:
+    _check_map("activation_map", pre, cells, table)
+    _check_table(table, pre.shape[1])
+    return torch.empty_like(pre)
+
+
+@torch.library.register_fake("spatium::activation_map_backward")
+def _activation_map_backward_fake(
+    grad: torch.Tensor, pre: torch.Tensor, cells: torch.Tensor, table: torch.Tensor
+) -> torch.Tensor:
+    _check_map("activation_map_backward", pre, cells, table, grad)
+    _check_table(table, pre.shape[1])
+    return torch.empty_like(pre)
+
+
+@torch.library.register_fake("spatium::activation_mixture")
+def _activation_mixture_fake(
+    pre: torch.Tensor, cells: torch.Tensor, probs: torch.Tensor
+) -> torch.Tensor:
+    _check_map("activation_mixture", pre, cells, probs)
+    _check_probs(probs, pre)
+    return torch.empty_like(pre)
+
+
+@torch.library.register_fake("spatium::activation_mixture_backward")
+def _activation_mixture_backward_fake(
+    grad: torch.Tensor, pre: torch.Tensor, cells: torch.Tensor, probs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_map("activation_mixture_backward", pre, cells, probs, grad)
+    _check_probs(probs, pre)
+    return torch.empty_like(pre), torch.empty_like(probs)
+
+
+@torch.library.register_fake("spatium::simhash_cells")
+def _simhash_cells_fake(x: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
+    _check_rows("simhash_cells", x, "x")
+    if tuple(projections.shape) != (HASH_BITS, x.shape[1]):
+        raise ValueError(
+            f"simhash_cells: projections must be [{HASH_BITS}, {x.shape[1]}], got "
+            f"{list(projections.shape)}"
+        )
+    if projections.dtype != x.dtype:
+        raise TypeError("simhash_cells: projections must have x's dtype")
+    _check_same_device("simhash_cells", x, projections)
+    return x.new_empty((x.shape[0],), dtype=torch.int64)
+
+
+@torch.library.register_fake("spatium::count_hits_")
+def _count_hits_fake(hits: torch.Tensor, cells: torch.Tensor) -> None:
+    if hits.dtype != torch.int64:
+        raise TypeError("count_hits_: hits must be int64")
+    if hits.dim() != 2 or hits.shape[1] != CELLS:
+        raise ValueError(
+            f"count_hits_: hits must be contiguous [neurons, 64], got {list(hits.shape)}"
+        )
+    if cells.dim() != 1:
+        raise ValueError("count_hits_: cells must be [batch]")
+    _check_same_device("count_hits_", hits, cells)
+
+
+@torch.library.register_fake("spatium::track_activity_")
+def _track_activity_fake(
+    output: torch.Tensor, activity: torch.Tensor, output_mean: torch.Tensor, momentum: float
 ) -> None:
-    return None
+    if output.dim() != 2:
+        raise ValueError(
+            f"track_activity_: output must be [batch, neurons], got {list(output.shape)}"
+        )
+    for t in (activity, output_mean):
+        if t.dim() != 1 or t.shape[0] != output.shape[1]:
+            raise ValueError(
+                f"track_activity_: statistics must be contiguous [{output.shape[1]}], got "
+                f"{list(t.shape)}"
+            )
+    if activity.dtype != output_mean.dtype:
+        raise TypeError("track_activity_: activity and output_mean must share a dtype")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"track_activity_: momentum must be in [0, 1], got {momentum}")
+    _check_same_device("track_activity_", output, activity, output_mean)
 
 
+# --- autograd -----------------------------------------------------------------------------------
 _STORE_ARGS = slice(3, 9)  # where spatial_linear's arguments hold the six store arrays
 
 
@@ -185,49 +424,6 @@ def _spatial_linear_backward(ctx: object, grad_y: torch.Tensor) -> tuple:
     return grad_x, grad_weight, grad_bias, *([None] * len(store)), None, None
 
 
-torch.library.register_autograd(
-    "spatium::spatial_linear",
-    _spatial_linear_backward,
-    setup_context=_spatial_linear_setup_context,
-)
-
-
-# --- activation-map functions --------------------------------------------------------------------
-ACTIVATIONS = (
-    "relu",
-    "leaky_relu",
-    "elu",
-    "gelu",
-    "silu",
-    "sigmoid",
-    "tanh",
-    "softplus",
-    "identity",
-    "sin",
-    "gaussian",
-    "abs",
-)
-
-
-def activation(x: torch.Tensor, name: str) -> torch.Tensor:
-    """One of the 12 activation-map functions (:data:`ACTIVATIONS`) applied elementwise, with
-    torch.nn.functional's conventions (leaky_relu slope 0.01, elu alpha 1, exact gelu,
-    softplus beta 1); ``gaussian`` is ``exp(-x**2)``. Differentiable."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
-    return torch.ops.spatium.activation(x, ACTIVATIONS.index(name))
-
-
-@torch.library.register_fake("spatium::activation")
-def _activation_fake(x: torch.Tensor, fn: int) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-@torch.library.register_fake("spatium::activation_backward")
-def _activation_backward_fake(grad: torch.Tensor, x: torch.Tensor, fn: int) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
 def _activation_setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
     x, fn = inputs
     ctx.save_for_backward(x)
@@ -237,33 +433,6 @@ def _activation_setup_context(ctx: object, inputs: tuple, output: torch.Tensor) 
 def _activation_backward(ctx: object, grad: torch.Tensor) -> tuple:
     (x,) = ctx.saved_tensors
     return torch.ops.spatium.activation_backward(grad, x, ctx.fn), None
-
-
-torch.library.register_autograd(
-    "spatium::activation", _activation_backward, setup_context=_activation_setup_context
-)
-
-
-@torch.library.register_fake("spatium::activation_map")
-@torch.library.register_fake("spatium::activation_mixture")
-def _activation_map_fake(
-    pre: torch.Tensor, cells: torch.Tensor, table_or_probs: torch.Tensor
-) -> torch.Tensor:
-    return torch.empty_like(pre)
-
-
-@torch.library.register_fake("spatium::activation_map_backward")
-def _activation_map_backward_fake(
-    grad: torch.Tensor, pre: torch.Tensor, cells: torch.Tensor, table: torch.Tensor
-) -> torch.Tensor:
-    return torch.empty_like(pre)
-
-
-@torch.library.register_fake("spatium::activation_mixture_backward")
-def _activation_mixture_backward_fake(
-    grad: torch.Tensor, pre: torch.Tensor, cells: torch.Tensor, probs: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(pre), torch.empty_like(probs)
 
 
 def _map_setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
@@ -281,26 +450,10 @@ def _activation_mixture_backward(ctx: object, grad: torch.Tensor) -> tuple:
     return grad_pre, None, grad_probs
 
 
-torch.library.register_autograd(
-    "spatium::activation_map", _activation_map_backward, setup_context=_map_setup_context
-)
-torch.library.register_autograd(
-    "spatium::activation_mixture", _activation_mixture_backward, setup_context=_map_setup_context
-)
-
-
-@torch.library.register_fake("spatium::simhash_cells")
-def _simhash_cells_fake(x: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((x.shape[0],), dtype=torch.int64)
-
-
-@torch.library.register_fake("spatium::count_hits_")
-def _count_hits_fake(hits: torch.Tensor, cells: torch.Tensor) -> None:
-    return None
-
-
-@torch.library.register_fake("spatium::track_activity_")
-def _track_activity_fake(
-    output: torch.Tensor, activity: torch.Tensor, output_mean: torch.Tensor, momentum: float
-) -> None:
-    return None
+for _name, _backward, _setup in (
+    ("spatial_linear", _spatial_linear_backward, _spatial_linear_setup_context),
+    ("activation", _activation_backward, _activation_setup_context),
+    ("activation_map", _activation_map_backward, _map_setup_context),
+    ("activation_mixture", _activation_mixture_backward, _map_setup_context),
+):
+    torch.library.register_autograd(f"spatium::{_name}", _backward, setup_context=_setup)

@@ -290,7 +290,9 @@ class LatentWeight(nn.Parameter):
         """A value that differs from any earlier one whenever the contents may have changed."""
         tracker = self.__dict__.get("_tracker")
         aliases = tracker.stamp() if tracker is not None else ()
-        return (id(self), self._version, self.data_ptr(), self.dtype, self.device, aliases)
+        # A new storage (a move, a cast, `.data = t`) changes the data pointer; on the meta
+        # device, where it is 0, moves go through the `.data` setter, which the aliases note.
+        return (id(self), self._version, self.data_ptr(), aliases)
 
     def __getstate__(self) -> dict:
         return {}  # the alias tracker is not part of the weight

@@ -1,4 +1,4 @@
-// CUDA impls of spatium::morton_encode and spatium::morton_decode. The bit tricks are the
+// CUDA kernels of the Morton ops (morton_encode, morton_decode). The bit tricks are the
 // constexpr ones of csrc/core/morton.h (device-callable with --expt-relaxed-constexpr).
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers that a bare
 // toolkit (nvcc + runtime) lacks, and these kernels need none of it.
@@ -6,14 +6,14 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 
 #include "core/morton.h"
-#include "morton_ops.h"
+#include "kernels.h"
+#include "morton_checks.h"
 
-namespace spatium {
+namespace spatium::cuda {
 namespace {
 
 constexpr int kThreads = 256;
@@ -59,7 +59,9 @@ at::Tensor failure_flag(const at::Tensor& like, int64_t n) {
   return at::full({1}, n, like.options().dtype(at::kLong));
 }
 
-at::Tensor morton_encode_cuda(const at::Tensor& xyz_in) {
+}  // namespace
+
+at::Tensor morton_encode(const at::Tensor& xyz_in) {
   const at::Tensor xyz = encode_input(xyz_in);
   const c10::cuda::CUDAGuard guard(xyz.device());
   const int64_t n = xyz.size(0);
@@ -81,7 +83,7 @@ at::Tensor morton_encode_cuda(const at::Tensor& xyz_in) {
   return codes;
 }
 
-at::Tensor morton_decode_cuda(const at::Tensor& codes_in) {
+at::Tensor morton_decode(const at::Tensor& codes_in) {
   const at::Tensor codes = decode_input(codes_in);
   const c10::cuda::CUDAGuard guard(codes.device());
   const int64_t n = codes.size(0);
@@ -97,11 +99,4 @@ at::Tensor morton_decode_cuda(const at::Tensor& codes_in) {
   return xyz;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(spatium, CUDA, m) {
-  m.impl("morton_encode", &morton_encode_cuda);
-  m.impl("morton_decode", &morton_decode_cuda);
-}
-
-}  // namespace spatium
+}  // namespace spatium::cuda

@@ -1,20 +1,18 @@
-// Schemas and CPU impls of the spatial-memory ops. Each takes the store as its six arrays, by
-// name (a layer's `store` buffers; layout in core/spatial_memory.h):
-//   region_begin int64, bitmap int64, block_begin int64, code_begin int64,
-//   scales float16, codes uint8
+// CPU kernels of the spatial-memory ops (declared in kernels.h). Each takes the store's six
+// arrays by name and checks that they describe one consistent memory before reading them.
 // Forward and backward dequantize each block once per call into a small panel and multiply it
 // with the whole batch (at::mm on the panel), in parallel over panels.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "core/packed_view.h"
 #include "core/quantize.h"
+#include "kernels.h"
 
-namespace spatium {
+namespace spatium::cpu {
 namespace {
 
 constexpr int64_t kPanelFloats = int64_t{1} << 16;  // 256 KiB panels: they stay in L2
@@ -121,7 +119,9 @@ at::Tensor dequantized_panel(const PackedView& v, int64_t n0, int64_t n1, at::Sc
   return dtype == at::kFloat ? panel : panel.to(dtype);
 }
 
-at::Tensor spatial_linear_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
+}  // namespace
+
+at::Tensor spatial_linear(const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& bias, const at::Tensor& region_begin, const at::Tensor& bitmap,
                               const at::Tensor& block_begin, const at::Tensor& code_begin,
                               const at::Tensor& scales, const at::Tensor& codes,
@@ -164,7 +164,7 @@ at::Tensor spatial_linear_cpu(const at::Tensor& x_in, const std::optional<at::Te
   return y;
 }
 
-at::Tensor spatial_linear_backward_input_cpu(const at::Tensor& grad_y_in, const at::Tensor& region_begin, const at::Tensor& bitmap,
+at::Tensor spatial_linear_backward_input(const at::Tensor& grad_y_in, const at::Tensor& region_begin, const at::Tensor& bitmap,
                               const at::Tensor& block_begin, const at::Tensor& code_begin,
                               const at::Tensor& scales, const at::Tensor& codes,
                                              int64_t bits, int64_t in_features) {
@@ -208,7 +208,7 @@ at::Tensor spatial_linear_backward_input_cpu(const at::Tensor& grad_y_in, const 
   return grad_x;
 }
 
-at::Tensor active_mask_cpu(const at::Tensor& region_begin, const at::Tensor& bitmap,
+at::Tensor active_mask(const at::Tensor& region_begin, const at::Tensor& bitmap,
                               const at::Tensor& block_begin, const at::Tensor& code_begin,
                               const at::Tensor& scales, const at::Tensor& codes, int64_t in_features,
                            int64_t out_features) {
@@ -222,7 +222,7 @@ at::Tensor active_mask_cpu(const at::Tensor& region_begin, const at::Tensor& bit
   return mask;
 }
 
-at::Tensor dequantize_cpu(const at::Tensor& region_begin, const at::Tensor& bitmap,
+at::Tensor dequantize(const at::Tensor& region_begin, const at::Tensor& bitmap,
                               const at::Tensor& block_begin, const at::Tensor& code_begin,
                               const at::Tensor& scales, const at::Tensor& codes, int64_t bits,
                           int64_t in_features, int64_t out_features) {
@@ -235,7 +235,7 @@ at::Tensor dequantize_cpu(const at::Tensor& region_begin, const at::Tensor& bitm
   return dense;
 }
 
-void requantize_cpu(const at::Tensor& latent_in, const at::Tensor& region_begin,
+void requantize(const at::Tensor& latent_in, const at::Tensor& region_begin,
                     const at::Tensor& bitmap, const at::Tensor& block_begin,
                     const at::Tensor& code_begin, at::Tensor& scales, at::Tensor& codes,
                     int64_t bits) {
@@ -254,30 +254,4 @@ void requantize_cpu(const at::Tensor& latent_in, const at::Tensor& region_begin,
   });
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(spatium, m) {
-#define SPATIUM_STORE \
-  "Tensor region_begin, Tensor bitmap, Tensor block_begin, Tensor code_begin, Tensor scales, " \
-  "Tensor codes"
-  m.def("spatial_linear(Tensor x, Tensor? weight, Tensor? bias, " SPATIUM_STORE
-        ", int bits, int out_features) -> Tensor");
-  m.def("spatial_linear_backward_input(Tensor grad_y, " SPATIUM_STORE
-        ", int bits, int in_features) -> Tensor");
-  m.def("active_mask(" SPATIUM_STORE ", int in_features, int out_features) -> Tensor");
-  m.def("dequantize(" SPATIUM_STORE ", int bits, int in_features, int out_features) -> Tensor");
-  m.def(
-      "requantize_(Tensor latent, Tensor region_begin, Tensor bitmap, Tensor block_begin, "
-      "Tensor code_begin, Tensor(a!) scales, Tensor(b!) codes, int bits) -> ()");
-#undef SPATIUM_STORE
-}
-
-TORCH_LIBRARY_IMPL(spatium, CPU, m) {
-  m.impl("spatial_linear", &spatial_linear_cpu);
-  m.impl("spatial_linear_backward_input", &spatial_linear_backward_input_cpu);
-  m.impl("active_mask", &active_mask_cpu);
-  m.impl("dequantize", &dequantize_cpu);
-  m.impl("requantize_", &requantize_cpu);
-}
-
-}  // namespace spatium
+}  // namespace spatium::cpu

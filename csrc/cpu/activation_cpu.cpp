@@ -1,4 +1,4 @@
-// The activation-map ops (CPU impls, parallel): spatium::activation applies one of the 12
+// CPU kernels of the activation-map ops (declared in kernels.h), parallel: spatium::activation applies one of the 12
 // functions of core/activations.h elementwise; activation_map applies, per sample and neuron,
 // the function its (neuron, cell) holds in a table; activation_mixture applies the
 // probability-weighted sum of all 12 (a learnable map while training). Each has a backward op.
@@ -7,15 +7,15 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <array>
 #include <tuple>
 
 #include "core/activation_kernels.h"
+#include "kernels.h"
 
-namespace spatium {
+namespace spatium::cpu {
 namespace {
 
 // Elements (function evaluations) per parallel task: below, a call runs on the calling thread,
@@ -47,18 +47,6 @@ at::Tensor apply_one(const at::Tensor& x_in, const at::Tensor* grad_in, act::Fn 
     });
   });
   return out;
-}
-
-at::Tensor activation_cpu(const at::Tensor& x, int64_t fn) {
-  check_float(x, "x");
-  return apply_one(x, nullptr, checked_fn(fn));
-}
-
-at::Tensor activation_backward_cpu(const at::Tensor& grad, const at::Tensor& x, int64_t fn) {
-  check_float(x, "x");
-  TORCH_CHECK_VALUE(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
-                    "activation_backward: grad must match x in shape and dtype");
-  return apply_one(x, &grad, checked_fn(fn));
 }
 
 // --- activation maps: per (neuron, cell) one function (a table) or a mixture (probabilities) ---
@@ -152,17 +140,33 @@ at::Tensor map_table(const at::Tensor& pre_in, const at::Tensor& cells_in,
   return out;
 }
 
-at::Tensor activation_map_cpu(const at::Tensor& pre, const at::Tensor& cells,
+// --- hashing and hit counts --------------------------------------------------------------------
+
+}  // namespace
+
+at::Tensor activation(const at::Tensor& x, int64_t fn) {
+  check_float(x, "x");
+  return apply_one(x, nullptr, checked_fn(fn));
+}
+
+at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& x, int64_t fn) {
+  check_float(x, "x");
+  TORCH_CHECK_VALUE(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
+                    "activation_backward: grad must match x in shape and dtype");
+  return apply_one(x, &grad, checked_fn(fn));
+}
+
+at::Tensor activation_map(const at::Tensor& pre, const at::Tensor& cells,
                               const at::Tensor& table) {
   return map_table(pre, cells, table, nullptr, "activation_map");
 }
 
-at::Tensor activation_map_backward_cpu(const at::Tensor& grad, const at::Tensor& pre,
+at::Tensor activation_map_backward(const at::Tensor& grad, const at::Tensor& pre,
                                        const at::Tensor& cells, const at::Tensor& table) {
   return map_table(pre, cells, table, &grad, "activation_map_backward");
 }
 
-at::Tensor activation_mixture_cpu(const at::Tensor& pre_in, const at::Tensor& cells_in,
+at::Tensor activation_mixture(const at::Tensor& pre_in, const at::Tensor& cells_in,
                                   const at::Tensor& probs_in) {
   const at::Tensor pre = checked_pre(pre_in, "activation_mixture");
   const int64_t batch = pre.size(0), neurons = pre.size(1);
@@ -182,7 +186,7 @@ at::Tensor activation_mixture_cpu(const at::Tensor& pre_in, const at::Tensor& ce
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> activation_mixture_backward_cpu(const at::Tensor& grad_in,
+std::tuple<at::Tensor, at::Tensor> activation_mixture_backward(const at::Tensor& grad_in,
                                                                    const at::Tensor& pre_in,
                                                                    const at::Tensor& cells_in,
                                                                    const at::Tensor& probs_in) {
@@ -214,9 +218,7 @@ std::tuple<at::Tensor, at::Tensor> activation_mixture_backward_cpu(const at::Ten
   return {grad_pre, at::empty_like(probs_in).copy_(as_given)};
 }
 
-// --- hashing and hit counts --------------------------------------------------------------------
-
-at::Tensor simhash_cells_cpu(const at::Tensor& x_in, const at::Tensor& projections_in) {
+at::Tensor simhash_cells(const at::Tensor& x_in, const at::Tensor& projections_in) {
   check_float(x_in, "x");
   TORCH_CHECK_VALUE(x_in.dim() == 2, "simhash_cells: x must be [batch, features], got ",
                     x_in.sizes());
@@ -243,7 +245,7 @@ at::Tensor simhash_cells_cpu(const at::Tensor& x_in, const at::Tensor& projectio
 
 // hits[n, c] += the number of samples in cell c, for every neuron n (each neuron sees every
 // sample): only the cells that were hit are touched, row by row (cache lines in order).
-void count_hits_cpu(at::Tensor& hits, const at::Tensor& cells_in) {
+void count_hits(at::Tensor& hits, const at::Tensor& cells_in) {
   TORCH_CHECK_TYPE(hits.scalar_type() == at::kLong, "count_hits_: hits must be int64");
   TORCH_CHECK_VALUE(hits.dim() == 2 && hits.size(1) == kCells && hits.is_contiguous(),
                     "count_hits_: hits must be contiguous [neurons, 64], got ", hits.sizes());
@@ -267,30 +269,4 @@ void count_hits_cpu(at::Tensor& hits, const at::Tensor& cells_in) {
   }
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(spatium, m) {
-  m.def("activation(Tensor x, int fn) -> Tensor");
-  m.def("activation_backward(Tensor grad, Tensor x, int fn) -> Tensor");
-  m.def("activation_map(Tensor pre, Tensor cells, Tensor table) -> Tensor");
-  m.def("activation_map_backward(Tensor grad, Tensor pre, Tensor cells, Tensor table) -> Tensor");
-  m.def("activation_mixture(Tensor pre, Tensor cells, Tensor probs) -> Tensor");
-  m.def(
-      "activation_mixture_backward(Tensor grad, Tensor pre, Tensor cells, Tensor probs) "
-      "-> (Tensor, Tensor)");
-  m.def("simhash_cells(Tensor x, Tensor projections) -> Tensor");
-  m.def("count_hits_(Tensor(a!) hits, Tensor cells) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(spatium, CPU, m) {
-  m.impl("activation", &activation_cpu);
-  m.impl("activation_backward", &activation_backward_cpu);
-  m.impl("activation_map", &activation_map_cpu);
-  m.impl("activation_map_backward", &activation_map_backward_cpu);
-  m.impl("activation_mixture", &activation_mixture_cpu);
-  m.impl("activation_mixture_backward", &activation_mixture_backward_cpu);
-  m.impl("simhash_cells", &simhash_cells_cpu);
-  m.impl("count_hits_", &count_hits_cpu);
-}
-
-}  // namespace spatium
+}  // namespace spatium::cpu

@@ -4,18 +4,21 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
-namespace spatium {
+#include "kernels.h"
+
+namespace spatium::cpu {
 namespace {
 
 // Outputs per parallel task: a small batch runs on the calling thread.
 constexpr int64_t kOutputsPerTask = int64_t{1} << 16;
 
-void track_activity_cpu(const at::Tensor& output, at::Tensor& activity, at::Tensor& output_mean,
+}  // namespace
+
+void track_activity(const at::Tensor& output, at::Tensor& activity, at::Tensor& output_mean,
                         double momentum) {
   TORCH_CHECK_VALUE(output.dim() == 2, "track_activity_: output must be [batch, neurons], got ",
                     output.sizes());
@@ -58,13 +61,4 @@ void track_activity_cpu(const at::Tensor& output, at::Tensor& activity, at::Tens
   });
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(spatium, m) {
-  m.def("track_activity_(Tensor output, Tensor(a!) activity, Tensor(b!) output_mean, "
-        "float momentum) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(spatium, CPU, m) { m.impl("track_activity_", &track_activity_cpu); }
-
-}  // namespace spatium
+}  // namespace spatium::cpu
