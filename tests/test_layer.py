@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from devices import DEVICES
 from helpers import train_digits_mlp
 from torch import nn
 
@@ -11,11 +12,13 @@ import spatium_torch as st
 MAX_CODE = {1: 1, 2: 1, 4: 7, 8: 127}
 
 
-def make_layer(bits=4, density=1.0, region_bits=3, in_features=100, out_features=12, **kw):
+def make_layer(
+    bits=4, density=1.0, region_bits=3, in_features=100, out_features=12, device="cpu", **kw
+):
     torch.manual_seed(0)
     return st.SpatialLayer(
         in_features, out_features, bits=bits, density=density, region_bits=region_bits, **kw
-    )
+    ).to(device)
 
 
 def reference(layer, x):
@@ -24,20 +27,22 @@ def reference(layer, x):
     return F.linear(x, w, b)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("density", [1.0, 0.25])
 @pytest.mark.parametrize("region_bits", [2, 3, 6])
-def test_forward_equals_dense_reference(bits, density, region_bits):
-    layer = make_layer(bits, density, region_bits)
-    x = torch.randn(7, 100)
+def test_forward_equals_dense_reference(bits, density, region_bits, device):
+    layer = make_layer(bits, density, region_bits, device=device)
+    x = torch.randn(7, 100, device=device)
     torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(100,), (5, 100), (3, 4, 100), (0, 100), (2, 0, 100)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_leading_shapes_and_dtypes(shape, dtype):
-    layer = make_layer(density=0.5)
-    x = torch.randn(shape, dtype=dtype)
+def test_leading_shapes_and_dtypes(shape, dtype, device):
+    layer = make_layer(density=0.5, device=device)
+    x = torch.randn(shape, dtype=dtype, device=device)
     y = layer(x)
     assert y.shape == (*shape[:-1], 12) and y.dtype == dtype
     torch.testing.assert_close(y, reference(layer, x), rtol=1e-5, atol=1e-6)
@@ -83,10 +88,13 @@ def test_input_gradient_gradcheck_float64():
     assert torch.autograd.gradcheck(layer, (x,))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("density", [1.0, 0.25])
-def test_latent_weight_gradient_is_straight_through(density):
-    layer = make_layer(bits=2, density=density, input_positions=st.layouts.grid(10, 10))
-    x = torch.randn(9, 100)
+def test_latent_weight_gradient_is_straight_through(density, device):
+    layer = make_layer(
+        bits=2, density=density, input_positions=st.layouts.grid(10, 10), device=device
+    )
+    x = torch.randn(9, 100, device=device)
     layer(x).square().sum().backward()
     w = layer.weight.detach().clone().requires_grad_()
     b = layer.bias.detach().clone().requires_grad_()

@@ -366,3 +366,46 @@ def test_store_ops_run_on_the_meta_device(bits):
     y = ref.spatial_linear(x, None, None, **arrays, bits=bits, out_features=13)
     assert y.shape == (5, 13)
     ref.requantize_(torch.empty(13, 100, device="meta"), **arrays, bits=bits)
+
+
+# --- the whole layer on the reference path ------------------------------------------------------
+def test_a_model_trains_alike_on_the_reference_path():
+    """With the reference impls in place of every C++ kernel (what a device without kernels
+    runs), a model with an activation map trains to the same weights and stores."""
+    import copy
+    import warnings
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    from spatium_torch.ops import SCHEMAS
+
+    def train(model):
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        x = torch.randn(16, 40, generator=torch.Generator().manual_seed(1))
+        target = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(2))
+        for _ in range(4):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), target).backward()
+            optimizer.step()
+        return model(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        st.SpatialLayer(40, 24, bits=4, region_bits=3, density=0.5, connectivity="random",
+                        activation="map", map_init="random"),
+        st.SpatialLayer(24, 3, bits=2, region_bits=2),
+    )  # fmt: skip
+    twin = copy.deepcopy(model)
+    expected = train(model)
+    with warnings.catch_warnings(), torch.library._scoped_library("spatium", "IMPL") as lib:
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+        for name in SCHEMAS:
+            if not name.startswith("_"):
+                lib.impl(name, getattr(ref, name), "CPU")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("spatium::spatial_linear", "CPU")
+        got = train(twin)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    for (key, a), b in zip(model.state_dict().items(), twin.state_dict().values(), strict=True):
+        if a.is_floating_point() and key.endswith("weight"):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -5,15 +5,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from devices import DEVICES
 from torch import nn
 
 import spatium_torch as st
 
 
-def layer_of(seed=0, **kw):
+def layer_of(seed=0, device="cpu", **kw):
     torch.manual_seed(seed)
     args = dict(in_features=100, out_features=6, bits=4, region_bits=3, density=0.5) | kw
-    return st.SpatialLayer(args.pop("in_features"), args.pop("out_features"), **args)
+    return st.SpatialLayer(args.pop("in_features"), args.pop("out_features"), **args).to(device)
 
 
 def fresh_output(layer, weight, x):
@@ -25,23 +26,28 @@ def fresh_output(layer, weight, x):
 
 
 # --- never stale ----------------------------------------------------------------------------------
+def _random_like(layer, *shape):
+    return torch.randn(*shape, device=layer.weight.device)
+
+
 EDITS = {
     "data mul_": lambda layer: layer.weight.data.mul_(0.5),
     "data zero": lambda layer: layer.weight.data.zero_(),
-    "data lerp_ (EMA)": lambda layer: layer.weight.data.lerp_(torch.randn(6, 100), 0.3),
-    "data assignment": lambda layer: setattr(layer.weight, "data", torch.randn(6, 100)),
+    "data lerp_ (EMA)": lambda layer: layer.weight.data.lerp_(_random_like(layer, 6, 100), 0.3),
+    "data assignment": lambda layer: setattr(layer.weight, "data", _random_like(layer, 6, 100)),
     "vector_to_parameters": lambda layer: nn.utils.vector_to_parameters(
-        torch.randn(6 * 100 + 6), layer.parameters()
+        _random_like(layer, 6 * 100 + 6), layer.parameters()
     ),
     "in place under no_grad": lambda layer: torch.no_grad()(layer.weight.add_)(0.1),
     "load_state_dict": lambda layer: layer.load_state_dict(layer_of(seed=5).state_dict()),
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("edit", EDITS.values(), ids=EDITS.keys())
-def test_every_write_to_the_latent_weight_reaches_the_next_forward(edit):
-    layer = layer_of()
-    x = torch.randn(4, 100)
+def test_every_write_to_the_latent_weight_reaches_the_next_forward(edit, device):
+    layer = layer_of(device=device)
+    x = torch.randn(4, 100, device=device)
     before = layer(x).detach()
     edit(layer)
     after = layer(x).detach()
@@ -120,12 +126,14 @@ def test_to_meta_moves_the_store(frozen):
         layer.memory.stats()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_dtype_casts_keep_the_codes_and_train(dtype):
+def test_dtype_casts_keep_the_codes_and_train(dtype, device):
     model = nn.Sequential(layer_of(), nn.ReLU(), layer_of(in_features=6, out_features=3))
+    model.to(device)
     codes = [(m.store.scales.clone(), m.store.codes.clone()) for m in model[::2]]
     model.to(dtype)
-    x = torch.randn(8, 100, dtype=dtype)
+    x = torch.randn(8, 100, dtype=dtype, device=device)
     y = model(x)
     assert y.dtype == dtype
     for layer, (scales, stored) in zip(model[::2], codes, strict=True):
