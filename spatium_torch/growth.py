@@ -16,7 +16,7 @@ from torch import nn
 
 from spatium_torch.activation import ActivationMap
 from spatium_torch.history import GrowthEvent, TrainingHistory
-from spatium_torch.layer import DEFAULT_PERTURBATION, SPLIT_MODES, SpatialLayer
+from spatium_torch.layer import DEFAULT_PERTURBATION, SpatialLayer
 from spatium_torch.neurons import (
     NeuronChange,
     Stage,
@@ -24,6 +24,7 @@ from spatium_torch.neurons import (
     parameter_like,
     place_children,
 )
+from spatium_torch.resize import SPLIT_MODES
 
 # Modules that act on each feature alone: a consumer may sit behind them.
 ELEMENTWISE = (
@@ -333,7 +334,7 @@ class GrowthController:
                 module.training = training
 
     def _grow_link(self, link: Link) -> tuple[NeuronChange, int]:
-        change, stage = link.layer._plan_growth(
+        change, stage = link.layer.plan_growth(
             self.mode,
             self.perturbation,
             self.growth_threshold,
@@ -345,7 +346,7 @@ class GrowthController:
         return change, 0
 
     def _prune_link(self, link: Link, threshold: float | None) -> tuple[NeuronChange, int]:
-        change, stage = link.layer._plan_prune(threshold)
+        change, stage = link.layer.plan_prune(threshold)
         self._apply(link, change, stage)
         return change, 0
 
@@ -464,7 +465,7 @@ def _stage_consumer(link: Link, change: NeuronChange, folded: torch.Tensor) -> S
     rows, scale = change.rows, change.consumer_scale
     if isinstance(consumer, SpatialLayer):
         positions = _consumer_positions(consumer, link.layer, change)
-        stage = consumer._stage_inputs(rows, scale, positions)
+        stage = consumer.plan_inputs(rows, scale, positions)
     else:
         new_weight = parameter_like(consumer.weight, consumer.weight.detach()[:, rows] * scale)
 

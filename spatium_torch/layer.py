@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spatium_torch import layouts
+from spatium_torch import layouts, resize
 from spatium_torch.activation import ActivationMap
 from spatium_torch.memory import LayerMemory
 from spatium_torch.neurons import (
@@ -19,7 +19,6 @@ from spatium_torch.neurons import (
     Stage,
     check_non_negative,
     parameter_like,
-    place_children,
 )
 from spatium_torch.ops import CODE_BITS, MAX_COORD, VALID_BITS, morton_decode, morton_encode
 from spatium_torch.store import (
@@ -32,7 +31,6 @@ from spatium_torch.store import (
 
 # Weight of the newest batch in the activity EMA (about the last 20 training batches count).
 ACTIVITY_EMA = 0.05
-SPLIT_MODES = ("duplicate", "partition")
 # Children of a "duplicate" split differ by this much noise (relative to the parent's RMS weight).
 DEFAULT_PERTURBATION = 0.2
 CONNECTIVITIES = ("local", "random")
@@ -356,7 +354,7 @@ class SpatialLayer(nn.Module):
         outputs how to follow (:class:`~spatium_torch.GrowthController` does that, and keeps the
         optimizer in step).
         """
-        change, stage = self._plan_growth(
+        change, stage = self.plan_growth(
             mode, perturbation, threshold, max_split_fraction, cooldown, max_neurons
         )
         stage.commit()
@@ -367,7 +365,7 @@ class SpatialLayer(nn.Module):
         ``prune_threshold``); the neuron with the most saturation always stays. Only this layer
         changes; the returned :class:`NeuronChange` holds each removed neuron's constant output
         for the consumer's bias."""
-        change, stage = self._plan_prune(threshold)
+        change, stage = self.plan_prune(threshold)
         stage.commit()
         return change
 
@@ -386,7 +384,7 @@ class SpatialLayer(nn.Module):
         ``max_changes`` blocks change (default: one per neuron); strongest first. New blocks
         start at zero, so the layer's function is unchanged by activation. Returns
         ``(activated, dropped)`` and stops the gradient collection."""
-        activated, dropped, stage = self._plan_rewire(max_changes, grow_ratio, drop_ratio)
+        activated, dropped, stage = self.plan_rewire(max_changes, grow_ratio, drop_ratio)
         stage.commit()
         return activated, dropped
 
@@ -401,18 +399,20 @@ class SpatialLayer(nn.Module):
         """``[rows, in]`` bool in the inputs' order: which inputs the given blocks cover."""
         return _to_input_order(region_mask[:, self._region_of_sorted_input()], self._order)
 
-    def _plan_growth(
+    def plan_growth(
         self,
-        mode: str,
-        perturbation: float,
-        threshold: float | None,
-        max_split_fraction: float | None,
-        cooldown: int | None,
-        max_neurons: int | None,
+        mode: str = "duplicate",
+        perturbation: float = DEFAULT_PERTURBATION,
+        threshold: float | None = None,
+        max_split_fraction: float | None = None,
+        cooldown: int | None = None,
+        max_neurons: int | None = None,
     ) -> tuple[NeuronChange, Stage]:
+        """:meth:`grow`, built aside: the change for the consumer, and the Stage that commits
+        it to this layer (nothing changes until then)."""
         self._check_resizable()
-        if mode not in SPLIT_MODES:
-            raise ValueError(f"mode must be one of {SPLIT_MODES}, got {mode!r}")
+        if mode not in resize.SPLIT_MODES:
+            raise ValueError(f"mode must be one of {resize.SPLIT_MODES}, got {mode!r}")
         check_non_negative(perturbation, "perturbation")
         threshold = self.growth_threshold if threshold is None else threshold
         fraction = self.max_split_fraction if max_split_fraction is None else max_split_fraction
@@ -422,80 +422,55 @@ class SpatialLayer(nn.Module):
         if max_neurons is not None:
             _check_count(max_neurons, "max_neurons")
         self._sync()
-        count = self.out_features
-        saturation = self.saturation()
         region_mask = self.region_mask()
-        eligible = (saturation > threshold) & (self.split_cooldown == 0)
+        grid_cells = None if self.grid_dims is None else math.prod(self.grid_dims)
+        budget = resize.split_budget(self.out_features, fraction, max_neurons, grid_cells)
+        parents = resize.split_parents(
+            self.saturation(), self.split_cooldown, region_mask, mode=mode,
+            threshold=threshold, budget=budget,
+        )  # fmt: skip
         # A growth event counts down every neuron's cooldown, whether or not anything splits.
         waiting = (self.split_cooldown - 1).clamp(min=0)
-        if mode == "partition":
-            eligible &= region_mask.sum(1) >= 2
-        budget = max(1, math.floor(fraction * count))
-        if max_neurons is not None:
-            budget = min(budget, max_neurons - count)
-        if self.grid_dims is not None:
-            budget = min(budget, math.prod(self.grid_dims) - count)
-        candidates = torch.nonzero(eligible).flatten()
-        ranked = candidates[torch.argsort(saturation[candidates], descending=True, stable=True)]
-        parents = ranked[: max(budget, 0)]
         if len(parents) == 0:
             # Nothing splits: the layer keeps its parameters (and their optimizer state).
             return NeuronChange.unchanged(self.neuron_positions), Stage(
                 lambda: self._buffers.update(split_cooldown=waiting)
             )
-
-        children = place_children(self.neuron_positions, parents, self.grid_dims)
-        sources = torch.cat([torch.arange(count), parents])
-        positions = torch.cat([self.neuron_positions, children])
-        moved = torch.arange(len(sources)) >= count
-        order = torch.argsort(morton_encode(positions), stable=True)
-        rows, moved, positions = sources[order], moved[order], positions[order]
-        is_child = torch.isin(rows, parents)
-        half = 0.5 if mode == "duplicate" else 1.0
+        rows, moved, positions, is_child = resize.split_rows(
+            self.neuron_positions, parents, self.grid_dims
+        )
         change = NeuronChange(
             rows=rows,
-            consumer_scale=torch.where(is_child, half, 1.0),
+            consumer_scale=torch.where(is_child, 0.5 if mode == "duplicate" else 1.0, 1.0),
             moved=moved,
             positions=positions,
             split=len(parents),
         )
-        waiting = waiting[rows].masked_fill(is_child, cooldown)
-
         new_mask = region_mask[rows]
         weight = self.weight.detach()[rows]
         if mode == "partition":
-            for child in torch.nonzero(is_child).flatten().tolist():
-                active = torch.nonzero(new_mask[child]).flatten()
-                keep = math.ceil(len(active) / 2)
-                drop = active[keep:] if not moved[child] else active[:keep]
-                new_mask[child, drop] = False
+            new_mask = resize.partition_masks(new_mask, is_child, moved)
         elif perturbation > 0:
-            # Opposite noise on the two children, inside the parent's blocks, scaled to the RMS
-            # of its weights there.
-            parent_weight = self.weight.detach()[parents]
             columns = self._columns_of(region_mask[parents])
-            rms = ((parent_weight.square() * columns).sum(1) / columns.sum(1).clamp(min=1)).sqrt()
-            noise = torch.randn(len(parents), self.in_features) * columns
-            noise *= (perturbation * rms).unsqueeze(1)
-            for i, parent in enumerate(parents.tolist()):
-                pair = torch.nonzero(rows == parent).flatten()
-                weight[pair[~moved[pair]]] += noise[i]
-                weight[pair[moved[pair]]] -= noise[i]
+            resize.perturb_children(
+                weight, rows, moved, parents, self.weight.detach()[parents], columns, perturbation
+            )
         stage = self._stage_neurons(
-            rows, positions=positions, region_mask=new_mask, weight=weight, cooldown=waiting
+            rows,
+            positions=positions,
+            region_mask=new_mask,
+            weight=weight,
+            cooldown=waiting[rows].masked_fill(is_child, cooldown),
         )
         return change, stage
 
-    def _plan_prune(self, threshold: float | None) -> tuple[NeuronChange, Stage]:
+    def plan_prune(self, threshold: float | None = None) -> tuple[NeuronChange, Stage]:
+        """:meth:`prune`, built aside: the change for the consumer (with the removed neurons'
+        constant outputs), and the Stage that commits it to this layer."""
         self._check_resizable()
         self._sync()
-        remove = self.prune_candidates(threshold)
         saturation = self.saturation()
-        if remove.all():
-            # Never empty a layer: the neuron covering most of its input stays.
-            remove[torch.argmax(saturation)] = False
-        rows = torch.nonzero(~remove).flatten()
-        removed = torch.nonzero(remove).flatten()
+        rows, removed = resize.prune_rows(self.prune_candidates(threshold), saturation)
         exact = (saturation[removed] == 0) & (self.activation_map is None)
         bias = self._parameters["bias"]
         constant = bias.detach()[removed] if bias is not None else torch.zeros(len(removed))
@@ -512,44 +487,31 @@ class SpatialLayer(nn.Module):
             return change, Stage(lambda: None)
         return change, self._stage_neurons(rows)
 
-    def _plan_rewire(
-        self, max_changes: int | None, grow_ratio: float, drop_ratio: float
+    def plan_rewire(
+        self, max_changes: int | None = None, grow_ratio: float = 1.0, drop_ratio: float = 0.05
     ) -> tuple[int, int, Stage]:
+        """:meth:`rewire`, built aside: ``(activated, dropped, stage)``."""
         self._check_resizable()
         if max_changes is not None and (isinstance(max_changes, bool) or max_changes < 0):
             raise ValueError(f"max_changes must be a non-negative int, got {max_changes!r}")
         check_non_negative(grow_ratio, "grow_ratio")
         check_non_negative(drop_ratio, "drop_ratio")
-        budget = self.out_features if max_changes is None else max_changes
         self._sync()
         mask = self.region_mask()
         sizes = self.region_sizes().to(torch.float32)
-        region = self._region_of_sorted_input()
         latent = self._sorted_latent().detach().float()
-        weight_rms = (_sum_per_region(latent.square(), region, len(sizes)) / sizes).sqrt()
-        # Activate: the inactive region with the largest gradient RMS, if it beats the median
-        # of the neuron's active blocks.
-        activate = torch.zeros_like(mask)
-        if self._region_gradients is not None:
-            grad_rms = (self._region_gradients / sizes).sqrt()
-            typical = _masked_median(grad_rms, mask)
-            candidate = grad_rms.masked_fill(mask, -1.0)
-            best, region_index = candidate.max(1)
-            strength = best / typical.clamp(min=torch.finfo(torch.float32).tiny)
-            wanted = (best > grow_ratio * typical) & (best > 0)
-            chosen = _strongest(strength, wanted, budget)
-            activate[chosen, region_index[chosen]] = True
-        # Drop: blocks whose weights became negligible; each neuron keeps its strongest block.
-        typical = _masked_median(weight_rms, mask)
-        weak = mask & (weight_rms < drop_ratio * typical.unsqueeze(1))
-        strongest = weight_rms.masked_fill(~mask, -1.0).argmax(1)
-        weak[torch.arange(self.out_features), strongest] = False
-        budget -= int(activate.sum())
-        ratio = weight_rms / typical.unsqueeze(1).clamp(min=torch.finfo(torch.float32).tiny)
-        drop = torch.zeros_like(mask)
-        drop.view(-1)[_strongest(-ratio.flatten(), weak.flatten(), budget)] = True
-        new_mask = (mask | activate) & ~drop
-        return int(activate.sum()), int(drop.sum()), self._stage_regions(new_mask)
+        squares = resize.sum_per_region(latent.square(), self._region_of_sorted_input(), len(sizes))
+        gradients = self._region_gradients
+        activate, drop = resize.rewire_masks(
+            mask,
+            (squares / sizes).sqrt(),
+            None if gradients is None else (gradients / sizes).sqrt(),
+            grow_ratio=grow_ratio,
+            drop_ratio=drop_ratio,
+            budget=self.out_features if max_changes is None else max_changes,
+        )
+        stage = self._stage_regions((mask | activate) & ~drop)
+        return int(activate.sum()), int(drop.sum()), stage
 
     def set_active_regions(self, region_mask: torch.Tensor) -> None:
         """Sets which blocks are active (``[out, regions]`` bool, see :meth:`region_mask`).
@@ -584,17 +546,18 @@ class SpatialLayer(nn.Module):
         """Adds the squared dense weight gradient of one backward pass, summed per block."""
         grad_weight = grad_output.detach().reshape(-1, self.out_features).t().float()
         grad_weight = grad_weight @ sorted_input.float()
-        sums = _sum_per_region(
+        sums = resize.sum_per_region(
             grad_weight.square(), self._region_of_sorted_input(), self.store.num_regions
         )
         previous = self._region_gradients
         self._region_gradients = sums if previous is None else previous + sums
 
-    def _stage_inputs(
+    def plan_inputs(
         self, columns: torch.Tensor, scale: torch.Tensor, positions: torch.Tensor
     ) -> Stage:
-        """Builds this layer with input i continuing input ``columns[i]`` (its weights times
-        ``scale[i]``) at ``positions[i]``. A block is active where one of its inputs continues
+        """How a consumer follows a change of its producer's neurons, built aside: this layer
+        with input i continuing input ``columns[i]`` (its weights times ``scale[i]``) at
+        ``positions[i]``. A block is active where one of its inputs continues
         an input of an active block; the other inputs of a block that starts so hold zero."""
         self._check_resizable()
         positions = _checked_positions(positions, len(columns))
@@ -607,7 +570,9 @@ class SpatialLayer(nn.Module):
         )
         region = _region_of(memory.parts()[ARRAYS.index("region_begin")], len(columns))
         sorted_inherited = inherited if order is None else inherited[:, order]
-        region_mask = _sum_per_region(sorted_inherited.float(), region, memory.num_regions()) > 0
+        region_mask = (
+            resize.sum_per_region(sorted_inherited.float(), region, memory.num_regions()) > 0
+        )
         memory.set_active(region_mask)
         covered = _to_input_order(region_mask[:, region], order)
         weight[covered & ~inherited] = 0.0
@@ -928,23 +893,6 @@ def _region_of(region_begin: torch.Tensor, count: int) -> torch.Tensor:
     """The region of each of ``count`` Morton-sorted inputs."""
     inputs = torch.arange(count, device=region_begin.device)
     return torch.searchsorted(region_begin[1:], inputs, right=True)
-
-
-def _sum_per_region(values: torch.Tensor, region: torch.Tensor, regions: int) -> torch.Tensor:
-    """``[rows, regions]``: sums of ``values`` ``[rows, sorted inputs]`` over each region."""
-    return values.new_zeros(values.shape[0], regions).index_add_(1, region, values)
-
-
-def _masked_median(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per row, the median of ``values`` where ``mask`` holds (0 for a row with none)."""
-    return values.masked_fill(~mask, float("nan")).nanmedian(1).values.nan_to_num(0.0)
-
-
-def _strongest(strength: torch.Tensor, wanted: torch.Tensor, budget: int) -> torch.Tensor:
-    """Indices of the ``wanted`` entries, strongest first, at most ``budget``."""
-    indices = torch.nonzero(wanted).flatten()
-    ranked = indices[torch.argsort(strength[indices], descending=True, stable=True)]
-    return ranked[: max(budget, 0)]
 
 
 def _fraction(value: float, name: str) -> float:
