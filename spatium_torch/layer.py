@@ -20,13 +20,13 @@ from spatium_torch.neurons import (
     check_non_negative,
     parameter_like,
 )
-from spatium_torch.ops import CODE_BITS, MAX_COORD, VALID_BITS, morton_decode, morton_encode
+from spatium_torch.ops import CODE_BITS, VALID_BITS
 from spatium_torch.store import (
     ARRAYS,
-    STATE_FORMAT,
     LatentWeight,
     SpatialStore,
     is_latent_stale,
+    upgrade_first_format,
 )
 
 # Weight of the newest batch in the activity EMA (about the last 20 training batches count).
@@ -38,8 +38,6 @@ CONNECTIVITIES = ("local", "random")
 _STATISTICS = ("activity", "output_mean")
 # The buffers in the state_dict besides the store (positions change as layers grow).
 _SAVED_BUFFERS = ("input_positions", "neuron_positions", *_STATISTICS, "split_cooldown")
-# The keys of the first state format: the store in one `_extra_state` dict.
-_V1_CONFIG = ("in_features", "out_features", "bits", "region_bits", "frozen", "checksum")
 
 
 class SpatialLayer(nn.Module):
@@ -98,8 +96,8 @@ class SpatialLayer(nn.Module):
         max_neurons: int | None = None,
     ) -> None:
         super().__init__()
-        _check_count(in_features, "in_features")
-        _check_count(out_features, "out_features")
+        layouts.check_count(in_features, "in_features")
+        layouts.check_count(out_features, "out_features")
         if isinstance(bits, bool) or bits not in VALID_BITS:
             raise ValueError(f"bits must be one of {VALID_BITS}, got {bits!r}")
         if isinstance(region_bits, bool) or not isinstance(region_bits, int):
@@ -114,7 +112,7 @@ class SpatialLayer(nn.Module):
             raise ValueError(f"activation must be None or 'map', got {activation!r}")
         _check_growth_settings(growth_threshold, prune_threshold, max_split_fraction, cooldown)
         if max_neurons is not None:
-            _check_count(max_neurons, "max_neurons")
+            layouts.check_count(max_neurons, "max_neurons")
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
@@ -139,14 +137,20 @@ class SpatialLayer(nn.Module):
         # put tensors now (a `with torch.device(...)` block, "meta" included).
         device = torch.empty(0).device
         with torch.device("cpu"):
-            positions = _checked_positions(input_positions, in_features)
-            sorted_codes, order = _morton_order(positions)
-            neurons = _neuron_grid(out_features, grid_dims)
+            positions = layouts.checked_positions(input_positions, in_features)
+            sorted_codes, order = layouts.morton_order(positions)
+            neurons = layouts.neuron_grid(out_features, grid_dims)
             memory = torch.classes.spatium.SpatialMemory(
                 out_features, sorted_codes, bits, region_bits
             )
             memory.set_active(
-                _initial_mask(memory, sorted_codes, neurons, self.density, connectivity)
+                layouts.initial_mask(
+                    memory.parts()[ARRAYS.index("region_begin")],
+                    sorted_codes,
+                    neurons,
+                    self.density,
+                    connectivity,
+                )
             )
             # The map hashes the layer's input to pick each sample's cell.
             activation_map = (
@@ -196,7 +200,7 @@ class SpatialLayer(nn.Module):
                 self.bias.uniform_(-bound, bound)
 
     def _region_of_sorted_input(self) -> torch.Tensor:
-        return _region_of(self.store.region_begin, self.in_features)
+        return layouts.region_of(self.store.region_begin, self.in_features)
 
     def _set_input_order(self, sorted_codes: torch.Tensor, order: torch.Tensor | None) -> None:
         """The inputs' Morton codes and order (derived from input_positions, not saved)."""
@@ -281,14 +285,14 @@ class SpatialLayer(nn.Module):
         dense = torch.ops.spatium.dequantize(
             *self.store.arrays(), self.bits, self.in_features, self.out_features
         )
-        return _to_input_order(dense, self._order)
+        return layouts.to_input_order(dense, self._order)
 
     def block_mask(self) -> torch.Tensor:
         """``[out, in]`` bool: True where the weight lies in an active block."""
         mask = torch.ops.spatium.active_mask(
             *self.store.arrays(), self.in_features, self.out_features
         )
-        return _to_input_order(mask, self._order)
+        return layouts.to_input_order(mask, self._order)
 
     # --- growth statistics ----------------------------------------------------------------------
     def region_mask(self) -> torch.Tensor:
@@ -397,7 +401,7 @@ class SpatialLayer(nn.Module):
 
     def _columns_of(self, region_mask: torch.Tensor) -> torch.Tensor:
         """``[rows, in]`` bool in the inputs' order: which inputs the given blocks cover."""
-        return _to_input_order(region_mask[:, self._region_of_sorted_input()], self._order)
+        return layouts.to_input_order(region_mask[:, self._region_of_sorted_input()], self._order)
 
     def plan_growth(
         self,
@@ -420,7 +424,7 @@ class SpatialLayer(nn.Module):
         _check_growth_settings(threshold, self.prune_threshold, fraction, cooldown)
         max_neurons = self.max_neurons if max_neurons is None else max_neurons
         if max_neurons is not None:
-            _check_count(max_neurons, "max_neurons")
+            layouts.check_count(max_neurons, "max_neurons")
         self._sync()
         region_mask = self.region_mask()
         grid_cells = None if self.grid_dims is None else math.prod(self.grid_dims)
@@ -560,21 +564,21 @@ class SpatialLayer(nn.Module):
         ``positions[i]``. A block is active where one of its inputs continues
         an input of an active block; the other inputs of a block that starts so hold zero."""
         self._check_resizable()
-        positions = _checked_positions(positions, len(columns))
+        positions = layouts.checked_positions(positions, len(columns))
         self._sync()
         inherited = self.block_mask()[:, columns]
         weight = self.weight.detach()[:, columns] * scale
-        sorted_codes, order = _morton_order(positions)
+        sorted_codes, order = layouts.morton_order(positions)
         memory = torch.classes.spatium.SpatialMemory(
             self.out_features, sorted_codes, self.bits, self.region_bits
         )
-        region = _region_of(memory.parts()[ARRAYS.index("region_begin")], len(columns))
+        region = layouts.region_of(memory.parts()[ARRAYS.index("region_begin")], len(columns))
         sorted_inherited = inherited if order is None else inherited[:, order]
         region_mask = (
             resize.sum_per_region(sorted_inherited.float(), region, memory.num_regions()) > 0
         )
         memory.set_active(region_mask)
-        covered = _to_input_order(region_mask[:, region], order)
+        covered = layouts.to_input_order(region_mask[:, region], order)
         weight[covered & ~inherited] = 0.0
         old_weight = self._parameters["weight"]
         new_weight = parameter_like(old_weight, weight)
@@ -773,7 +777,7 @@ class SpatialLayer(nn.Module):
         # was. The store (a submodule) loads after this, from the state checked here.
         where = f"SpatialLayer state at {prefix!r}"
         if prefix + "_extra_state" in state_dict:
-            _upgrade_first_format(state_dict, prefix, where)
+            upgrade_first_format(state_dict, prefix, where)
         saved = [(n, t) for n, t in self._parameters.items() if t is not None]
         saved += [(n, self._buffers[n]) for n in _SAVED_BUFFERS]
         for name, tensor in saved:
@@ -785,7 +789,7 @@ class SpatialLayer(nn.Module):
                 )
         positions = state_dict.get(prefix + "input_positions", self.input_positions)
         try:
-            positions = _checked_positions(positions, self.in_features)
+            positions = layouts.checked_positions(positions, self.in_features)
         except (TypeError, ValueError) as error:
             raise ValueError(f"{where}: {error}") from None
         store_prefix = prefix + "store."
@@ -803,14 +807,14 @@ class SpatialLayer(nn.Module):
                 )
             memory = self.store.check_state(state_dict, store_prefix)
             layout = torch.classes.spatium.SpatialMemory(
-                1, _morton_order(positions)[0], self.bits, self.region_bits
+                1, layouts.morton_order(positions)[0], self.bits, self.region_bits
             )
             if not torch.equal(memory.parts()[0], layout.parts()[0]):
                 raise ValueError(f"{where}: the store's input positions differ from the layer's")
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        self._set_input_order(*_morton_order(positions))
+        self._set_input_order(*layouts.morton_order(positions))
         self._synced = None
 
 
@@ -821,78 +825,6 @@ def freeze(model: nn.Module) -> nn.Module:
         if isinstance(module, SpatialLayer):
             module.freeze()
     return model
-
-
-def _check_count(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _morton_order(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The inputs' sorted Morton codes, and the permutation from that order to the inputs'
-    order (None when they already are in Morton order): the memory keeps inputs sorted. On the
-    host."""
-    sorted_codes, order = torch.sort(morton_encode(positions.cpu()))
-    identity = torch.equal(order, torch.arange(len(order)))
-    return sorted_codes, None if identity else order
-
-
-def _initial_mask(
-    memory: torch.ScriptObject,
-    sorted_codes: torch.Tensor,
-    neuron_positions: torch.Tensor,
-    density: float,
-    connectivity: str,
-) -> torch.Tensor:
-    """``[out, regions]`` bool: each neuron's first active blocks (``density`` of them, the
-    nearest to the neuron or random)."""
-    out, regions = memory.out_features(), memory.num_regions()
-    if density >= 1.0:
-        return torch.ones(out, regions, dtype=torch.bool)
-    keep = max(1, round(density * regions))
-    if connectivity == "random":
-        scores = torch.rand(out, regions)
-    else:
-        region = _region_of(memory.parts()[ARRAYS.index("region_begin")], len(sorted_codes))
-        inputs = _unit_cube(morton_decode(sorted_codes))
-        centers = torch.zeros(regions, 3).index_add_(0, region, inputs)
-        centers /= torch.bincount(region, minlength=regions).unsqueeze(1)
-        scores = torch.cdist(_unit_cube(neuron_positions), centers)
-    chosen = torch.argsort(scores, dim=1, stable=True)[:, :keep]
-    return torch.zeros(out, regions, dtype=torch.bool).scatter_(1, chosen, True)
-
-
-def _upgrade_first_format(state_dict: dict[str, Any], prefix: str, where: str) -> None:
-    """Rewrites a layer state of the first format (the store as one `_extra_state` dict) into
-    the flat tensors of this one; the store's checks then apply as to any state."""
-    extra = state_dict.pop(prefix + "_extra_state")
-    if not isinstance(extra, dict) or extra.get("format") != 1:
-        raise ValueError(f"{where}: _extra_state is not a SpatialLayer state of format 1")
-    missing = [k for k in (*_V1_CONFIG, *ARRAYS) if k not in extra]
-    if missing:
-        raise ValueError(f"{where}: not a SpatialLayer state (missing {missing})")
-    config = [int(extra[k]) for k in _V1_CONFIG]
-    state_dict[prefix + "store.header"] = torch.tensor([STATE_FORMAT, *config])
-    for name in ARRAYS:
-        state_dict[prefix + "store." + name] = extra[name]
-    scales = extra["scales"]
-    if isinstance(scales, torch.Tensor) and scales.dtype == torch.int16:
-        state_dict[prefix + "store.scales"] = scales.view(torch.float16)  # fp16 bits then
-
-
-def _to_input_order(sorted_columns: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
-    """``[rows, in]`` columns in Morton order rearranged into the inputs' order."""
-    if order is None:
-        return sorted_columns
-    columns = torch.empty_like(sorted_columns)
-    columns[:, order] = sorted_columns
-    return columns
-
-
-def _region_of(region_begin: torch.Tensor, count: int) -> torch.Tensor:
-    """The region of each of ``count`` Morton-sorted inputs."""
-    inputs = torch.arange(count, device=region_begin.device)
-    return torch.searchsorted(region_begin[1:], inputs, right=True)
 
 
 def _fraction(value: float, name: str) -> float:
@@ -910,46 +842,3 @@ def _check_growth_settings(
         raise ValueError(f"max_split_fraction must be in (0, 1], got {max_split_fraction!r}")
     if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0:
         raise ValueError(f"cooldown must be a non-negative int, got {cooldown!r}")
-
-
-def _checked_positions(positions: torch.Tensor | None, count: int) -> torch.Tensor:
-    if positions is None:
-        return layouts.default(count)
-    positions = torch.as_tensor(positions)
-    if positions.dim() != 2 or positions.shape != (count, 3):
-        raise ValueError(
-            f"input_positions must have shape [{count}, 3], got {tuple(positions.shape)}"
-        )
-    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
-        raise TypeError(f"input_positions must be an integer tensor, got {positions.dtype}")
-    positions = positions.to("cpu", torch.int64)
-    if (positions < 0).any() or (positions > MAX_COORD).any():
-        raise ValueError(f"input_positions must lie in [0, {MAX_COORD}]")
-    codes = torch.sort(morton_encode(positions)).values
-    if (codes[1:] == codes[:-1]).any():
-        duplicate = morton_decode(codes[1:][codes[1:] == codes[:-1]][:1])[0].tolist()
-        raise ValueError(f"input_positions must be distinct; {tuple(duplicate)} appears twice")
-    return positions
-
-
-def _neuron_grid(count: int, grid_dims: Sequence[int] | None) -> torch.Tensor:
-    """Neuron positions: the first `count` cells of the grid in Morton order."""
-    if grid_dims is None:
-        return layouts.default(count)
-    dims = tuple(grid_dims)
-    if len(dims) != 3 or any(isinstance(d, bool) or not isinstance(d, int) for d in dims):
-        raise ValueError(f"grid_dims must be three ints (X, Y, Z), got {grid_dims!r}")
-    if any(not 1 <= d <= MAX_COORD + 1 for d in dims) or not count <= math.prod(dims) <= 1 << 24:
-        raise ValueError(
-            f"grid_dims {dims} must be in [1, {MAX_COORD + 1}] with between {count} neurons "
-            "and 2**24 cells"
-        )
-    cells = torch.cartesian_prod(*(torch.arange(d) for d in dims)).reshape(-1, 3)
-    return morton_decode(torch.sort(morton_encode(cells)).values[:count])
-
-
-def _unit_cube(positions: torch.Tensor) -> torch.Tensor:
-    """Positions scaled per axis to [0, 1] (a flat axis stays at 0)."""
-    p = positions.to(torch.float32)
-    low = p.min(0).values
-    return (p - low) / (p.max(0).values - low).clamp(min=1.0)

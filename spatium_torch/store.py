@@ -41,6 +41,8 @@ _DTYPES = dict(
 )
 # The int64 `header` buffer: what the arrays mean, so a state_dict is tensors only.
 HEADER = ("format", "in_features", "out_features", "bits", "region_bits", "frozen", "checksum")
+# The first state format kept the store in one `_extra_state` dict with these values.
+_V1_CONFIG = HEADER[1:]
 
 
 class StoreArrays(NamedTuple):
@@ -337,3 +339,21 @@ def is_latent_stale(weight: torch.Tensor, synced: tuple | None) -> bool:
     """Whether ``weight`` may differ from when its stamp was ``synced``. A plain Parameter (one
     assigned by hand) cannot be followed through ``.data`` and always counts as changed."""
     return not isinstance(weight, LatentWeight) or weight.stamp() != synced
+
+
+def upgrade_first_format(state_dict: dict[str, Any], prefix: str, where: str) -> None:
+    """Rewrites a layer state of the first format (the store as one `_extra_state` dict) into
+    the flat tensors of this one; the store's checks then apply as to any state."""
+    extra = state_dict.pop(prefix + "_extra_state")
+    if not isinstance(extra, dict) or extra.get("format") != 1:
+        raise ValueError(f"{where}: _extra_state is not a SpatialLayer state of format 1")
+    missing = [k for k in (*_V1_CONFIG, *ARRAYS) if k not in extra]
+    if missing:
+        raise ValueError(f"{where}: not a SpatialLayer state (missing {missing})")
+    config = [int(extra[k]) for k in _V1_CONFIG]
+    state_dict[prefix + "store.header"] = torch.tensor([STATE_FORMAT, *config])
+    for name in ARRAYS:
+        state_dict[prefix + "store." + name] = extra[name]
+    scales = extra["scales"]
+    if isinstance(scales, torch.Tensor) and scales.dtype == torch.int16:
+        state_dict[prefix + "store.scales"] = scales.view(torch.float16)  # fp16 bits then
