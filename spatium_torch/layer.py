@@ -692,11 +692,11 @@ class SpatialLayer(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"SpatialLayer: expected a floating-point input, got {x.dtype}")
-        store = self._modules["store"]
-        if x.device != store.device:
+        arrays = self._modules["store"].arrays()
+        if x.device != arrays.codes.device:
             raise ValueError(
-                f"SpatialLayer: input is on {x.device}, the layer on {store.device}; move one "
-                "of them (layer.to(device))"
+                f"SpatialLayer: input is on {x.device}, the layer on {arrays.codes.device}; "
+                "move one of them (layer.to(device))"
             )
         if torch.compiler.is_compiling():
             # In a compiled graph the store follows the latent weight on every call: the
@@ -714,7 +714,7 @@ class SpatialLayer(nn.Module):
             flat,
             self._sorted_latent(),
             self._parameters["bias"],
-            *store.arrays(),
+            *arrays,
             self.bits,
             self.out_features,
         )
