@@ -9,7 +9,7 @@
 #include <torch/library.h>
 
 #include <cstring>
-#include <iterator>
+#include <string>
 
 #include "errors.h"
 
@@ -43,47 +43,59 @@ Holder make(int64_t out_features, const at::Tensor& input_codes, int64_t bits, i
   });
 }
 
-// The saved state: every array the store holds, in this order. The first four define the memory;
-// the others are derived from them and checked on load, so the state's size is the memory's.
-constexpr const char* kStateParts[] = {"input_codes", "region_keys", "region_begin", "bitmap",
-                                       "block_begin", "code_begin",  "scales",       "codes",
-                                       "bloom"};
-constexpr size_t kNumStateParts = std::size(kStateParts);
+// The saved state: every array the store holds, by name. input_codes, bitmap, scales and codes
+// define the memory; the others are derived from them and checked on load, so the state's size
+// is the memory's.
+using Parts = c10::Dict<std::string, at::Tensor>;
 
-std::vector<at::Tensor> parts(const Holder& self) {
+Parts parts(const Holder& self) {
   const SpatialMemory& m = self->memory;
-  return {copy_of(m.stored_input_codes(), at::kLong), copy_of(m.region_keys(), at::kLong),
-          copy_of(m.region_begins(), at::kLong), copy_of(m.bitmap(), at::kLong),
-          copy_of(m.block_begin(), at::kLong),   copy_of(m.code_begin(), at::kLong),
-          copy_of(m.scales(), at::kHalf),        copy_of(m.codes(), at::kByte),
-          copy_of(m.bloom().serialize(), at::kByte)};
+  Parts out;
+  out.insert("input_codes", copy_of(m.stored_input_codes(), at::kLong));
+  out.insert("region_keys", copy_of(m.region_keys(), at::kLong));
+  out.insert("region_begin", copy_of(m.region_begins(), at::kLong));
+  out.insert("bitmap", copy_of(m.bitmap(), at::kLong));
+  out.insert("block_begin", copy_of(m.block_begin(), at::kLong));
+  out.insert("code_begin", copy_of(m.code_begin(), at::kLong));
+  out.insert("scales", copy_of(m.scales(), at::kHalf));
+  out.insert("codes", copy_of(m.codes(), at::kByte));
+  out.insert("bloom", copy_of(m.bloom().serialize(), at::kByte));
+  return out;
+}
+
+const at::Tensor& part(const Parts& p, const std::string& name) {
+  const auto found = p.find(name);
+  TORCH_CHECK_VALUE(found != p.end(), "SpatialMemory: the state has no ", name);
+  return found->value();
 }
 
 Holder from_parts(int64_t out_features, int64_t in_features, int64_t bits, int64_t region_bits,
-                  const std::vector<at::Tensor>& p) {
-  TORCH_CHECK_VALUE(p.size() == kNumStateParts, "SpatialMemory: a state has ", kNumStateParts,
-                    " parts, got ", p.size());
-  auto input = to_vector<uint64_t>(p[0], at::kLong, kStateParts[0]);
-  auto bitmap = to_vector<uint64_t>(p[3], at::kLong, kStateParts[3]);
-  auto scales = to_vector<uint16_t>(p[6], at::kHalf, kStateParts[6]);
-  auto codes = to_vector<uint8_t>(p[7], at::kByte, kStateParts[7]);
+                  const Parts& p) {
+  auto input = to_vector<uint64_t>(part(p, "input_codes"), at::kLong, "input_codes");
+  auto bitmap = to_vector<uint64_t>(part(p, "bitmap"), at::kLong, "bitmap");
+  auto scales = to_vector<uint16_t>(part(p, "scales"), at::kHalf, "scales");
+  auto codes = to_vector<uint8_t>(part(p, "codes"), at::kByte, "codes");
   auto holder = with_python_errors([&] {
     return c10::make_intrusive<MemoryHolder>(SpatialMemory::from_parts(
         out_features, in_features, std::move(input), static_cast<int>(bits),
         static_cast<int>(region_bits), std::move(bitmap), std::move(scales), std::move(codes)));
   });
-  const std::vector<at::Tensor> rebuilt = parts(holder);
-  for (size_t i : {size_t{1}, size_t{2}, size_t{4}, size_t{5}, size_t{8}}) {
-    TORCH_CHECK_VALUE(p[i].scalar_type() == rebuilt[i].scalar_type() && p[i].dim() == 1 &&
-                          at::equal(p[i].to(at::kCPU), rebuilt[i]),
-                      "SpatialMemory: ", kStateParts[i], " disagrees with the memory (damaged)");
+  const Parts rebuilt = parts(holder);
+  for (const char* name : {"region_keys", "region_begin", "block_begin", "code_begin", "bloom"}) {
+    const at::Tensor& given = part(p, name);
+    const at::Tensor& derived = rebuilt.at(name);
+    TORCH_CHECK_VALUE(given.scalar_type() == derived.scalar_type() && given.dim() == 1 &&
+                          at::equal(given.to(at::kCPU), derived),
+                      "SpatialMemory: ", name, " disagrees with the memory (damaged)");
   }
+  TORCH_CHECK_VALUE(p.size() == rebuilt.size(), "SpatialMemory: a state has ", rebuilt.size(),
+                    " parts, got ", p.size());
   return holder;
 }
 
 int64_t state_bytes(const Holder& self) {
   int64_t total = 0;
-  for (const at::Tensor& t : parts(self)) total += t.numel() * t.element_size();
+  for (const auto& entry : parts(self)) total += entry.value().numel() * entry.value().element_size();
   return total;
 }
 
@@ -172,7 +184,7 @@ TORCH_LIBRARY_FRAGMENT(spatium, m) {
             return std::make_tuple(mem.out_features(), mem.in_features(), int64_t{mem.bits()},
                                    int64_t{mem.region_bits()}, parts(self));
           },
-          [](std::tuple<int64_t, int64_t, int64_t, int64_t, std::vector<at::Tensor>> state) {
+          [](std::tuple<int64_t, int64_t, int64_t, int64_t, Parts> state) {
             const auto& [out, in, bits, region_bits, p] = state;
             return from_parts(out, in, bits, region_bits, p);
           });

@@ -22,7 +22,6 @@ from spatium_torch.neurons import (
 )
 from spatium_torch.ops import CODE_BITS, VALID_BITS
 from spatium_torch.store import (
-    ARRAYS,
     LatentWeight,
     SpatialStore,
     is_latent_stale,
@@ -145,7 +144,7 @@ class SpatialLayer(nn.Module):
             )
             memory.set_active(
                 layouts.initial_mask(
-                    memory.parts()[ARRAYS.index("region_begin")],
+                    memory.parts()["region_begin"],
                     sorted_codes,
                     neurons,
                     self.density,
@@ -572,7 +571,7 @@ class SpatialLayer(nn.Module):
         memory = torch.classes.spatium.SpatialMemory(
             self.out_features, sorted_codes, self.bits, self.region_bits
         )
-        region = layouts.region_of(memory.parts()[ARRAYS.index("region_begin")], len(columns))
+        region = layouts.region_of(memory.parts()["region_begin"], len(columns))
         sorted_inherited = inherited if order is None else inherited[:, order]
         region_mask = (
             resize.sum_per_region(sorted_inherited.float(), region, memory.num_regions()) > 0
@@ -809,7 +808,7 @@ class SpatialLayer(nn.Module):
             layout = torch.classes.spatium.SpatialMemory(
                 1, layouts.morton_order(positions)[0], self.bits, self.region_bits
             )
-            if not torch.equal(memory.parts()[0], layout.parts()[0]):
+            if not torch.equal(memory.parts()["input_codes"], layout.parts()["input_codes"]):
                 raise ValueError(f"{where}: the store's input positions differ from the layer's")
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

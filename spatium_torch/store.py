@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 STATE_FORMAT = 2
-# Every array the store holds, in the order SpatialMemory.parts() gives them. input_codes is
+# Every array the store holds, as SpatialMemory.parts() names them. input_codes is
 # empty for the default layout (input j at code j); bloom is the serialized bloom filter.
 ARRAYS = (
     "input_codes",
@@ -126,8 +126,8 @@ class SpatialStore(nn.Module):
         region_bits; its sizes may differ), on ``device`` (default: where they are now)."""
         device = self.device if device is None else torch.device(device)
         parts = memory.parts()
-        for name, part in zip(ARRAYS, parts, strict=True):
-            self._buffers[name] = part.to(device)
+        for name in ARRAYS:
+            self._buffers[name] = parts[name].to(device)
         self.in_features = memory.in_features()
         self.out_features = memory.out_features()
         if device.type != "meta":
@@ -250,7 +250,7 @@ def build_host(
             store.in_features,
             store.bits,
             store.region_bits,
-            [arrays[name].detach().cpu() for name in ARRAYS],
+            {name: arrays[name].detach().cpu() for name in ARRAYS},
         )
     except (ValueError, TypeError, RuntimeError) as error:
         raise ValueError(f"{where}: damaged or inconsistent memory: {error}") from None
