@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from spatium_torch.ops import ACTIVATIONS, CELLS, HASH_BITS
+from spatium_torch.tracked import TrackedParameter, is_stale
 
 GRID = 8
 # CELLS = GRID * GRID cells, picked by HASH_BITS = 6 bits: 3 of row, 3 of column.
@@ -97,7 +98,7 @@ class ActivationMap(nn.Module):
         if learnable:
             logits = torch.zeros(num_features, CELLS, len(ACTIVATIONS))
             logits.scatter_(2, table.long().unsqueeze(-1), float(initial_logit))
-            self.logits = nn.Parameter(logits)
+            self.logits = TrackedParameter(logits)
             self.register_buffer("table", None)
         else:
             self.register_parameter("logits", None)
@@ -105,9 +106,9 @@ class ActivationMap(nn.Module):
         self.register_buffer("hits", torch.zeros(num_features, CELLS, dtype=torch.int64))
         self.softmax_computations = 0  # how often probabilities() recomputed the softmax
         self._probs: torch.Tensor | None = None
-        self._probs_key: tuple[int, int] | None = None
+        self._probs_key: tuple | None = None
         self._argmax: torch.Tensor | None = None
-        self._argmax_key: tuple[int, int] | None = None
+        self._argmax_key: tuple | None = None
         # (table, its version, its cell-major copy); holding the table keeps its identity.
         self._table_copy: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
@@ -129,13 +130,11 @@ class ActivationMap(nn.Module):
         """The softmax of the logits ``[neurons, 64, 12]``, recomputed only after they change."""
         if self.logits is None:
             raise ValueError("ActivationMap: a fixed map has no probabilities")
-        key = (id(self.logits), self.logits._version)
-        if key != self._probs_key:
-            with torch.no_grad():
-                # Stored cell-major ([64, 12, neurons] in memory), the layout the kernels read.
-                probs = torch.softmax(self.logits, dim=-1)
-                self._probs = probs.permute(1, 2, 0).contiguous().permute(2, 0, 1)
-            self._probs_key = key
+        if torch.compiler.is_compiling():
+            return _cell_major_probs(self.logits)  # in the graph: no cache to guard on
+        if is_stale(self.logits, self._probs_key):
+            self._probs = _cell_major_probs(self.logits)
+            self._probs_key = _stamp(self.logits)
             self.softmax_computations += 1
         return self._probs
 
@@ -144,10 +143,11 @@ class ActivationMap(nn.Module):
         argmax, recomputed only after the logits change)."""
         if self.logits is None:
             return self.table
-        key = (id(self.logits), self.logits._version)
-        if key != self._argmax_key:
+        if torch.compiler.is_compiling():
+            return _cell_major(self.logits.detach().argmax(-1).to(torch.uint8))
+        if is_stale(self.logits, self._argmax_key):
             self._argmax = _cell_major(self.logits.detach().argmax(-1).to(torch.uint8))
-            self._argmax_key = key
+            self._argmax_key = _stamp(self.logits)
         return self._argmax
 
     def _kernel_table(self) -> torch.Tensor:
@@ -167,7 +167,7 @@ class ActivationMap(nn.Module):
         picked = copy.deepcopy(self)
         picked.num_features = int(rows.numel())
         if self.logits is not None:
-            picked.logits = nn.Parameter(self.logits.detach()[rows].clone())
+            picked.logits = type(self.logits)(self.logits.detach()[rows].clone())
         else:
             picked.table = self.table[rows].clone()
         picked.hits = self.hits[rows].clone()
@@ -215,6 +215,19 @@ class ActivationMap(nn.Module):
             f"num_features={self.num_features}, hash_features={self.hash_features}, "
             f"init={self.init!r}, learnable={self.learnable}"
         )
+
+
+def _stamp(logits: torch.Tensor) -> tuple | None:
+    return logits.stamp() if isinstance(logits, TrackedParameter) else None
+
+
+def _cell_major_probs(logits: torch.Tensor) -> torch.Tensor:
+    """The softmax over the 12 functions, without a graph (the mixture's autograd Function
+    differentiates through it), stored cell-major ([64, 12, neurons] in memory): the layout the
+    kernels read."""
+    with torch.no_grad():
+        probs = torch.softmax(logits, dim=-1)
+        return probs.permute(1, 2, 0).contiguous().permute(2, 0, 1)
 
 
 def _cell_major(table: torch.Tensor) -> torch.Tensor:

@@ -22,11 +22,10 @@ from spatium_torch.neurons import (
 )
 from spatium_torch.ops import CODE_BITS, VALID_BITS
 from spatium_torch.store import (
-    LatentWeight,
     SpatialStore,
-    is_latent_stale,
     upgrade_first_format,
 )
+from spatium_torch.tracked import TrackedParameter, is_stale
 
 # Weight of the newest batch in the activity EMA (about the last 20 training batches count).
 ACTIVITY_EMA = 0.05
@@ -165,7 +164,7 @@ class SpatialLayer(nn.Module):
         self.register_buffer("neuron_positions", neurons.to(device))
         self._set_input_order(sorted_codes, order)
 
-        self.weight: nn.Parameter | None = LatentWeight(
+        self.weight: nn.Parameter | None = TrackedParameter(
             torch.empty(out_features, in_features, device=device)
         )
         if bias:
@@ -231,7 +230,7 @@ class SpatialLayer(nn.Module):
         """Re-quantizes the store when the latent weight may have changed since the last time
         (any write: optimizer steps, ``.data`` edits, loads, device or dtype moves)."""
         weight = self._parameters["weight"]
-        if weight is None or not is_latent_stale(weight, self._synced):
+        if weight is None or not is_stale(weight, self._synced):
             return
         if weight.device.type == "meta":
             return  # no values to quantize
@@ -239,7 +238,7 @@ class SpatialLayer(nn.Module):
         # An eager call of the op does not move the arrays' version counters: moving them lets
         # autograd refuse a backward through codes that changed since its forward.
         torch.autograd.graph.increment_version([self.store.scales, self.store.codes])
-        self._synced = weight.stamp() if isinstance(weight, LatentWeight) else None
+        self._synced = weight.stamp() if isinstance(weight, TrackedParameter) else None
 
     def _requantize(self) -> None:
         """Quantizes the latent weight into the store's scales and codes."""
@@ -747,14 +746,14 @@ class SpatialLayer(nn.Module):
         # weight, but the codes keep what they hold until the weight really changes.
         statistics = {name: self._buffers[name] for name in _STATISTICS}
         weight = self._parameters["weight"]
-        in_step = weight is not None and not is_latent_stale(weight, self._synced)
+        in_step = weight is not None and not is_stale(weight, self._synced)
         super()._apply(fn, recurse)
         for name, before in statistics.items():
             after = self._buffers[name]
             if after.dtype != before.dtype:
                 self._buffers[name] = before.to(after.device)
         weight = self._parameters["weight"]
-        if in_step and isinstance(weight, LatentWeight):
+        if in_step and isinstance(weight, TrackedParameter):
             self._synced = weight.stamp()
         return self
 

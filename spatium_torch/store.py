@@ -9,14 +9,13 @@ validation of a saved state, stats and the bloom filter go through the host-side
 (``torch.classes.spatium.SpatialMemory``): :meth:`SpatialStore.host` builds it from the
 buffers, :meth:`SpatialStore.install` takes a new one back.
 
-:class:`LatentWeight` is the Parameter a trainable layer quantizes from. It tells the layer when
-its contents may have changed, including writes through ``.data`` (which bypass the version
-counter), so the store is re-quantized before the next forward and never goes stale.
+The latent weight a trainable layer quantizes from is a
+:class:`~spatium_torch.tracked.TrackedParameter`, which tells the layer when its contents may
+have changed, so the store is re-quantized before the next forward and never goes stale.
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -254,91 +253,6 @@ def build_host(
         )
     except (ValueError, TypeError, RuntimeError) as error:
         raise ValueError(f"{where}: damaged or inconsistent memory: {error}") from None
-
-
-_PARAMETER_DATA = nn.Parameter.data  # the tensor's own `.data` descriptor
-
-
-class LatentWeight(nn.Parameter):
-    """The latent weight a trainable SpatialLayer quantizes from: an ``nn.Parameter`` that can
-    tell whether its contents may have changed since a given moment (:meth:`stamp`).
-
-    In-place ops bump the version counter, and a new tensor (``.data = t``, ``.to()``) changes
-    the storage; but a write through ``.data`` (EMA updates, some clipping utilities) bypasses
-    the version counter, because ``.data`` is an alias with a counter of its own. So every
-    alias ``.data`` hands out is followed: its own counter while it lives, and its death counts
-    as a possible write.
-    """
-
-    def __new__(cls, data: torch.Tensor | None = None, requires_grad: bool = True) -> LatentWeight:
-        return super().__new__(cls, data, requires_grad)
-
-    @property
-    def data(self) -> torch.Tensor:  # type: ignore[override]
-        alias = _PARAMETER_DATA.__get__(self)
-        self._follow(alias)
-        return alias
-
-    @data.setter
-    def data(self, value: torch.Tensor) -> None:
-        _PARAMETER_DATA.__set__(self, value)
-        self._follow(value)
-
-    def _follow(self, alias: torch.Tensor) -> None:
-        tracker = self.__dict__.setdefault("_tracker", _AliasTracker())
-        tracker.follow(alias)
-
-    def stamp(self) -> tuple:
-        """A value that differs from any earlier one whenever the contents may have changed."""
-        tracker = self.__dict__.get("_tracker")
-        aliases = tracker.stamp() if tracker is not None else ()
-        # A new storage (a move, a cast, `.data = t`) changes the data pointer; on the meta
-        # device, where it is 0, moves go through the `.data` setter, which the aliases note.
-        return (id(self), self._version, self.data_ptr(), aliases)
-
-    def __getstate__(self) -> dict:
-        return {}  # the alias tracker is not part of the weight
-
-    def __reduce_ex__(self, protocol: int) -> Any:
-        # Saved and copied as a plain Parameter's data, restored as a LatentWeight.
-        return (_rebuild_latent, (_PARAMETER_DATA.__get__(self), self.requires_grad))
-
-    def __deepcopy__(self, memo: dict) -> LatentWeight:
-        result = LatentWeight(_PARAMETER_DATA.__get__(self).clone(), self.requires_grad)
-        memo[id(self)] = result
-        return result
-
-    def __repr__(self) -> str:
-        return "LatentWeight containing:\n" + repr(_PARAMETER_DATA.__get__(self))
-
-
-def _rebuild_latent(data: torch.Tensor, requires_grad: bool) -> LatentWeight:
-    return LatentWeight(data, requires_grad)
-
-
-class _AliasTracker:
-    """The live ``.data`` aliases of one LatentWeight, and how many have died."""
-
-    def __init__(self) -> None:
-        self.aliases: list[weakref.ref] = []
-        self.deaths = 0
-
-    def follow(self, alias: torch.Tensor) -> None:
-        self.aliases = [ref for ref in self.aliases if ref() is not None]
-        self.aliases.append(weakref.ref(alias, self._died))
-
-    def _died(self, ref: weakref.ref) -> None:
-        self.deaths += 1
-
-    def stamp(self) -> tuple:
-        versions = tuple(a._version for ref in self.aliases if (a := ref()) is not None)
-        return (self.deaths, len(self.aliases), versions)
-
-
-def is_latent_stale(weight: torch.Tensor, synced: tuple | None) -> bool:
-    """Whether ``weight`` may differ from when its stamp was ``synced``. A plain Parameter (one
-    assigned by hand) cannot be followed through ``.data`` and always counts as changed."""
-    return not isinstance(weight, LatentWeight) or weight.stamp() != synced
 
 
 def upgrade_first_format(state_dict: dict[str, Any], prefix: str, where: str) -> None:

@@ -208,7 +208,8 @@ def test_a_state_of_the_first_format_loads():
 def test_compiled_training_does_not_recompile_and_follows_the_latent_weight():
     torch.manual_seed(0)
     model = nn.Sequential(
-        st.SpatialLayer(32, 16, bits=4, region_bits=3, density=0.5), nn.ReLU(),
+        st.SpatialLayer(32, 16, bits=4, region_bits=3, density=0.5, activation="map",
+                        map_learnable=True),
         st.SpatialLayer(16, 4, bits=2, region_bits=3),
     )  # fmt: skip
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -229,8 +230,8 @@ def test_compiled_training_does_not_recompile_and_follows_the_latent_weight():
     finally:
         torch.compiler.set_stance("default")
     assert losses[-1] < first[0]
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+    with torch.no_grad():  # the compiled softmax may round differently in the last bit
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
 
 
 def test_export_of_a_frozen_model_equals_eager():
@@ -243,3 +244,19 @@ def test_export_of_a_frozen_model_equals_eager():
     x = torch.randn(5, 64)
     program = torch.export.export(model, (x,))
     torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=0)
+
+
+def test_a_data_edit_of_map_logits_reaches_the_next_forward():
+    layer = layer_of(activation="map", map_learnable=True).eval()
+    x = torch.randn(8, 100)
+    before = layer(x).detach()
+    table = layer.activation_map.function_table().clone()
+    layer.activation_map.logits.data[..., st.ops.ACTIVATIONS.index("abs")] += 100.0
+    assert (layer.activation_map.function_table() == st.ops.ACTIVATIONS.index("abs")).all()
+    assert not torch.equal(layer.activation_map.function_table(), table)
+    expected = F.linear(x, layer.dequantized_weight(), layer.bias.detach()).abs()
+    torch.testing.assert_close(layer(x).detach(), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(layer(x).detach(), before)
+    layer.train()
+    probs = layer.activation_map.probabilities()
+    assert (probs.argmax(-1) == st.ops.ACTIVATIONS.index("abs")).all()
