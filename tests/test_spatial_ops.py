@@ -85,3 +85,33 @@ def test_a_graph_outlives_a_layout_change():
     layer.memory.write(inactive[0], xyz, 1.0)
     y.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_requantize_refuses_a_width_other_than_the_stores():
+    # A 1-bit store written as 8-bit codes would write past its codes array.
+    layer = st.SpatialLayer(256, 16, bits=1, region_bits=6)
+    *layout, scales, codes = (t.clone() for t in layer.store.arrays())
+    with pytest.raises(ValueError, match="8-bit codes of its blocks need"):
+        ops.requantize_(torch.randn(16, 256), *layout, scales, codes, 8)
+    ops.requantize_(torch.randn(16, 256), *layout, scales, codes, 1)  # its own width works
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda region_begin, block_begin, code_begin: region_begin.__setitem__(1, 10**9),
+        lambda region_begin, block_begin, code_begin: region_begin.__setitem__(0, 1),
+        lambda region_begin, block_begin, code_begin: block_begin.__setitem__(0, 10**12),
+        lambda region_begin, block_begin, code_begin: code_begin.__setitem__(0, 10**12),
+        lambda region_begin, block_begin, code_begin: code_begin.__setitem__(1, -5),
+    ],
+)
+def test_ops_refuse_offsets_that_do_not_increase_from_zero(damage):
+    _, memory = memory_of()
+    region_begin, bitmap, block_begin, code_begin, scales, codes = (t.clone() for t in memory)
+    damage(region_begin, block_begin, code_begin)
+    store = (region_begin, bitmap, block_begin, code_begin, scales, codes)
+    with pytest.raises(ValueError, match="memory"):
+        ops.spatial_linear(torch.randn(2, 90), None, None, *store, 4, 7)
+    with pytest.raises(ValueError, match="memory"):
+        ops.requantize_(torch.randn(7, 90), *store, 4)

@@ -74,6 +74,19 @@ PackedView view_of(const Store& s, int64_t bits, int64_t in_features, int64_t ou
   v.code_begin = code_begin.const_data_ptr<int64_t>();
   v.scales = reinterpret_cast<const uint16_t*>(scales.const_data_ptr<at::Half>());
   v.codes = codes.const_data_ptr<uint8_t>();
+  // Offsets start at 0 and never decrease, and a directory entry spans at most its 8 neurons'
+  // blocks: with the checks below, every walk stays inside the arrays. O(regions + out / 8).
+  bool ordered = v.region_begin[0] == 0 && v.block_begin[0] == 0 && v.code_begin[0] == 0;
+  for (int64_t r = 0; ordered && r < v.num_regions; ++r) {
+    ordered = v.region_begin[r] < v.region_begin[r + 1];
+  }
+  const int64_t entries = directory_entries(out_features);
+  for (int64_t e = 0; ordered && e + 1 < entries; ++e) {
+    const int64_t step = v.block_begin[e + 1] - v.block_begin[e];
+    ordered = step >= 0 && step <= kDirectoryStride * v.num_regions &&
+              v.code_begin[e + 1] >= v.code_begin[e];
+  }
+  TORCH_CHECK_VALUE(ordered, "spatium: memory offsets are not increasing from 0 (damaged?)");
   // A full region's size, as the kernels' fixed-size path wants it: the largest region, if a
   // power of two (otherwise every block takes the generic path).
   int64_t largest = 0;
@@ -243,8 +256,22 @@ void requantize(const at::Tensor& latent_in, const at::Tensor& region_begin,
                     latent_in.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(latent_in.scalar_type()),
                    "requantize_: latent must be floating point, got ", latent_in.scalar_type());
-  const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes}, bits, latent_in.size(1),
-                               latent_in.size(0));
+  const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes},
+                               bits, latent_in.size(1), latent_in.size(0));
+  // The only op that writes into the arrays: the codes must hold exactly this width's bytes for
+  // the active blocks, or a width other than the store's would write past them. O(blocks),
+  // small next to quantizing every weight.
+  std::vector<int64_t> blocks_in_region(static_cast<size_t>(v.num_regions), 0);
+  for (int64_t n = 0; n < v.out_features; ++n) {
+    v.for_each_region(n, [&](int64_t r) { ++blocks_in_region[static_cast<size_t>(r)]; });
+  }
+  int64_t bytes = 0;
+  for (int64_t r = 0; r < v.num_regions; ++r) {
+    bytes += blocks_in_region[static_cast<size_t>(r)] * v.region_bytes(r);
+  }
+  TORCH_CHECK_VALUE(bytes == v.total_code_bytes(), "requantize_: the codes hold ",
+                    v.total_code_bytes(), " bytes, ", bits, "-bit codes of its blocks need ",
+                    bytes, " (bits differ from the store's?)");
   const at::Tensor latent = latent_in.to(at::kFloat).contiguous();
   const float* w = latent.const_data_ptr<float>();
   auto* scale_out = reinterpret_cast<uint16_t*>(scales.mutable_data_ptr<at::Half>());
