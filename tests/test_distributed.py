@@ -1,8 +1,6 @@
 """DistributedDataParallel on two CPU processes (gloo on 127.0.0.1): every rank's store stays
 identical, even when each rank drew its own random layout."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,12 +12,6 @@ from torch.nn.parallel import DistributedDataParallel
 import spatium_torch as st
 
 WORLD = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fingerprint(model: nn.Module) -> list:
@@ -38,10 +30,9 @@ def same_on_every_rank(value: object) -> bool:
     return all(g == gathered[0] for g in gathered)
 
 
-def train_on_rank(rank: int, port: int) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
+def train_on_rank(rank: int, rendezvous: str) -> None:
+    # A file rendezvous: no port to race for; gloo itself talks over loopback.
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
         torch.manual_seed(rank)  # each rank draws its own random active blocks and weights
@@ -65,15 +56,16 @@ def train_on_rank(rank: int, port: int) -> None:
         with torch.no_grad():
             assert same_on_every_rank(model(x[:1] * 0 + 1).tolist())
         assert same_on_every_rank(fingerprint(model)), "stores differ after training"
+        dist.barrier()  # neither rank tears down while the other still communicates
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
-def test_ddp_keeps_every_rank_store_identical():
+def test_ddp_keeps_every_rank_store_identical(tmp_path):
     mp.start_processes(
         train_on_rank,
-        args=(free_port(),),
+        args=(f"file://{tmp_path / 'rendezvous'}",),
         nprocs=WORLD,
         join=True,
         start_method="spawn",
