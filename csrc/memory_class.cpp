@@ -31,7 +31,7 @@ std::vector<T> to_vector(const at::Tensor& t, at::ScalarType dtype, const char* 
 template <class T>
 at::Tensor copy_of(const std::vector<T>& values, at::ScalarType dtype) {
   at::Tensor out = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions().dtype(dtype));
-  std::memcpy(out.data_ptr(), values.data(), values.size() * sizeof(T));
+  if (!values.empty()) std::memcpy(out.data_ptr(), values.data(), values.size() * sizeof(T));
   return out;
 }
 

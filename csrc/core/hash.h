@@ -27,7 +27,7 @@ inline uint64_t hash_bytes(uint64_t h, const void* data, size_t size) {
     h = mix64(h + word);
   }
   uint64_t tail = 0;
-  std::memcpy(&tail, bytes + i, size - i);
+  if (i < size) std::memcpy(&tail, bytes + i, size - i);  // an empty array may have no data
   return mix64(h + tail);
 }
 

@@ -1,6 +1,7 @@
 #include "packed_view.h"
 
 #include <algorithm>
+#include <vector>
 
 namespace spatium {
 namespace {
@@ -233,6 +234,88 @@ void PackedView::quantize_rows(int64_t n0, int64_t n1, const float* latent, int6
                                             codes_out + off);
     });
   }
+}
+
+namespace {
+
+// Set bits of the bitmap in [begin, end).
+int64_t count_bits(const uint64_t* bitmap, int64_t begin, int64_t end) {
+  int64_t count = 0;
+  while (begin < end) {
+    const int64_t take = std::min<int64_t>(64 - (begin & 63), end - begin);
+    uint64_t word = bitmap[begin >> 6] >> (begin & 63);
+    if (take < 64) word &= (uint64_t{1} << take) - 1;
+    count += __builtin_popcountll(word);
+    begin += take;
+  }
+  return count;
+}
+
+}  // namespace
+
+std::string PackedView::layout_error(const ArrayLengths& lengths) const {
+  if (out_features < 1 || num_regions < 1 || lengths.region_begin != num_regions + 1) {
+    return "empty memory";
+  }
+  const std::string shape = " do not fit " + std::to_string(out_features) + " neurons x " +
+                            std::to_string(num_regions) + " regions (not from one SpatialMemory?)";
+  const int64_t entries = directory_entries(out_features);
+  if (lengths.bitmap != bitmap_words(out_features, num_regions) ||
+      lengths.block_begin != entries || lengths.code_begin != entries) {
+    return "memory arrays" + shape;
+  }
+  if (region_begin[0] != 0) return "memory regions do not start at input 0 (damaged?)";
+  for (int64_t r = 0; r < num_regions; ++r) {
+    if (region_begin[r + 1] <= region_begin[r]) return "memory regions do not increase (damaged?)";
+  }
+  if (region_begin[num_regions] != in_features) {
+    return "memory covers " + std::to_string(region_begin[num_regions]) + " inputs, the input has " +
+           std::to_string(in_features);
+  }
+  const int64_t used_bits = out_features * num_regions;
+  if (count_bits(bitmap, used_bits, lengths.bitmap * 64) != 0) {
+    return "memory bitmap marks blocks past the last of " + std::to_string(out_features) +
+           " neurons (not from one SpatialMemory?)";
+  }
+  // Code bytes per block: those of a full region, except in the few irregular regions (usually
+  // none, or a partial last one), which are counted one by one.
+  int64_t full_bytes = 0;
+  for (int64_t r = 0; r < num_regions; ++r) full_bytes = std::max(full_bytes, region_bytes(r));
+  std::vector<int64_t> irregular;
+  for (int64_t r = 0; r < num_regions; ++r) {
+    if (region_bytes(r) != full_bytes) irregular.push_back(r);
+  }
+  if (block_begin[0] != 0 || code_begin[0] != 0) {
+    return "memory offsets do not start at 0 (damaged?)";
+  }
+  for (int64_t e = 0; e + 1 < entries; ++e) {
+    const int64_t n0 = e * kDirectoryStride;
+    const int64_t n1 = std::min(n0 + kDirectoryStride, out_features);
+    const int64_t blocks = count_bits(bitmap, n0 * num_regions, n1 * num_regions);
+    int64_t bytes = blocks * full_bytes;
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t r : irregular) {
+        if (is_active(n, r)) bytes += region_bytes(r) - full_bytes;
+      }
+    }
+    // block_begin[e] and code_begin[e] are already known to be sums of such counts: no overflow.
+    if (block_begin[e + 1] != block_begin[e] + blocks) {
+      return "memory block offsets disagree with the bitmap at neuron " + std::to_string(n0) +
+             " (damaged?)";
+    }
+    if (bits != kCodesUnread && code_begin[e + 1] != code_begin[e] + bytes) {
+      return "memory code offsets disagree with " + std::to_string(bits) +
+             "-bit codes of the bitmap's blocks at neuron " + std::to_string(n0) +
+             " (damaged, or bits other than the store's?)";
+    }
+  }
+  if (lengths.scales != total_blocks() ||
+      (bits != kCodesUnread && lengths.codes != total_code_bytes())) {
+    return "memory arrays disagree in size: " + std::to_string(lengths.scales) + " scales and " +
+           std::to_string(lengths.codes) + " code bytes for " + std::to_string(total_blocks()) +
+           " blocks of " + std::to_string(total_code_bytes()) + " bytes (not from one SpatialMemory?)";
+  }
+  return {};
 }
 
 }  // namespace spatium

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 
 #include "quantize.h"
 
@@ -22,7 +23,20 @@ inline constexpr int64_t bitmap_words(int64_t out_features, int64_t regions) {
   return (out_features * regions + 63) / 64;
 }
 
+// How many elements each of a memory's arrays holds, as received.
+struct ArrayLengths {
+  int64_t region_begin = 0;
+  int64_t bitmap = 0;
+  int64_t block_begin = 0;
+  int64_t code_begin = 0;
+  int64_t scales = 0;
+  int64_t codes = 0;
+};
+
 struct PackedView {
+  // The `bits` of a view that walks blocks but never reads their codes (an active mask).
+  static constexpr int kCodesUnread = 0;
+
   // Where a neuron's blocks start: index into scales, byte offset into codes.
   struct Cursor {
     int64_t block = 0;
@@ -40,6 +54,14 @@ struct PackedView {
   const int64_t* code_begin = nullptr;    // [directory_entries] code bytes before neuron 8k; total
   const uint16_t* scales = nullptr;       // [blocks] fp16 bits
   const uint8_t* codes = nullptr;         // [bytes]
+
+  // Why arrays of these lengths cannot be this view's memory, or "" when they can: regions
+  // increase from 0 to in_features, the bitmap marks nothing past the last neuron, and every
+  // directory entry holds exactly the blocks and code bytes (for this view's bits) that its
+  // neurons' bitmap bits call for. Then every walk stays inside the arrays. Reads nothing
+  // before its length is checked; O(bitmap words + neurons x irregular regions). With bits
+  // kCodesUnread, the codes are left unchecked (and must not be read).
+  std::string layout_error(const ArrayLengths& lengths) const;
 
   int64_t region_size(int64_t r) const { return region_begin[r + 1] - region_begin[r]; }
   int64_t region_bytes(int64_t r) const { return quant::code_bytes(bits, region_size(r)); }

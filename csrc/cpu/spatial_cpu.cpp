@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <string>
 #include <vector>
 
 #include "core/packed_view.h"
@@ -41,71 +43,39 @@ void check_part(const at::Tensor& t, at::ScalarType dtype, const char* name) {
                     t.dim(), "-D on ", t.device());
 }
 
-// Checks that the six arrays describe one consistent memory and returns the kernels' view.
+// Checks that the six arrays describe one consistent memory for this code width (every walk
+// then stays inside them) and returns the kernels' view. O(bitmap words): microseconds. Bits
+// PackedView::kCodesUnread: for a caller that never reads the codes.
 PackedView view_of(const Store& s, int64_t bits, int64_t in_features, int64_t out_features) {
-  TORCH_CHECK_VALUE(quant::valid_bits(static_cast<int>(bits)), "spatium: bits must be 1, 2, 4 or 8, got ",
-                    bits);
+  TORCH_CHECK_VALUE(quant::valid_bits(static_cast<int>(bits)) || bits == PackedView::kCodesUnread,
+                    "spatium: bits must be 1, 2, 4 or 8, got ", bits);
+  TORCH_CHECK_VALUE(out_features >= 1, "spatium: out_features must be >= 1, got ", out_features);
   check_part(s.region_begin, at::kLong, "region_begin");
   check_part(s.bitmap, at::kLong, "bitmap");
   check_part(s.block_begin, at::kLong, "block_begin");
   check_part(s.code_begin, at::kLong, "code_begin");
   check_part(s.scales, at::kHalf, "scales");
   check_part(s.codes, at::kByte, "codes");
-  const at::Tensor& region_begin = s.region_begin;
-  const at::Tensor& bitmap = s.bitmap;
-  const at::Tensor& block_begin = s.block_begin;
-  const at::Tensor& code_begin = s.code_begin;
-  const at::Tensor& scales = s.scales;
-  const at::Tensor& codes = s.codes;
   PackedView v;
   v.bits = static_cast<int>(bits);
-  v.num_regions = region_begin.numel() - 1;
+  v.num_regions = s.region_begin.numel() - 1;
   v.out_features = out_features;
   v.in_features = in_features;
-  TORCH_CHECK_VALUE(v.num_regions >= 1 && v.out_features >= 1, "spatium: empty memory");
-  TORCH_CHECK_VALUE(bitmap.numel() == bitmap_words(out_features, v.num_regions) &&
-                        block_begin.numel() == directory_entries(out_features) &&
-                        code_begin.numel() == directory_entries(out_features),
-                    "spatium: memory arrays do not fit ", out_features, " neurons x ",
-                    v.num_regions, " regions (not from one SpatialMemory?)");
-  v.region_begin = region_begin.const_data_ptr<int64_t>();
-  v.bitmap = reinterpret_cast<const uint64_t*>(bitmap.const_data_ptr<int64_t>());
-  v.block_begin = block_begin.const_data_ptr<int64_t>();
-  v.code_begin = code_begin.const_data_ptr<int64_t>();
-  v.scales = reinterpret_cast<const uint16_t*>(scales.const_data_ptr<at::Half>());
-  v.codes = codes.const_data_ptr<uint8_t>();
-  // Offsets start at 0 and never decrease, and a directory entry spans at most its 8 neurons'
-  // blocks: with the checks below, every walk stays inside the arrays. O(regions + out / 8).
-  bool ordered = v.region_begin[0] == 0 && v.block_begin[0] == 0 && v.code_begin[0] == 0;
-  for (int64_t r = 0; ordered && r < v.num_regions; ++r) {
-    ordered = v.region_begin[r] < v.region_begin[r + 1];
-  }
-  const int64_t entries = directory_entries(out_features);
-  for (int64_t e = 0; ordered && e + 1 < entries; ++e) {
-    const int64_t step = v.block_begin[e + 1] - v.block_begin[e];
-    ordered = step >= 0 && step <= kDirectoryStride * v.num_regions &&
-              v.code_begin[e + 1] >= v.code_begin[e];
-  }
-  TORCH_CHECK_VALUE(ordered, "spatium: memory offsets are not increasing from 0 (damaged?)");
+  v.region_begin = s.region_begin.const_data_ptr<int64_t>();
+  v.bitmap = reinterpret_cast<const uint64_t*>(s.bitmap.const_data_ptr<int64_t>());
+  v.block_begin = s.block_begin.const_data_ptr<int64_t>();
+  v.code_begin = s.code_begin.const_data_ptr<int64_t>();
+  v.scales = reinterpret_cast<const uint16_t*>(s.scales.const_data_ptr<at::Half>());
+  v.codes = s.codes.const_data_ptr<uint8_t>();
+  const std::string error = v.layout_error(ArrayLengths{
+      s.region_begin.numel(), s.bitmap.numel(), s.block_begin.numel(), s.code_begin.numel(),
+      s.scales.numel(), s.codes.numel()});
+  TORCH_CHECK_VALUE(error.empty(), "spatium: ", error);
   // A full region's size, as the kernels' fixed-size path wants it: the largest region, if a
   // power of two (otherwise every block takes the generic path).
   int64_t largest = 0;
   for (int64_t r = 0; r < v.num_regions; ++r) largest = std::max(largest, v.region_size(r));
   v.full_region_bits = (largest & (largest - 1)) == 0 ? __builtin_ctzll(largest) : -1;
-  TORCH_CHECK_VALUE(v.region_begin[v.num_regions] == in_features, "spatium: memory covers ",
-                    v.region_begin[v.num_regions], " inputs, the input has ", in_features);
-  TORCH_CHECK_VALUE(scales.numel() == v.total_blocks() && codes.numel() == v.total_code_bytes(),
-                    "spatium: memory arrays disagree in size (not from one SpatialMemory?)");
-  // The bitmap holds exactly the directory's blocks, all within out x regions bits: every walk
-  // stays inside the arrays. (One pass of popcounts: microseconds.)
-  const int64_t used_bits = out_features * v.num_regions;
-  const int64_t words = bitmap.numel();
-  int64_t blocks = 0;
-  for (int64_t w = 0; w < words; ++w) blocks += __builtin_popcountll(v.bitmap[w]);
-  const int64_t tail_bits = used_bits - (words - 1) * 64;
-  TORCH_CHECK_VALUE(blocks == v.total_blocks() && (tail_bits == 64 || v.bitmap[words - 1] >> tail_bits == 0),
-                    "spatium: memory arrays do not fit ", out_features, " neurons x ",
-                    v.num_regions, " regions (not from one SpatialMemory?)");
   return v;
 }
 
@@ -114,6 +84,16 @@ void check_input(const at::Tensor& x, const char* op, const char* name) {
                     x.sizes());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op, ": ",
                    name, " must be float32 or float64, got ", x.scalar_type());
+}
+
+// Whether every value of a contiguous float32 tensor is finite. The small-batch kernels skip
+// inactive blocks, where a dense product adds 0 x NaN = NaN; a batch with a NaN or an infinity
+// takes the dense-panel path instead, so every batch size gives F.linear's result.
+bool all_finite(const at::Tensor& t) {
+  const float* p = t.const_data_ptr<float>();
+  bool finite = true;
+  for (int64_t i = 0, n = t.numel(); i < n; ++i) finite &= std::isfinite(p[i]);
+  return finite;
 }
 
 // Neurons per parallel task.
@@ -144,7 +124,7 @@ at::Tensor spatial_linear(const at::Tensor& x_in, const std::optional<at::Tensor
   const at::Tensor x = x_in.contiguous();
   const int64_t batch = x.size(0);
   at::Tensor y;
-  if (x.scalar_type() == at::kFloat && batch <= kSmallBatch) {
+  if (x.scalar_type() == at::kFloat && batch <= kSmallBatch && all_finite(x)) {
     y = at::empty({batch, v.out_features}, x.options());
     const float* xp = x.const_data_ptr<float>();
     float* yp = y.mutable_data_ptr<float>();
@@ -192,7 +172,8 @@ at::Tensor spatial_linear_backward_input(const at::Tensor& grad_y_in, const at::
       v.out_features * in_features / kWeightsPerTask, 1, std::min<int64_t>(panels, at::get_num_threads()));
   const int64_t per_task = (panels + tasks - 1) / tasks;
   std::vector<at::Tensor> partial(static_cast<size_t>(tasks));
-  const bool small = grad_y.scalar_type() == at::kFloat && batch <= kSmallBatch;
+  const bool small =
+      grad_y.scalar_type() == at::kFloat && batch <= kSmallBatch && all_finite(grad_y);
   if (batch > 0) {
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
@@ -225,8 +206,9 @@ at::Tensor active_mask(const at::Tensor& region_begin, const at::Tensor& bitmap,
                               const at::Tensor& block_begin, const at::Tensor& code_begin,
                               const at::Tensor& scales, const at::Tensor& codes, int64_t in_features,
                            int64_t out_features) {
-  // The mask does not depend on the code width; 8 only satisfies the view's check.
-  const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes}, 8, in_features, out_features);
+  // The mask does not depend on the code width, and never reads the codes.
+  const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes},
+                               PackedView::kCodesUnread, in_features, out_features);
   at::Tensor mask = at::empty({v.out_features, in_features}, at::kBool);
   auto* out = reinterpret_cast<uint8_t*>(mask.mutable_data_ptr<bool>());
   at::parallel_for(0, v.out_features, neuron_grain(v), [&](int64_t n0, int64_t n1) {
@@ -258,20 +240,6 @@ void requantize(const at::Tensor& latent_in, const at::Tensor& region_begin,
                    "requantize_: latent must be floating point, got ", latent_in.scalar_type());
   const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes},
                                bits, latent_in.size(1), latent_in.size(0));
-  // The only op that writes into the arrays: the codes must hold exactly this width's bytes for
-  // the active blocks, or a width other than the store's would write past them. O(blocks),
-  // small next to quantizing every weight.
-  std::vector<int64_t> blocks_in_region(static_cast<size_t>(v.num_regions), 0);
-  for (int64_t n = 0; n < v.out_features; ++n) {
-    v.for_each_region(n, [&](int64_t r) { ++blocks_in_region[static_cast<size_t>(r)]; });
-  }
-  int64_t bytes = 0;
-  for (int64_t r = 0; r < v.num_regions; ++r) {
-    bytes += blocks_in_region[static_cast<size_t>(r)] * v.region_bytes(r);
-  }
-  TORCH_CHECK_VALUE(bytes == v.total_code_bytes(), "requantize_: the codes hold ",
-                    v.total_code_bytes(), " bytes, ", bits, "-bit codes of its blocks need ",
-                    bytes, " (bits differ from the store's?)");
   const at::Tensor latent = latent_in.to(at::kFloat).contiguous();
   const float* w = latent.const_data_ptr<float>();
   auto* scale_out = reinterpret_cast<uint16_t*>(scales.mutable_data_ptr<at::Half>());
