@@ -69,7 +69,7 @@ def test_ops_reject_inconsistent_memory():
     with pytest.raises(TypeError, match="float32 or float64"):
         ops.spatial_linear(x.half(), None, None, *memory, 4, 7)
     # 7 neurons x 12 regions; the last neuron has active blocks, so 6 rows cannot fit
-    with pytest.raises(ValueError, match="do not fit 6 neurons"):
+    with pytest.raises(ValueError, match="past the last of 6 neurons"):
         ops.requantize_(torch.randn(6, 90), *memory, 4)
     with pytest.raises(ValueError, match="do not fit 20 neurons"):
         ops.spatial_linear(x, None, None, *memory, 4, 20)
@@ -87,13 +87,67 @@ def test_a_graph_outlives_a_layout_change():
     assert torch.isfinite(x.grad).all()
 
 
-def test_requantize_refuses_a_width_other_than_the_stores():
-    # A 1-bit store written as 8-bit codes would write past its codes array.
+@pytest.mark.parametrize("wrong_bits", [2, 4, 8])
+def test_every_op_refuses_a_width_other_than_the_stores(wrong_bits):
+    # A 1-bit store read or written as wider codes would run past its codes array.
     layer = st.SpatialLayer(256, 16, bits=1, region_bits=6)
-    *layout, scales, codes = (t.clone() for t in layer.store.arrays())
-    with pytest.raises(ValueError, match="8-bit codes of its blocks need"):
-        ops.requantize_(torch.randn(16, 256), *layout, scales, codes, 8)
-    ops.requantize_(torch.randn(16, 256), *layout, scales, codes, 1)  # its own width works
+    memory = tuple(t.clone() for t in layer.store.arrays())
+    message = f"{wrong_bits}-bit codes .* bits other than the store's"
+    with pytest.raises(ValueError, match=message):
+        ops.requantize_(torch.randn(16, 256), *memory, wrong_bits)
+    with pytest.raises(ValueError, match=message):
+        ops.dequantize(*memory, wrong_bits, 256, 16)
+    for batch in (1, 32):  # the small-batch and the panel paths
+        with pytest.raises(ValueError, match=message):
+            ops.spatial_linear(torch.randn(batch, 256), None, None, *memory, wrong_bits, 16)
+        with pytest.raises(ValueError, match=message):
+            ops.spatial_linear_backward_input(torch.randn(batch, 16), *memory, wrong_bits, 256)
+    ops.requantize_(torch.randn(16, 256), *memory, 1)  # its own width works
+    assert ops.active_mask(*memory, 256, 16).all()  # no code width: every block active
+
+
+def _block_bit(bitmap, bit, on=None):
+    """Block bit `bit` of a bitmap (little-endian int64 words); sets it first when `on` is given."""
+    octets = bitmap.view(torch.uint8)
+    if on is not None:
+        octets[bit // 8] = int(octets[bit // 8]) & ~(1 << bit % 8) | int(on) << bit % 8
+    return bool(int(octets[bit // 8]) >> bit % 8 & 1)
+
+
+def _moved_block(region_begin, bitmap, *_):
+    # one block leaves neuron 0 for neuron 9: as many blocks as before, in other directory entries
+    regions = region_begin.numel() - 1
+    source = next(b for b in range(regions) if _block_bit(bitmap, b))
+    target = next(b for b in range(9 * regions, 10 * regions) if not _block_bit(bitmap, b))
+    _block_bit(bitmap, source, False)
+    _block_bit(bitmap, target, True)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda m: m.__setitem__(5, m[5][:-1].clone()), id="codes one byte short"),
+        pytest.param(lambda m: m.__setitem__(4, m[4][:-1].clone()), id="scales one short"),
+        pytest.param(
+            lambda m: [m.__setitem__(5, m[5][:0].clone()), m[3].zero_()], id="codes emptied"
+        ),
+        pytest.param(lambda m: _moved_block(*m), id="block moved between entries"),
+        pytest.param(lambda m: m[2][1:-1].add_(1), id="inner block offsets shifted"),
+        pytest.param(lambda m: m[1].__setitem__(-1, -1), id="bitmap past the last neuron"),
+    ],
+)
+def test_ops_refuse_memory_whose_directory_disagrees_with_its_bitmap(damage):
+    _, memory = memory_of(out=20)
+    memory = [t.clone() for t in memory]
+    damage(memory)
+    with pytest.raises(ValueError, match="memory"):
+        ops.spatial_linear(torch.randn(2, 90), None, None, *memory, 4, 20)
+    with pytest.raises(ValueError, match="memory"):
+        ops.spatial_linear(torch.randn(9, 90), None, None, *memory, 4, 20)
+    with pytest.raises(ValueError, match="memory"):
+        ops.dequantize(*memory, 4, 90, 20)
+    with pytest.raises(ValueError, match="memory"):
+        ops.requantize_(torch.randn(20, 90), *memory, 4)
 
 
 @pytest.mark.parametrize(
