@@ -397,31 +397,56 @@ def _spatial_linear_setup_context(ctx: object, inputs: tuple, output: torch.Tens
     x, weight, bias = inputs[:3]
     bits, out_features = inputs[9:]
     ctx.save_for_backward(x, *inputs[_STORE_ARGS])
+    # Only the weight's identity and dtype are used (a graph outlives in-place edits of the
+    # weight, such as a layout change), so it is kept without save_for_backward's version check.
+    ctx.weight = weight
     ctx.bits = bits
     ctx.out_features = out_features
-    ctx.weight_dtype = weight.dtype if weight is not None else None
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _spatial_linear_backward(ctx: object, grad_y: torch.Tensor) -> tuple:
     """Input gradient through the quantized weights; latent-weight gradient straight through
-    the quantizer, inside active blocks only; bias gradient as in nn.Linear."""
+    the quantizer, inside active blocks only; bias gradient as in nn.Linear. Under
+    ``create_graph`` (gradient penalties, Hessian-vector products) the same gradients are built
+    from differentiable ops, so higher-order gradients are exact too."""
     x, *store = ctx.saved_tensors
+    weight = ctx.weight
+    in_features = x.shape[1]
     grad_x = grad_weight = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.spatium.spatial_linear_backward_input(
-            grad_y, *store, ctx.bits, x.shape[1]
+    differentiable = torch.is_grad_enabled()
+    mask = None
+    if ctx.needs_input_grad[1] or (ctx.needs_input_grad[0] and differentiable):
+        regions = store[0].shape[0] - 1
+        # None when every block is active (nothing to mask)
+        mask = (
+            torch.ops.spatium.active_mask(*store, in_features, ctx.out_features)
+            if store[4].shape[0] != ctx.out_features * regions
+            else None
         )
+    if ctx.needs_input_grad[0]:
+        if differentiable:
+            # The dequantized weight is a constant whose gradient goes straight through to the
+            # latent weight inside active blocks, as in the first-order formula below.
+            dense = torch.ops.spatium.dequantize(*store, ctx.bits, in_features, ctx.out_features)
+            dense = dense.to(grad_y.dtype)
+            if weight is not None and weight.requires_grad:
+                dense = dense + _masked(weight - weight.detach(), mask).to(grad_y.dtype)
+            grad_x = grad_y @ dense
+        else:
+            grad_x = torch.ops.spatium.spatial_linear_backward_input(
+                grad_y, *store, ctx.bits, in_features
+            )
     if ctx.needs_input_grad[1]:
-        grad_weight = grad_y.t() @ x
-        region_begin, scales = store[0], store[4]
-        regions = region_begin.shape[0] - 1
-        if scales.shape[0] != ctx.out_features * regions:  # some block inactive
-            grad_weight.mul_(torch.ops.spatium.active_mask(*store, x.shape[1], ctx.out_features))
-        grad_weight = grad_weight.to(ctx.weight_dtype)
+        grad_weight = _masked(grad_y.t() @ x, mask).to(weight.dtype)
     if ctx.needs_input_grad[2]:
         grad_bias = grad_y.sum(0).to(ctx.bias_dtype)
     return grad_x, grad_weight, grad_bias, *([None] * len(store)), None, None
+
+
+def _masked(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """t with zeros outside the active blocks (a select, not a product: 0 x NaN stays 0)."""
+    return t if mask is None else t.masked_fill(~mask, 0)
 
 
 def _activation_setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:

@@ -196,16 +196,64 @@ def test_frozen_layer_runs_forward_and_input_backward():
     torch.testing.assert_close(xg.grad, layer.dequantized_weight().sum(0).expand(5, 100))
 
 
-def test_nan_and_inf_propagate_like_nn_linear():
-    layer = make_layer()
+@pytest.mark.parametrize("density", [1.0, 0.25])
+@pytest.mark.parametrize("batch", [1, 4, 8, 64])  # the small-batch and the panel paths
+def test_nan_and_inf_propagate_like_nn_linear(density, batch):
+    # One rule at every batch size: F.linear's, where 0 x NaN = NaN also in inactive blocks.
+    layer = make_layer(density=density)
     dense = nn.Linear(100, 12)
     with torch.no_grad():
         dense.weight.copy_(layer.dequantized_weight())
         dense.bias.copy_(layer.bias)
-    x = torch.randn(4, 100)
-    x[1, 3] = float("nan")
-    x[2, 7] = float("inf")
+    x = torch.randn(batch, 100)
+    x[0, 3] = float("nan")
+    x[-1, 7] = float("inf")
     y, expected = layer(x), dense(x)
     assert torch.equal(y.isnan(), expected.isnan())
     assert torch.equal(y.isinf(), expected.isinf())
-    torch.testing.assert_close(y[[0, 3]], expected[[0, 3]], rtol=1e-5, atol=1e-6)
+    assert y[0].isnan().all()
+    finite = expected.isfinite()
+    torch.testing.assert_close(y[finite], expected[finite], rtol=1e-5, atol=1e-6)
+    # backward: a NaN upstream gradient reaches the inputs as nn.Linear's does, and the
+    # latent-weight gradient stays 0 outside active blocks
+    x = torch.randn(batch, 100, requires_grad=True)
+    grad_y = torch.randn(batch, 12)
+    grad_y[0, 2] = float("nan")
+    (grad_x,) = torch.autograd.grad(layer(x), x, grad_y)
+    (expected_x,) = torch.autograd.grad(dense(x), x, grad_y)
+    assert torch.equal(grad_x.isnan(), expected_x.isnan())
+    layer.weight.grad = None
+    layer(x).backward(grad_y)
+    assert (layer.weight.grad[~layer.block_mask()] == 0).all()
+
+
+@pytest.mark.parametrize("density", [1.0, 0.25])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_gradient_penalty_matches_nn_linear_on_the_dequantized_weights(density, frozen):
+    # Second-order gradients (a gradient penalty): the same as nn.Linear holding the dequantized
+    # weights, with the latent weight's share straight through inside active blocks.
+    layer = make_layer(density=density, in_features=40, region_bits=2).double()
+    dense = nn.Linear(40, 12).double()
+    with torch.no_grad():
+        dense.weight.copy_(layer.dequantized_weight())
+        dense.bias.copy_(layer.bias)
+    mask = layer.block_mask()
+    if frozen:
+        st.freeze(layer)
+
+    def penalty(model, x):
+        (g,) = torch.autograd.grad(model(x).tanh().square().sum(), x, create_graph=True)
+        return g.square().sum()
+
+    x = torch.randn(6, 40, dtype=torch.float64)
+    x_layer, x_dense = x.clone().requires_grad_(), x.clone().requires_grad_()
+    penalty(layer, x_layer).backward()
+    penalty(dense, x_dense).backward()
+    torch.testing.assert_close(x_layer.grad, x_dense.grad)
+    torch.testing.assert_close(layer.bias.grad, dense.bias.grad)
+    assert dense.weight.grad.norm() > 1e-3
+    if not frozen:
+        torch.testing.assert_close(layer.weight.grad, dense.weight.grad * mask)
+    # and torch's own check of the second derivative with respect to the input
+    x = torch.randn(2, 40, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x: layer(x).tanh(), (x,))
