@@ -76,6 +76,11 @@ class LayerMemory:
         position = torch.as_tensor(xyz).reshape(-1)
         if position.numel() != 3:
             raise ValueError(f"a position is (x, y, z), got {tuple(position.tolist())}")
+        if position.is_complex() or (
+            position.is_floating_point() and not torch.equal(position, position.round())
+        ):
+            # a cast would truncate 1.7 to 1 and silently address another input
+            raise ValueError(f"a position holds integers, got {tuple(position.tolist())}")
         return int(morton_encode(position.to(torch.int64).view(1, 3))[0])
 
     def contains(self, neuron: int, xyz: Sequence[int] | torch.Tensor) -> bool:

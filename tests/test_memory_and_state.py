@@ -49,6 +49,9 @@ def test_point_api_errors():
         layer.memory.read(0, (200, 200, 200))
     with pytest.raises(ValueError, match=r"\(x, y, z\)"):
         layer.memory.write(0, (1, 2), 1.0)
+    with pytest.raises(ValueError, match="integers"):
+        layer.memory.read(0, (1.7, 0, 0))
+    assert layer.memory.read(0, (1.0, 0, 0)) == layer.memory.read(0, (1, 0, 0))
     assert not layer.memory.contains(0, (200, 200, 200))
 
 
