@@ -382,8 +382,13 @@ def _track_activity_fake(
                 f"track_activity_: statistics must be contiguous [{output.shape[1]}], got "
                 f"{list(t.shape)}"
             )
-    if activity.dtype != output_mean.dtype:
-        raise TypeError("track_activity_: activity and output_mean must share a dtype")
+    if not output.is_floating_point():
+        raise TypeError(f"track_activity_: output must be floating point, got {output.dtype}")
+    if activity.dtype != output_mean.dtype or activity.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            "track_activity_: activity and output_mean must both be float32 or float64, got "
+            f"{activity.dtype} and {output_mean.dtype}"
+        )
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"track_activity_: momentum must be in [0, 1], got {momentum}")
     _check_same_device("track_activity_", output, activity, output_mean)

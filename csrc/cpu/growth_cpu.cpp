@@ -28,8 +28,12 @@ void track_activity(const at::Tensor& output, at::Tensor& activity, at::Tensor& 
                       "track_activity_: statistics must be contiguous [", neurons, "], got ",
                       t->sizes());
   }
-  TORCH_CHECK_TYPE(activity.scalar_type() == output_mean.scalar_type(),
-                   "track_activity_: activity and output_mean must share a dtype");
+  TORCH_CHECK_TYPE(at::isFloatingType(output.scalar_type()),
+                   "track_activity_: output must be floating point, got ", output.scalar_type());
+  TORCH_CHECK_TYPE(activity.scalar_type() == output_mean.scalar_type() &&
+                       (activity.scalar_type() == at::kFloat || activity.scalar_type() == at::kDouble),
+                   "track_activity_: activity and output_mean must both be float32 or float64, "
+                   "got ", activity.scalar_type(), " and ", output_mean.scalar_type());
   TORCH_CHECK_VALUE(0.0 <= momentum && momentum <= 1.0, "track_activity_: momentum must be in "
                     "[0, 1], got ", momentum);
   if (rows == 0) return;

@@ -45,10 +45,8 @@ void check_part(const at::Tensor& t, at::ScalarType dtype, const char* name) {
 
 // Checks that the six arrays describe one consistent memory for this code width (every walk
 // then stays inside them) and returns the kernels' view. O(bitmap words): microseconds. Bits
-// PackedView::kCodesUnread: for a caller that never reads the codes.
-PackedView view_of(const Store& s, int64_t bits, int64_t in_features, int64_t out_features) {
-  TORCH_CHECK_VALUE(quant::valid_bits(static_cast<int>(bits)) || bits == PackedView::kCodesUnread,
-                    "spatium: bits must be 1, 2, 4 or 8, got ", bits);
+// PackedView::kCodesUnread only for a caller that never reads the codes (an active mask).
+PackedView checked_view(const Store& s, int bits, int64_t in_features, int64_t out_features) {
   TORCH_CHECK_VALUE(out_features >= 1, "spatium: out_features must be >= 1, got ", out_features);
   check_part(s.region_begin, at::kLong, "region_begin");
   check_part(s.bitmap, at::kLong, "bitmap");
@@ -57,7 +55,7 @@ PackedView view_of(const Store& s, int64_t bits, int64_t in_features, int64_t ou
   check_part(s.scales, at::kHalf, "scales");
   check_part(s.codes, at::kByte, "codes");
   PackedView v;
-  v.bits = static_cast<int>(bits);
+  v.bits = bits;
   v.num_regions = s.region_begin.numel() - 1;
   v.out_features = out_features;
   v.in_features = in_features;
@@ -77,6 +75,13 @@ PackedView view_of(const Store& s, int64_t bits, int64_t in_features, int64_t ou
   for (int64_t r = 0; r < v.num_regions; ++r) largest = std::max(largest, v.region_size(r));
   v.full_region_bits = (largest & (largest - 1)) == 0 ? __builtin_ctzll(largest) : -1;
   return v;
+}
+
+// The view of a store whose codes the op reads: `bits` must be a code width.
+PackedView view_of(const Store& s, int64_t bits, int64_t in_features, int64_t out_features) {
+  TORCH_CHECK_VALUE(0 < bits && bits <= 8 && quant::valid_bits(static_cast<int>(bits)),
+                    "spatium: bits must be 1, 2, 4 or 8, got ", bits);
+  return checked_view(s, static_cast<int>(bits), in_features, out_features);
 }
 
 void check_input(const at::Tensor& x, const char* op, const char* name) {
@@ -207,8 +212,9 @@ at::Tensor active_mask(const at::Tensor& region_begin, const at::Tensor& bitmap,
                               const at::Tensor& scales, const at::Tensor& codes, int64_t in_features,
                            int64_t out_features) {
   // The mask does not depend on the code width, and never reads the codes.
-  const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes},
-                               PackedView::kCodesUnread, in_features, out_features);
+  const PackedView v =
+      checked_view(Store{region_begin, bitmap, block_begin, code_begin, scales, codes},
+                   PackedView::kCodesUnread, in_features, out_features);
   at::Tensor mask = at::empty({v.out_features, in_features}, at::kBool);
   auto* out = reinterpret_cast<uint8_t*>(mask.mutable_data_ptr<bool>());
   at::parallel_for(0, v.out_features, neuron_grain(v), [&](int64_t n0, int64_t n1) {
