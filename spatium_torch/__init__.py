@@ -1,8 +1,9 @@
 """spatium_torch: quantized, block-sparse neural layers whose weights live in a 3D spatial
 memory addressed by Morton codes.
 
-``SpatialLayer`` replaces ``nn.Linear``; ``freeze`` drops its latent weights; ``SpatialNetwork``
-stacks layers; ``GrowthController`` grows, prunes and rewires layers between optimizer steps;
+``SpatialLayer`` replaces ``nn.Linear``; ``freeze`` drops its latent weights; ``load_state_dict``
+loads a whole model's state all or nothing; ``SpatialNetwork`` stacks layers;
+``GrowthController`` grows, prunes and rewires layers between optimizer steps;
 ``network_stats`` summarises them; ``morton_encode``/``morton_decode`` and ``layouts`` place
 inputs in space. ``st.viz`` draws pictures and ``st.Dashboard`` shows training live
 (matplotlib and rich, loaded on first use).
@@ -20,7 +21,7 @@ from spatium_torch import (
 from spatium_torch.activation import ActivationMap
 from spatium_torch.growth import GrowthController
 from spatium_torch.history import GrowthEvent, HistoryRecord, TrainingHistory
-from spatium_torch.layer import SpatialLayer, freeze
+from spatium_torch.layer import SpatialLayer, freeze, load_state_dict
 from spatium_torch.memory import LayerMemory, MemoryStats
 from spatium_torch.network import SpatialNetwork
 from spatium_torch.neurons import NeuronChange
@@ -46,6 +47,7 @@ __all__ = [
     "built_with_cuda",
     "freeze",
     "layouts",
+    "load_state_dict",
     "morton_decode",
     "morton_encode",
     "network_stats",

@@ -2,8 +2,8 @@
 
 The controller pairs every SpatialLayer with the module that consumes its outputs and, when a
 layer's width changes, resizes that consumer, the norms in between and the optimizer's state
-with the same index maps. Every change is built aside and installed at the end, so an error
-leaves model and optimizer as they were.
+with the same index maps. Every change is built aside and installed at the end, all or nothing,
+so an error leaves model and optimizer as they were.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from spatium_torch.neurons import (
     NeuronChange,
     Stage,
     check_non_negative,
+    commit_all,
     parameter_like,
     place_children,
 )
@@ -355,15 +356,15 @@ class GrowthController:
         return None, sum(rewired)
 
     def _apply(self, link: Link, change: NeuronChange, layer_stage: Stage) -> None:
-        """Builds every stage of the resize, then commits them all."""
+        """Builds every stage of the resize, then commits them all or none."""
         stages = [layer_stage]
         if change.changed:
             stages += [_stage_tail_module(module, change) for _, module in link.tail]
             stages.append(_stage_consumer(link, change, self._folded_outputs(link, change)))
             replaced = [entry for stage in stages for entry in stage.replaced]
             stages.append(_stage_optimizer(self.optimizer, replaced))
-        for stage in stages:
-            stage.commit()
+        changed = [link.layer, *(module for _, module in link.tail), link.consumer[1]]
+        commit_all(stages, changed, self.optimizer)
 
     def _folded_outputs(self, link: Link, change: NeuronChange) -> torch.Tensor:
         """The removed neurons' constant outputs as the consumer sees them: an exact constant
@@ -483,14 +484,16 @@ def _stage_consumer(link: Link, change: NeuronChange, folded: torch.Tensor) -> S
     else:
         weight = consumer.weight.detach()
     shift = weight[:, change.removed].double() @ folded.double()
+    # A new bias Parameter (its optimizer state follows as is), so the commit writes nothing in
+    # place and a failed event can put the old one back.
+    new_bias = parameter_like(bias, bias.detach() + shift.to(bias.dtype))
     resize_inputs = stage.commit
 
     def commit() -> None:
         resize_inputs()
-        with torch.no_grad():
-            bias.add_(shift.to(bias.dtype))
+        consumer._parameters["bias"] = new_bias
 
-    return Stage(commit, stage.replaced)
+    return Stage(commit, [*stage.replaced, (bias, new_bias, lambda t: t)])
 
 
 def _consumer_positions(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,8 +21,13 @@ from spatium_torch.neurons import (
     parameter_like,
 )
 from spatium_torch.ops import CODE_BITS, VALID_BITS
+from spatium_torch.snapshot import Snapshot
 from spatium_torch.store import (
+    ARRAYS,
+    STATE_LOCK,
     SpatialStore,
+    StoreArrays,
+    check_tensor,
     upgrade_first_format,
 )
 from spatium_torch.tracked import TrackedParameter, is_stale
@@ -184,6 +189,8 @@ class SpatialLayer(nn.Module):
         self.store = SpatialStore(memory, device)
         # The latent weight's stamp when the store was last quantized from it.
         self._synced: tuple | None = None
+        # Loads so far: a forward that sees it move while it runs computes again.
+        self._loads = 0
         self._sync()
         self.activation_map = None if activation_map is None else activation_map.to(device)
 
@@ -690,34 +697,34 @@ class SpatialLayer(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"SpatialLayer: expected a floating-point input, got {x.dtype}")
-        arrays = self._modules["store"].arrays()
-        if x.device != arrays.codes.device:
-            raise ValueError(
-                f"SpatialLayer: input is on {x.device}, the layer on {arrays.codes.device}; "
-                "move one of them (layer.to(device))"
-            )
+        store = self._modules["store"]
         if torch.compiler.is_compiling():
             # In a compiled graph the store follows the latent weight on every call: the
             # check that spares eager calls a re-quantize would guard on Python state.
             if self._parameters["weight"] is not None:
                 self._requantize()
+            arrays, loads = store.arrays(), None
         else:
-            self._sync()
+            with STATE_LOCK:  # a load swaps the store and the state it pairs with under it
+                self._sync()
+                arrays, loads = store.arrays(), self._loads
+        if x.device != arrays.codes.device:
+            raise ValueError(
+                f"SpatialLayer: input is on {x.device}, the layer on {arrays.codes.device}; "
+                "move one of them (layer.to(device))"
+            )
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if flat.dtype != torch.float32 and flat.dtype != torch.float64:
             flat = flat.float()  # bf16/fp16: computed in fp32
-        if self._buffers["_order"] is not None:
-            flat = flat.index_select(1, self._buffers["_order"])
-        y = torch.ops.spatium.spatial_linear(
-            flat,
-            self._sorted_latent(),
-            self._parameters["bias"],
-            *arrays,
-            self.bits,
-            self.out_features,
-        )
+        y, sorted_input = self._linear(flat, arrays)
+        if loads is not None and self._loads != loads:
+            # A load ran meanwhile and copied its bias in place, maybe while this read it:
+            # compute again, keeping loads off.
+            with STATE_LOCK:
+                self._sync()
+                y, sorted_input = self._linear(flat, store.arrays())
         if self.collect_region_gradients and y.requires_grad:
-            y.register_hook(functools.partial(self._add_region_gradients, flat.detach()))
+            y.register_hook(functools.partial(self._add_region_gradients, sorted_input.detach()))
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         y = y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
@@ -726,6 +733,22 @@ class SpatialLayer(nn.Module):
         if self.training and self.track_activity:
             self.update_activity(y)
         return y
+
+    def _linear(self, flat: torch.Tensor, arrays: StoreArrays) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(flat W_q^T + b, flat in Morton order)`` for a ``[batch, in]`` input, on the
+        store's ``arrays``."""
+        order = self._buffers["_order"]
+        if order is not None:
+            flat = flat.index_select(1, order)
+        y = torch.ops.spatium.spatial_linear(
+            flat,
+            self._sorted_latent(),
+            self._parameters["bias"],
+            *arrays,
+            self.bits,
+            self.out_features,
+        )
+        return y, flat
 
     def extra_repr(self) -> str:
         return (
@@ -738,6 +761,7 @@ class SpatialLayer(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._synced = None  # a copy's latent weight is a new tensor: quantize it again
+        self._loads = 0
 
     def _apply(self, fn: Any, recurse: bool = True) -> SpatialLayer:
         # .half()/.bfloat16()/.double() cast the latent weight and bias; the statistics stay
@@ -761,6 +785,64 @@ class SpatialLayer(nn.Module):
         self._sync()  # the saved codes are the quantization of the saved latent weight
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
+    def check_state_dict(self, state_dict: Mapping[str, Any], prefix: str = "") -> None:
+        """Checks this layer's entries of ``state_dict`` (keys ``prefix + name``) as a load does
+        before it changes anything, changing neither the layer nor ``state_dict``. Raises
+        ValueError naming the problem (TypeError for an entry that is not a tensor)."""
+        if prefix + "_extra_state" in state_dict:
+            state_dict = dict(state_dict)  # a state of the first format is rewritten in a copy
+        self._checked_state(state_dict, prefix)
+
+    def _checked_state(
+        self, state_dict: dict[str, Any], prefix: str
+    ) -> tuple[torch.Tensor, torch.ScriptObject | None]:
+        """Every check of a load: returns the input positions the state holds and the host
+        memory of its store (None when it has no store entries). Rewrites a state of the first
+        format in place."""
+        where = f"SpatialLayer state at {prefix!r}"
+        if prefix + "_extra_state" in state_dict:
+            upgrade_first_format(state_dict, prefix, where)
+        saved = [(n, t) for n, t in self._parameters.items() if t is not None]
+        saved += [(n, self._buffers[n]) for n in _SAVED_BUFFERS]
+        for name, tensor in saved:
+            key = prefix + name
+            if key not in state_dict:
+                continue
+            check_tensor(state_dict, key, where)
+            if state_dict[key].shape != tensor.shape:
+                raise ValueError(
+                    f"{where}: {name} has shape {tuple(state_dict[key].shape)}, this layer "
+                    f"{tuple(tensor.shape)}"
+                )
+        positions = state_dict.get(prefix + "input_positions", self.input_positions)
+        positions = _checked_positions(positions, self.in_features, "input_positions", None, where)
+        if prefix + "neuron_positions" in state_dict:
+            # Growth places new neurons among these: refused now rather than at the next grow.
+            neurons = state_dict[prefix + "neuron_positions"]
+            _checked_positions(
+                neurons, self.out_features, "neuron_positions", self.grid_dims, where
+            )
+        store_prefix = prefix + "store."
+        if not any(key.startswith(store_prefix) for key in state_dict):
+            if not torch.equal(positions, self.input_positions.cpu()):
+                raise ValueError(f"{where}: new input_positions need the store too")
+            return positions, None
+        frozen = self.store.saved_frozen(state_dict, store_prefix)
+        if frozen is not None and frozen != self.frozen:
+            kind = "frozen" if frozen else "with latent weights"
+            mine = "frozen" if self.frozen else "not"
+            raise ValueError(
+                f"{where}: saved {kind}, this layer is {mine}; call st.freeze(model) "
+                "first to load a frozen state"
+            )
+        memory = self.store.check_state(state_dict, store_prefix)
+        layout = torch.classes.spatium.SpatialMemory(
+            1, layouts.morton_order(positions)[0], self.bits, self.region_bits
+        )
+        if not torch.equal(memory.parts()["input_codes"], layout.parts()["input_codes"]):
+            raise ValueError(f"{where}: the store's input positions differ from the layer's")
+        return positions, memory
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -772,48 +854,54 @@ class SpatialLayer(nn.Module):
         error_msgs: list[str],
     ) -> None:
         # Everything is checked before anything is copied: a bad state leaves the layer as it
-        # was. The store (a submodule) loads after this, from the state checked here.
-        where = f"SpatialLayer state at {prefix!r}"
-        if prefix + "_extra_state" in state_dict:
-            upgrade_first_format(state_dict, prefix, where)
-        saved = [(n, t) for n, t in self._parameters.items() if t is not None]
-        saved += [(n, self._buffers[n]) for n in _SAVED_BUFFERS]
-        for name, tensor in saved:
-            key = prefix + name
-            if key in state_dict and state_dict[key].shape != tensor.shape:
-                raise ValueError(
-                    f"{where}: {name} has shape {tuple(state_dict[key].shape)}, this layer "
-                    f"{tuple(tensor.shape)}"
-                )
-        positions = state_dict.get(prefix + "input_positions", self.input_positions)
-        try:
-            positions = layouts.checked_positions(positions, self.in_features)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{where}: {error}") from None
-        store_prefix = prefix + "store."
-        if not any(key.startswith(store_prefix) for key in state_dict):
-            if not torch.equal(positions, self.input_positions.cpu()):
-                raise ValueError(f"{where}: new input_positions need the store too")
-        else:
-            frozen = self.store.saved_frozen(state_dict, store_prefix)
-            if frozen is not None and frozen != self.frozen:
-                kind = "frozen" if frozen else "with latent weights"
-                mine = "frozen" if self.frozen else "not"
-                raise ValueError(
-                    f"{where}: saved {kind}, this layer is {mine}; call st.freeze(model) "
-                    "first to load a frozen state"
-                )
-            memory = self.store.check_state(state_dict, store_prefix)
-            layout = torch.classes.spatium.SpatialMemory(
-                1, layouts.morton_order(positions)[0], self.bits, self.region_bits
-            )
-            if not torch.equal(memory.parts()["input_codes"], layout.parts()["input_codes"]):
-                raise ValueError(f"{where}: the store's input positions differ from the layer's")
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        self._set_input_order(*layouts.morton_order(positions))
-        self._synced = None
+        # was. Then the store, latent weight, bias and stamp change together under the lock a
+        # forward takes its references under.
+        positions, memory = self._checked_state(state_dict, prefix)
+        sorted_codes, order = layouts.morton_order(positions)
+        install = memory is not None and self.store.device.type != "meta"
+        with STATE_LOCK:
+            self._loads += 1  # before the in-place copies: a forward running now computes again
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                error_msgs,
+            )  # fmt: skip
+            if install:
+                self.store.install(memory)
+            self._set_input_order(sorted_codes, order)
+            self._synced = None
+        if install:
+            # The store, loaded next as a submodule, finds its own arrays: nothing left to do.
+            store_prefix = prefix + "store."
+            state_dict.update({store_prefix + n: self.store.get_buffer(n) for n in ARRAYS})
+
+
+def load_state_dict(
+    model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+) -> tuple[list[str], list[str]]:
+    """``nn.Module.load_state_dict(model, state_dict, strict, assign)``, all or nothing.
+
+    ``model.load_state_dict`` loads module by module: each SpatialLayer checks its own entries
+    before it changes anything, but a refusal further on (a damaged layer after it, or torch's
+    own errors, which come after every module has loaded) leaves the modules before it loaded.
+    This first checks every SpatialLayer's entries (:meth:`SpatialLayer.check_state_dict`),
+    then keeps what the model holds (:class:`~spatium_torch.snapshot.Snapshot`: its Parameter,
+    buffer and submodule objects, module attributes and a copy of every value) and puts it back
+    if the load raises: torch's missing or unexpected keys under ``strict``, a size mismatch in
+    any module, a refused SpatialLayer. The copy takes memory for the model's state a second
+    time while the load runs. Returns torch's ``(missing_keys, unexpected_keys)``.
+    :class:`~spatium_torch.SpatialNetwork` loads this way.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be dict-like, got {type(state_dict).__name__}")
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, SpatialLayer):
+            module.check_state_dict(state_dict, f"{name}." if name else "")
+    snapshot = Snapshot([model], values=True)
+    try:
+        return nn.Module.load_state_dict(model, state_dict, strict=strict, assign=assign)
+    except BaseException:
+        snapshot.restore()
+        raise
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -823,6 +911,17 @@ def freeze(model: nn.Module) -> nn.Module:
         if isinstance(module, SpatialLayer):
             module.freeze()
     return model
+
+
+def _checked_positions(
+    positions: Any, count: int, name: str, grid_dims: Sequence[int] | None, where: str
+) -> torch.Tensor:
+    """A saved state's positions, checked (:func:`layouts.checked_positions`); raises
+    ValueError saying where."""
+    try:
+        return layouts.checked_positions(positions, count, name, grid_dims)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {error}") from None
 
 
 def _fraction(value: float, name: str) -> float:

@@ -35,23 +35,31 @@ def check_count(value: int, name: str) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def checked_positions(positions: torch.Tensor | None, count: int) -> torch.Tensor:
+def checked_positions(
+    positions: torch.Tensor | None,
+    count: int,
+    name: str = "input_positions",
+    grid_dims: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """``positions`` (default: :func:`default`) as ``[count, 3]`` int64 on the host, checked:
+    integers, distinct, in ``[0, 65535]`` or, with ``grid_dims``, inside that grid. Raises
+    ValueError or TypeError naming ``name``."""
     if positions is None:
         return default(count)
     positions = torch.as_tensor(positions)
     if positions.dim() != 2 or positions.shape != (count, 3):
-        raise ValueError(
-            f"input_positions must have shape [{count}, 3], got {tuple(positions.shape)}"
-        )
+        raise ValueError(f"{name} must have shape [{count}, 3], got {tuple(positions.shape)}")
     if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
-        raise TypeError(f"input_positions must be an integer tensor, got {positions.dtype}")
+        raise TypeError(f"{name} must be an integer tensor, got {positions.dtype}")
     positions = positions.to("cpu", torch.int64)
     if (positions < 0).any() or (positions > MAX_COORD).any():
-        raise ValueError(f"input_positions must lie in [0, {MAX_COORD}]")
+        raise ValueError(f"{name} must lie in [0, {MAX_COORD}]")
+    if grid_dims is not None and (positions >= torch.tensor(grid_dims)).any():
+        raise ValueError(f"{name} must lie in the grid {tuple(grid_dims)}")
     codes = torch.sort(morton_encode(positions)).values
     if (codes[1:] == codes[:-1]).any():
         duplicate = morton_decode(codes[1:][codes[1:] == codes[:-1]][:1])[0].tolist()
-        raise ValueError(f"input_positions must be distinct; {tuple(duplicate)} appears twice")
+        raise ValueError(f"{name} must be distinct; {tuple(duplicate)} appears twice")
     return positions
 
 

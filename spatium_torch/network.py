@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ from torch import nn
 
 from spatium_torch.growth import GrowthController
 from spatium_torch.history import GrowthEvent
-from spatium_torch.layer import SpatialLayer
+from spatium_torch.layer import SpatialLayer, load_state_dict
 from spatium_torch.stats import NetworkStats, network_stats
 
 ACTIVATIONS = {
@@ -68,6 +68,13 @@ class SpatialNetwork(nn.Sequential):
         if isinstance(index, slice):
             return nn.Sequential(*list(self._modules.values())[index])
         return super().__getitem__(index)
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> tuple[list[str], list[str]]:
+        """As ``nn.Module.load_state_dict``, all or nothing: a refused state leaves every layer
+        as it was (see :func:`spatium_torch.load_state_dict`)."""
+        return load_state_dict(self, state_dict, strict=strict, assign=assign)
 
     def train_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """One optimizer step on the mean squared error; returns that error (before the step)."""

@@ -1,10 +1,12 @@
 """How a layer's neurons change in a growth or pruning event: the index maps a
-consumer follows, and where new neurons sit in space."""
+consumer follows, where new neurons sit in space, and the stages a change is built in and
+committed from, all or nothing."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from spatium_torch.ops import MAX_COORD, morton_encode
+from spatium_torch.snapshot import Snapshot
 
 
 @dataclass(frozen=True)
@@ -116,9 +119,10 @@ def _offsets_within(radius: int) -> tuple[torch.Tensor, list[float]]:
 
 
 def check_non_negative(value: float, name: str) -> None:
-    """Raises ValueError unless ``value`` is a non-negative number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    """Raises ValueError unless ``value`` is a finite non-negative number (NaN and infinity
+    would make weights non-finite)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
 
 
 def parameter_like(old: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
@@ -128,11 +132,29 @@ def parameter_like(old: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
 
 @dataclass
 class Stage:
-    """A change built aside: ``commit()`` installs it with assignments only (it cannot fail), so
-    a failure while building leaves everything as it was. ``replaced`` lists each Parameter the
-    commit swaps for a new one, with how per-parameter state (optimizer moments) follows."""
+    """A change built aside, so that a failure while building leaves everything as it was:
+    ``commit()`` installs it by swapping in the objects built (a rewire also zeroes its new
+    blocks of the latent weight in place, last). ``replaced`` lists each Parameter the commit
+    swaps for a new one, with how per-parameter state (optimizer moments) follows."""
 
     commit: Callable[[], None]
     replaced: list[tuple[nn.Parameter, nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]] = (
         field(default_factory=list)
     )
+
+
+def commit_all(
+    stages: Sequence[Stage],
+    modules: Sequence[nn.Module],
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
+    """Commits ``stages`` in order, all or nothing: when one raises, ``modules`` (with their
+    submodules) and ``optimizer``, which the stages change, get back exactly what they held
+    (the same objects), and the exception propagates."""
+    snapshot = Snapshot(modules, () if optimizer is None else (optimizer,))
+    try:
+        for stage in stages:
+            stage.commit()
+    except BaseException:
+        snapshot.restore()
+        raise

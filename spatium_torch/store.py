@@ -16,10 +16,17 @@ have changed, so the store is re-quantized before the next forward and never goe
 
 from __future__ import annotations
 
+import threading
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+
+# Held while a load swaps a layer's state (the store's arrays, the latent weight and bias, the
+# store's stamp) and while a forward takes its references to it, so that a forward running in
+# another thread sees one state or the other. One lock for every layer: a module holding a lock
+# could not be deep-copied or pickled, and both sides hold it for microseconds.
+STATE_LOCK = threading.Lock()
 
 STATE_FORMAT = 2
 # Every array the store holds, as SpatialMemory.parts() names them. input_codes is
@@ -125,8 +132,8 @@ class SpatialStore(nn.Module):
         region_bits; its sizes may differ), on ``device`` (default: where they are now)."""
         device = self.device if device is None else torch.device(device)
         parts = memory.parts()
-        for name in ARRAYS:
-            self._buffers[name] = parts[name].to(device)
+        # Every array is moved before any is swapped in: a failed move changes nothing.
+        self._buffers.update({name: parts[name].to(device) for name in ARRAYS})
         self.in_features = memory.in_features()
         self.out_features = memory.out_features()
         if device.type != "meta":
@@ -168,13 +175,15 @@ class SpatialStore(nn.Module):
     def check_state(self, state: dict[str, Any], prefix: str) -> torch.ScriptObject:
         """Validates the store's part of a state_dict (keys ``prefix + name``) against this
         store's configuration and returns the host memory it describes; changes nothing.
-        Raises ValueError naming the problem."""
+        Raises ValueError naming the problem (TypeError for an entry that is not a tensor)."""
         where = f"SpatialLayer state at {prefix!r}"
         missing = [prefix + k for k in ("header", *ARRAYS) if prefix + k not in state]
         if missing:
             raise ValueError(f"{where}: not a SpatialLayer store (missing {missing})")
+        for name in ("header", *ARRAYS):
+            check_tensor(state, prefix + name, where)
         header = state[prefix + "header"]
-        if not isinstance(header, torch.Tensor) or tuple(header.shape) != (len(HEADER),):
+        if tuple(header.shape) != (len(HEADER),):
             raise ValueError(f"{where}: header must be an int64 tensor of {len(HEADER)} values")
         saved = dict(zip(HEADER, header.tolist(), strict=True))
         if saved["format"] != STATE_FORMAT:
@@ -188,7 +197,7 @@ class SpatialStore(nn.Module):
         arrays = {}
         for name in ARRAYS:
             tensor = state[prefix + name]
-            if not isinstance(tensor, torch.Tensor) or tensor.dtype != _DTYPES[name]:
+            if tensor.dtype != _DTYPES[name]:
                 raise ValueError(f"{where}: {name} must be a {_DTYPES[name]} tensor")
             arrays[name] = tensor
         memory = build_host(self, arrays, where)
@@ -217,15 +226,18 @@ class SpatialStore(nn.Module):
         if not any(key.startswith(prefix) for key in state_dict):
             missing_keys.extend(prefix + name for name in ("header", *ARRAYS))
             return
-        memory = self.check_state(state_dict, prefix)
-        if self.device.type == "meta":
-            return  # as torch does for meta tensors: nothing to copy into
-        self.install(memory)
         known = {prefix + name for name in ("header", *ARRAYS)}
         unexpected_keys.extend(
             k for k in state_dict if k.startswith(prefix) and k not in known and "." not in
             k[len(prefix):]
         )  # fmt: skip
+        if all(state_dict.get(prefix + name) is self._buffers[name] for name in ARRAYS):
+            return  # this store's own arrays: its layer's load installed them already
+        memory = self.check_state(state_dict, prefix)
+        if self.device.type == "meta":
+            return  # as torch does for meta tensors: nothing to copy into
+        with STATE_LOCK:
+            self.install(memory)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -236,6 +248,13 @@ class SpatialStore(nn.Module):
             f"{self.out_features}x{self.in_features}, bits={self.bits}, "
             f"region_bits={self.region_bits}"
         )
+
+
+def check_tensor(state: dict[str, Any], key: str, where: str) -> None:
+    """Raises TypeError naming ``key`` unless ``state[key]`` is a tensor."""
+    value = state[key]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{where}: {key!r} must be a tensor, got {type(value).__name__}")
 
 
 def build_host(

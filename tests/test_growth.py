@@ -9,6 +9,8 @@ from helpers import digits, train_growing_digits
 from torch import nn
 
 import spatium_torch as st
+from spatium_torch import growth
+from spatium_torch.neurons import Stage
 
 
 def saturate(layer, neurons):
@@ -409,6 +411,121 @@ def test_a_failed_resize_leaves_model_and_optimizer_as_they_were(monkeypatch):
         assert all(torch.equal(optimizer.state[p][k], v) for k, v in saved.items())
     with torch.no_grad():
         assert torch.equal(model(x), outputs)
+
+
+def grown_model():
+    """A 64-16-3 model (a LayerNorm between its layers) after one Adam step, whose first layer
+    splits 4 neurons at the next growth event, with its controller; the same every call."""
+    torch.manual_seed(0)
+    layer = sparse_layer(16, growth_threshold=0.8)
+    saturate(layer, [1, 5, 9, 12])
+    model = nn.Sequential(layer, nn.LayerNorm(16), nn.ReLU(), st.SpatialLayer(16, 3, region_bits=2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, target = torch.rand(16, 64), torch.rand(16, 3)
+    step(model, optimizer, x, target)
+    return model, optimizer, st.GrowthController(model, optimizer), x, target
+
+
+def fail_after(stage):
+    """The stage, whose commit raises once it has run."""
+
+    def commit():
+        stage.commit()
+        raise RuntimeError("injected")
+
+    return Stage(commit, stage.replaced)
+
+
+def fail_in_consumer_commit(model, monkeypatch):
+    # Half way through: the consumer's store and latent weight are in, its input order is not.
+    def broken(*args):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(model[3], "_set_input_order", broken)
+
+
+def fail_after_stage(builder):
+    def inject(model, monkeypatch):
+        build = getattr(growth, builder)
+        monkeypatch.setattr(growth, builder, lambda *args: fail_after(build(*args)))
+
+    return inject
+
+
+def fail_after_producer_commit(model, monkeypatch):
+    plan = st.SpatialLayer.plan_growth
+
+    def planned(self, *args):
+        change, stage = plan(self, *args)
+        return change, fail_after(stage)
+
+    monkeypatch.setattr(st.SpatialLayer, "plan_growth", planned)
+
+
+COMMIT_FAILURES = {
+    "producer": fail_after_producer_commit,
+    "layer norm": fail_after_stage("_stage_tail_module"),
+    "consumer, half way": fail_in_consumer_commit,
+    "consumer": fail_after_stage("_stage_consumer"),
+    "optimizer (everything committed)": fail_after_stage("_stage_optimizer"),
+}
+
+
+@pytest.mark.parametrize("inject", COMMIT_FAILURES.values(), ids=COMMIT_FAILURES.keys())
+def test_a_failed_commit_puts_model_and_optimizer_back(inject, monkeypatch):
+    model, optimizer, controller, x, target = grown_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    parameters = list(model.parameters())
+    arrays = [list(m.store.arrays()) for m in (model[0], model[3])]
+    groups = [list(g["params"]) for g in optimizer.param_groups]
+    moments = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in parameters]
+    inject(model, monkeypatch)
+    with pytest.raises(RuntimeError, match="injected"):
+        controller.grow()
+    monkeypatch.undo()
+    assert (model[0].out_features, model[1].normalized_shape, model[3].in_features) == (
+        16,
+        (16,),
+        16,
+    )
+    after = model.state_dict()
+    assert after.keys() == state.keys()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+    assert all(p is q for p, q in zip(model.parameters(), parameters, strict=True))
+    for layer, held in zip((model[0], model[3]), arrays, strict=True):
+        assert all(t is u for t, u in zip(layer.store.arrays(), held, strict=True))
+    assert [list(g["params"]) for g in optimizer.param_groups] == groups
+    assert list(optimizer.state) == parameters
+    for p, saved in zip(parameters, moments, strict=True):
+        assert optimizer.state[p].keys() == saved.keys()
+        assert all(torch.equal(optimizer.state[p][k], v) for k, v in saved.items())
+    assert controller.events == []
+    # The next step is the step of a model that never tried to grow.
+    twin, twin_optimizer, _, _, _ = grown_model()
+    assert step(model, optimizer, x, target) == step(twin, twin_optimizer, x, target)
+    with torch.no_grad():
+        assert torch.equal(model(x), twin(x))
+    (event,) = controller.grow()
+    assert event.split == 4 and model[3].in_features == 20
+
+
+@pytest.mark.parametrize("perturbation", [float("inf"), float("nan"), -0.1])
+def test_a_non_finite_or_negative_perturbation_is_refused(perturbation):
+    torch.manual_seed(0)
+    layer = sparse_layer(growth_threshold=0.0)
+    weight = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="perturbation must be a finite non-negative number"):
+        layer.grow(perturbation=perturbation)
+    assert layer.out_features == 8 and torch.equal(layer.weight, weight)
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="perturbation"):
+        st.GrowthController(model, optimizer, perturbation=perturbation)
+    controller = st.GrowthController(model, optimizer)
+    controller.perturbation = perturbation
+    with pytest.raises(ValueError, match="perturbation"):
+        controller.grow()
+    assert layer.out_features == 8 and torch.equal(layer.weight, weight)
 
 
 def test_spatial_network_grows_prunes_and_reports():

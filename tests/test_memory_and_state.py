@@ -152,6 +152,146 @@ def test_damaged_state_fails_clearly_and_changes_nothing(damage):
     assert torch.equal(target(x), before)
 
 
+def held(model):
+    """What a model holds: its state (cloned), its Parameters and its layers' store arrays."""
+    layers = [m for m in model.modules() if isinstance(m, st.SpatialLayer)]
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        list(model.parameters()),
+        [t for layer in layers for t in layer.store.arrays()],
+    )
+
+
+def assert_holds(model, before):
+    state, parameters, arrays = before
+    after = held(model)
+    assert after[0].keys() == state.keys()
+    assert all(torch.equal(after[0][k], v) for k, v in state.items())
+    assert all(p is q for p, q in zip(after[1], parameters, strict=True))
+    assert all(t is u for t, u in zip(after[2], arrays, strict=True))
+
+
+def spatial_mlp(seed, density=1.0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        st.SpatialLayer(100, 6, region_bits=3, density=density),
+        nn.ReLU(),
+        st.SpatialLayer(6, 3, region_bits=1),
+        nn.Linear(3, 2),
+    )
+
+
+REFUSALS = {
+    "damaged codes in the second layer": (
+        lambda s: s["2.store.codes"].__setitem__(0, s["2.store.codes"][0] ^ 0x11),
+        ValueError,
+        r"'2\.store\.'",
+    ),
+    "a head of another shape": (
+        lambda s: s.update({"3.weight": torch.zeros(4, 3), "3.bias": torch.zeros(4)}),
+        RuntimeError,
+        "size mismatch",
+    ),
+    "an unexpected key": (
+        lambda s: s.update({"4.weight": torch.zeros(1)}),
+        RuntimeError,
+        "4.weight",
+    ),
+}
+
+
+@pytest.mark.parametrize("refusal", REFUSALS.values(), ids=REFUSALS.keys())
+def test_a_refused_load_leaves_the_whole_model_as_it_was(refusal):
+    damage, error, match = refusal
+    model = spatial_mlp(0).eval()  # a training forward updates activity
+    # The saved layers have another layout (fewer blocks): a load replaces their arrays.
+    state = {k: v.clone() for k, v in spatial_mlp(1, density=0.25).state_dict().items()}
+    damage(state)
+    x = torch.randn(4, 100)
+    before, outputs = held(model), model(x)
+    with pytest.raises(error, match=match):
+        st.load_state_dict(model, state)
+    assert_holds(model, before)
+    assert torch.equal(model(x), outputs)
+
+
+def test_a_whole_model_load_loads_what_model_load_state_dict_loads():
+    source, model = spatial_mlp(1, density=0.25), spatial_mlp(0)
+    x = torch.randn(4, 100)
+    assert st.load_state_dict(model, source.state_dict()) == ([], [])
+    assert torch.equal(model(x), source(x))
+    partial = {k: v for k, v in spatial_mlp(2).state_dict().items() if not k.startswith("3.")}
+    missing, unexpected = st.load_state_dict(model, partial, strict=False)
+    assert missing == ["3.weight", "3.bias"] and unexpected == []
+    with pytest.raises(TypeError, match="dict-like"):
+        st.load_state_dict(model, [1, 2])
+
+
+def test_a_spatial_network_loads_all_or_nothing():
+    torch.manual_seed(0)
+    network = st.SpatialNetwork([100, 6, 3], region_bits=3).eval()
+    torch.manual_seed(1)
+    source = st.SpatialNetwork([100, 6, 3], region_bits=3, density=0.5)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    state["2.store.scales"].view(torch.int16)[0] ^= 0x400
+    x = torch.randn(4, 100)
+    before, outputs = held(network), network(x)
+    with pytest.raises(ValueError, match="checksum"):
+        network.load_state_dict(state)
+    assert_holds(network, before)
+    assert torch.equal(network(x), outputs)
+    network.load_state_dict(source.state_dict())
+    assert torch.equal(network(x), source(x))
+
+
+@pytest.mark.parametrize(
+    "key, damage, match",
+    [
+        ("neuron_positions", lambda p: p - 1, r"neuron_positions must lie in \[0, 65535\]"),
+        ("neuron_positions", lambda p: p + 65535, r"neuron_positions must lie in \[0, 65535\]"),
+        ("neuron_positions", torch.zeros_like, "neuron_positions must be distinct"),
+        ("neuron_positions", lambda p: p.float(), "neuron_positions must be an integer tensor"),
+        ("input_positions", lambda p: p - 1, r"input_positions must lie in \[0, 65535\]"),
+    ],
+)
+def test_positions_outside_the_space_are_refused_at_load(key, damage, match):
+    layer = layer_of(growth_threshold=0.0)
+    state = layer_of().state_dict()
+    state[key] = damage(state[key])
+    before = held(layer)
+    with pytest.raises(ValueError, match=match):
+        layer.load_state_dict(state)
+    assert_holds(layer, before)
+    assert layer.grow().split == 1  # the layer still grows
+
+
+def test_neuron_positions_outside_the_grid_are_refused_at_load():
+    layer = layer_of(grid_dims=(3, 2, 1), growth_threshold=0.0, max_split_fraction=0.1)
+    state = layer.state_dict()
+    state["neuron_positions"] = state["neuron_positions"].clone()
+    state["neuron_positions"][0] = torch.tensor([3, 0, 0])
+    before = held(layer)
+    with pytest.raises(ValueError, match=r"neuron_positions must lie in the grid \(3, 2, 1\)"):
+        layer.load_state_dict(state)
+    assert_holds(layer, before)
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["weight", "bias", "activity", "neuron_positions", "input_positions", "store.codes",
+     "store.header"],
+)  # fmt: skip
+@pytest.mark.parametrize("value", [[1, 2], 3])
+def test_a_state_entry_that_is_not_a_tensor_is_a_type_error_naming_it(key, value):
+    layer = layer_of()
+    state = layer_of(density=0.5).state_dict()
+    state[key] = value
+    before = held(layer)
+    with pytest.raises(TypeError, match=f"'{key}' must be a tensor, got {type(value).__name__}"):
+        layer.load_state_dict(state)
+    assert_holds(layer, before)
+
+
 # --- bad input ------------------------------------------------------------------------------------
 def test_bad_inputs_raise_clear_errors():
     layer = layer_of()

@@ -1,6 +1,9 @@
 """The store as tensors: never stale, on the layer's device, flat state, compile and export."""
 
 import copy
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -260,3 +263,46 @@ def test_a_data_edit_of_map_logits_reaches_the_next_forward():
     layer.train()
     probs = layer.activation_map.probabilities()
     assert (probs.argmax(-1) == st.ops.ACTIVATIONS.index("abs")).all()
+
+
+# --- threads --------------------------------------------------------------------------------------
+def test_a_forward_racing_loads_sees_one_state_or_the_other():
+    # Two states of one layout (every block active) with other weights and biases; one thread
+    # runs forwards while this one loads them in turn, switching threads every microsecond.
+    states = [layer_of(seed, in_features=256, out_features=64, density=1.0) for seed in (1, 2)]
+    states = [s.state_dict() for s in states]
+    layer = layer_of(in_features=256, out_features=64, density=1.0).eval()
+    x = torch.randn(4, 256)
+    expected = []
+    with torch.no_grad():
+        for state in states:
+            layer.load_state_dict(state)
+            expected.append(layer(x))
+    assert not torch.equal(*expected)
+    stop, outputs, errors = threading.Event(), [], []
+
+    def forwards():
+        try:
+            with torch.no_grad():
+                while not stop.is_set():
+                    outputs.append(layer(x))
+        except Exception as error:  # noqa: BLE001  (reported below, with the outputs)
+            errors.append(error)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    thread = threading.Thread(target=forwards)
+    try:
+        thread.start()
+        deadline, loads = time.monotonic() + 1.5, 0
+        while time.monotonic() < deadline:
+            layer.load_state_dict(states[loads % 2])
+            loads += 1
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert not errors
+    assert loads > 20 and len(outputs) > 20
+    mixed = [y for y in outputs if not any(torch.equal(y, e) for e in expected)]
+    assert len(mixed) == 0, f"{len(mixed)} of {len(outputs)} forwards mixed the two states"
