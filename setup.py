@@ -1,7 +1,8 @@
 """Builds spatium_torch._C: the torch-free core (csrc/core), the CPU kernels (csrc/cpu), the
 store class and kernel registration (csrc) and, when torch has CUDA and a CUDA toolkit is found,
 the CUDA kernels (csrc/cuda). USE_CUDA=0 forces a
-CPU-only build. Install with `pip install --no-build-isolation -e .`."""
+CPU-only build; SPATIUM_SANITIZE=1 builds with AddressSanitizer and UBSan (`make sanitize`).
+Install with `pip install --no-build-isolation -e .`."""
 
 import glob
 import os
@@ -32,10 +33,15 @@ with_cuda = want_cuda()
 # The language standard is torch's own (C++20 for torch 2.13); csrc/core stays C++17 (CMake).
 cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 extension_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp") + sources("csrc/core/*.cpp")
+link_flags = ["-fopenmp"]
+if os.environ.get("SPATIUM_SANITIZE", "").strip() == "1":
+    sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+    cxx_flags = [*cxx_flags, *sanitizers, "-O1", "-g", "-fno-omit-frame-pointer"]
+    link_flags = [*link_flags, *sanitizers]
 extension_kwargs = dict(
     include_dirs=[os.path.join(ROOT, "csrc")],
     extra_compile_args={"cxx": cxx_flags},
-    extra_link_args=["-fopenmp"],
+    extra_link_args=link_flags,
 )
 if with_cuda:
     extension_kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
