@@ -16,7 +16,7 @@ NVCC := $(shell command -v nvcc 2>/dev/null)
 EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 
-.PHONY: test demo bench lint cpp-test cpp-sanitize py-test cuda-check sanitize apt clean
+.PHONY: test demo bench lint cpp-test cpp-sanitize py-test cuda-check gpu-check sanitize apt clean
 
 test: lint cpp-test cpp-sanitize cuda-check py-test
 
@@ -95,7 +95,18 @@ ifeq ($(NVCC),)
 cuda-check:
 	@echo "cuda-check: no nvcc on this machine, CUDA sources not compiled"
 else
-cuda-check: $(patsubst csrc/cuda/%.cu,$(CUDA_CHECK)/%.o,$(CUDA_SOURCES))
+TORCH_INCLUDES = $$($(PY) -c "import sysconfig, torch.utils.cpp_extension as c; \
+	print(' '.join('-I' + p for p in c.include_paths() + [sysconfig.get_paths()['include']]))")
+
+# The .cu files, and the registration of their kernels as a CUDA build compiles it.
+cuda-check: $(patsubst csrc/cuda/%.cu,$(CUDA_CHECK)/%.o,$(CUDA_SOURCES)) \
+	$(CUDA_CHECK)/register-with-cuda.checked
+
+$(CUDA_CHECK)/register-with-cuda.checked: csrc/register.cpp csrc/kernels.h \
+		$(VENV)/.requirements-installed
+	mkdir -p $(dir $@)
+	g++ -fsyntax-only -std=c++20 -DSPATIUM_WITH_CUDA -Icsrc $(TORCH_INCLUDES) $<
+	touch $@
 
 $(CUDA_CHECK)/include/c10/cuda/impl/cuda_cmake_macros.h:
 	mkdir -p $(dir $@)
@@ -104,10 +115,13 @@ $(CUDA_CHECK)/include/c10/cuda/impl/cuda_cmake_macros.h:
 $(CUDA_CHECK)/%.o: csrc/cuda/%.cu $(shell find csrc -name '*.h') $(VENV)/.requirements-installed \
 		$(CUDA_CHECK)/include/c10/cuda/impl/cuda_cmake_macros.h
 	$(NVCC) -c -std=c++20 -O3 --expt-relaxed-constexpr -arch=sm_90 -Icsrc -I$(CUDA_CHECK)/include \
-	  $$($(PY) -c "import sysconfig, torch.utils.cpp_extension as c; \
-	    print(' '.join('-I' + p for p in c.include_paths() + [sysconfig.get_paths()['include']]))") \
-	  $< -o $@
+	  $(TORCH_INCLUDES) $< -o $@
 endif
+
+# On a GPU machine (its own python3 and torch, no network): build for the local GPU, the CUDA
+# tests, the GPU benchmark; results and a log in $OUT. See .ci/gpu-check.
+gpu-check:
+	.ci/gpu-check
 
 clean:
 	rm -rf build spatium_torch/*.so $(VENV)/.ext-built

@@ -1,9 +1,8 @@
 """Shared test helpers: the digits data set and small training loops."""
 
+import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 import spatium_torch as st
@@ -11,11 +10,14 @@ from spatium_torch import GrowthController
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scikit-learn's digits scaled to [0, 1], a fixed stratified 75/25 split."""
-    data = load_digits()
+    """scikit-learn's digits scaled to [0, 1], a fixed stratified 75/25 split. (Imported here:
+    the GPU check runs the device tests on machines without scikit-learn, skipping these.)"""
+    datasets = pytest.importorskip("sklearn.datasets")
+    model_selection = pytest.importorskip("sklearn.model_selection")
+    data = datasets.load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     y = torch.tensor(data.target)
-    x_train, x_test, y_train, y_test = train_test_split(
+    x_train, x_test, y_train, y_test = model_selection.train_test_split(
         x, y, test_size=0.25, random_state=0, stratify=y
     )
     return x_train, x_test, y_train, y_test
