@@ -9,7 +9,24 @@
 
 #include "quantize.h"
 
+// The few members a CUDA kernel also calls (the bitmap walk and per-region sizes) are marked
+// SPATIUM_HOST_DEVICE: __host__ __device__ under nvcc, nothing elsewhere.
+#ifdef __CUDACC__
+#define SPATIUM_HOST_DEVICE __host__ __device__
+#else
+#define SPATIUM_HOST_DEVICE
+#endif
+
 namespace spatium {
+
+// Index of the lowest set bit of a non-zero word.
+SPATIUM_HOST_DEVICE inline int lowest_set_bit(uint64_t word) {
+#ifdef __CUDA_ARCH__
+  return __ffsll(static_cast<long long>(word)) - 1;
+#else
+  return __builtin_ctzll(word);
+#endif
+}
 
 // Neurons per directory entry: the directory keeps the block index and byte offset of every
 // 8th neuron, and a walk over at most 7 neurons' bitmap bits finds any other. That costs about
@@ -63,9 +80,13 @@ struct PackedView {
   // kCodesUnread, the codes are left unchecked (and must not be read).
   std::string layout_error(const ArrayLengths& lengths) const;
 
-  int64_t region_size(int64_t r) const { return region_begin[r + 1] - region_begin[r]; }
-  int64_t region_bytes(int64_t r) const { return quant::code_bytes(bits, region_size(r)); }
-  bool is_active(int64_t neuron, int64_t r) const {
+  SPATIUM_HOST_DEVICE int64_t region_size(int64_t r) const {
+    return region_begin[r + 1] - region_begin[r];
+  }
+  SPATIUM_HOST_DEVICE int64_t region_bytes(int64_t r) const {
+    return quant::code_bytes(bits, region_size(r));
+  }
+  SPATIUM_HOST_DEVICE bool is_active(int64_t neuron, int64_t r) const {
     const int64_t bit = neuron * num_regions + r;
     return (bitmap[bit >> 6] >> (bit & 63)) & 1u;
   }
@@ -74,13 +95,14 @@ struct PackedView {
 
   // Calls visit(region) for each active region of a neuron, in order.
   template <class Visit>
-  [[gnu::always_inline]] inline void for_each_region(int64_t neuron, Visit&& visit) const {
+  [[gnu::always_inline]] SPATIUM_HOST_DEVICE inline void for_each_region(int64_t neuron,
+                                                                         Visit&& visit) const {
     const int64_t first = neuron * num_regions, end = first + num_regions;
     for (int64_t bit = first; bit < end;) {
       const int64_t take = std::min<int64_t>(64 - (bit & 63), end - bit);
       uint64_t word = bitmap[bit >> 6] >> (bit & 63);
       if (take < 64) word &= (uint64_t{1} << take) - 1;
-      for (; word != 0; word &= word - 1) visit(bit - first + __builtin_ctzll(word));
+      for (; word != 0; word &= word - 1) visit(bit - first + lowest_set_bit(word));
       bit += take;
     }
   }

@@ -7,12 +7,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <string>
 #include <vector>
 
 #include "core/packed_view.h"
 #include "core/quantize.h"
 #include "kernels.h"
+#include "store_checks.h"
 
 namespace spatium::cpu {
 namespace {
@@ -25,70 +25,26 @@ constexpr int64_t kWeightsPerTask = int64_t{1} << 15;
 // with each row); above, dense panels through at::mm amortize better.
 constexpr int64_t kSmallBatch = 4;
 
-// The store's arrays as the ops receive them.
-struct Store {
-  const at::Tensor& region_begin;
-  const at::Tensor& bitmap;
-  const at::Tensor& block_begin;
-  const at::Tensor& code_begin;
-  const at::Tensor& scales;
-  const at::Tensor& codes;
-};
-
-void check_part(const at::Tensor& t, at::ScalarType dtype, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "spatium: memory ", name, " must be ", dtype,
-                   ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.is_contiguous() && t.device().is_cpu(),
-                    "spatium: memory ", name, " must be a contiguous 1-D CPU tensor, got ",
-                    t.dim(), "-D on ", t.device());
-}
+using Store = StoreArrays;
 
 // Checks that the six arrays describe one consistent memory for this code width (every walk
 // then stays inside them) and returns the kernels' view. O(bitmap words): microseconds. Bits
 // PackedView::kCodesUnread only for a caller that never reads the codes (an active mask).
 PackedView checked_view(const Store& s, int bits, int64_t in_features, int64_t out_features) {
-  TORCH_CHECK_VALUE(out_features >= 1, "spatium: out_features must be >= 1, got ", out_features);
-  check_part(s.region_begin, at::kLong, "region_begin");
-  check_part(s.bitmap, at::kLong, "bitmap");
-  check_part(s.block_begin, at::kLong, "block_begin");
-  check_part(s.code_begin, at::kLong, "code_begin");
-  check_part(s.scales, at::kHalf, "scales");
-  check_part(s.codes, at::kByte, "codes");
-  PackedView v;
-  v.bits = bits;
-  v.num_regions = s.region_begin.numel() - 1;
-  v.out_features = out_features;
-  v.in_features = in_features;
-  v.region_begin = s.region_begin.const_data_ptr<int64_t>();
-  v.bitmap = reinterpret_cast<const uint64_t*>(s.bitmap.const_data_ptr<int64_t>());
-  v.block_begin = s.block_begin.const_data_ptr<int64_t>();
-  v.code_begin = s.code_begin.const_data_ptr<int64_t>();
+  check_store(s, out_features, c10::Device(c10::kCPU));
+  PackedView v = validated_view(
+      s,
+      IndexArrays{s.region_begin.const_data_ptr<int64_t>(), s.bitmap.const_data_ptr<int64_t>(),
+                  s.block_begin.const_data_ptr<int64_t>(), s.code_begin.const_data_ptr<int64_t>()},
+      bits, in_features, out_features);
   v.scales = reinterpret_cast<const uint16_t*>(s.scales.const_data_ptr<at::Half>());
   v.codes = s.codes.const_data_ptr<uint8_t>();
-  const std::string error = v.layout_error(ArrayLengths{
-      s.region_begin.numel(), s.bitmap.numel(), s.block_begin.numel(), s.code_begin.numel(),
-      s.scales.numel(), s.codes.numel()});
-  TORCH_CHECK_VALUE(error.empty(), "spatium: ", error);
-  // A full region's size, as the kernels' fixed-size path wants it: the largest region, if a
-  // power of two (otherwise every block takes the generic path).
-  int64_t largest = 0;
-  for (int64_t r = 0; r < v.num_regions; ++r) largest = std::max(largest, v.region_size(r));
-  v.full_region_bits = (largest & (largest - 1)) == 0 ? __builtin_ctzll(largest) : -1;
   return v;
 }
 
 // The view of a store whose codes the op reads: `bits` must be a code width.
 PackedView view_of(const Store& s, int64_t bits, int64_t in_features, int64_t out_features) {
-  TORCH_CHECK_VALUE(0 < bits && bits <= 8 && quant::valid_bits(static_cast<int>(bits)),
-                    "spatium: bits must be 1, 2, 4 or 8, got ", bits);
-  return checked_view(s, static_cast<int>(bits), in_features, out_features);
-}
-
-void check_input(const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(x.dim() == 2, op, ": ", name, " must be 2-D [batch, features], got ",
-                    x.sizes());
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op, ": ",
-                   name, " must be float32 or float64, got ", x.scalar_type());
+  return checked_view(s, checked_bits(bits), in_features, out_features);
 }
 
 // Whether every value of a contiguous float32 tensor is finite. The small-batch kernels skip
@@ -124,7 +80,7 @@ at::Tensor spatial_linear(const at::Tensor& x_in, const std::optional<at::Tensor
                               const at::Tensor& block_begin, const at::Tensor& code_begin,
                               const at::Tensor& scales, const at::Tensor& codes,
                               int64_t bits, int64_t out_features) {
-  check_input(x_in, "spatial_linear", "x");
+  check_rows(x_in, "spatial_linear", "x");
   const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes}, bits, x_in.size(1), out_features);
   const at::Tensor x = x_in.contiguous();
   const int64_t batch = x.size(0);
@@ -166,7 +122,7 @@ at::Tensor spatial_linear_backward_input(const at::Tensor& grad_y_in, const at::
                               const at::Tensor& block_begin, const at::Tensor& code_begin,
                               const at::Tensor& scales, const at::Tensor& codes,
                                              int64_t bits, int64_t in_features) {
-  check_input(grad_y_in, "spatial_linear_backward_input", "grad_y");
+  check_rows(grad_y_in, "spatial_linear_backward_input", "grad_y");
   const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes}, bits, in_features, grad_y_in.size(1));
   const at::Tensor grad_y = grad_y_in.contiguous();
   const int64_t batch = grad_y.size(0);
