@@ -72,6 +72,26 @@ namespace cuda {
 at::Tensor morton_encode(const at::Tensor& xyz);
 at::Tensor morton_decode(const at::Tensor& codes);
 
+// The spatial-memory ops (requantize_ runs its reference impl on CUDA for now).
+at::Tensor spatial_linear(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& region_begin,
+                          const at::Tensor& bitmap, const at::Tensor& block_begin,
+                          const at::Tensor& code_begin, const at::Tensor& scales,
+                          const at::Tensor& codes, int64_t bits, int64_t out_features);
+at::Tensor spatial_linear_backward_input(const at::Tensor& grad_y, const at::Tensor& region_begin,
+                                         const at::Tensor& bitmap, const at::Tensor& block_begin,
+                                         const at::Tensor& code_begin, const at::Tensor& scales,
+                                         const at::Tensor& codes, int64_t bits,
+                                         int64_t in_features);
+at::Tensor active_mask(const at::Tensor& region_begin, const at::Tensor& bitmap,
+                       const at::Tensor& block_begin, const at::Tensor& code_begin,
+                       const at::Tensor& scales, const at::Tensor& codes, int64_t in_features,
+                       int64_t out_features);
+at::Tensor dequantize(const at::Tensor& region_begin, const at::Tensor& bitmap,
+                      const at::Tensor& block_begin, const at::Tensor& code_begin,
+                      const at::Tensor& scales, const at::Tensor& codes, int64_t bits,
+                      int64_t in_features, int64_t out_features);
+
 }  // namespace cuda
 
 }  // namespace spatium

@@ -34,6 +34,10 @@ TORCH_LIBRARY_IMPL(spatium, CompositeExplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(spatium, CUDA, m) {
   m.impl("morton_encode", &cuda::morton_encode);
   m.impl("morton_decode", &cuda::morton_decode);
+  m.impl("spatial_linear", &cuda::spatial_linear);
+  m.impl("spatial_linear_backward_input", &cuda::spatial_linear_backward_input);
+  m.impl("active_mask", &cuda::active_mask);
+  m.impl("dequantize", &cuda::dequantize);
 }
 #endif
 
