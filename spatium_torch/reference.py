@@ -20,8 +20,8 @@ The store arrays and their layout are those of ``csrc/core/spatial_memory.h``:
   (neuron, region) order.
 - ``codes`` uint8: each active block's codes, packed planar: a block of ``count`` codes takes
   ``q = ceil(count * bits / 8)`` bytes and code ``j`` sits in byte ``j % q`` at bit
-  ``(j // q) * bits``, stored as ``code + offset`` (``offset`` 1, 7, 127 for 2, 4, 8 bits; for
-  1 bit, stored 1 is +1 and 0 is -1).
+  ``(j // q) * bits``, stored as ``code + offset`` (``offset`` 1, 7, 127 for 2, 4, 8 bits, so
+  codes run -1..2, -7..8, -127..128; for 1 bit, stored 1 is +1 and 0 is -1).
 
 Inputs and weight columns are in Morton-sorted order, as the ops take them.
 """
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 VALID_BITS = (1, 2, 4, 8)
 HALF_MAX_BITS = 0x7BFF  # 65504, the largest finite fp16
 HALF_NAN_BITS = 0x7E00  # the scale of a block with a non-finite weight
+HALF_SIGN_BITS = -0x8000  # the sign bit of fp16 bits held in int16
 DIRECTORY_STRIDE = 8  # neurons per directory entry
 LEAKY_SLOPE = 0.01
 SOFTPLUS_THRESHOLD = 20.0
@@ -45,9 +46,19 @@ MORTON_CODE_BITS = 48
 
 
 # --- the block layout -----------------------------------------------------------------------------
-def max_code(bits: int) -> int:
-    """The largest code magnitude of a width: 1, 1, 7, 127."""
-    return 1 if bits == 1 else (1 << (bits - 1)) - 1
+def code_offset(bits: int) -> int:
+    """The stored value of code 0 for 2, 4, 8 bits (1, 7, 127); 1-bit codes have no zero."""
+    return 0 if bits == 1 else (1 << (bits - 1)) - 1
+
+
+def code_range(bits: int) -> tuple[int, int]:
+    """The smallest and largest code of a width: (-1, 1), (-1, 2), (-7, 8), (-127, 128)."""
+    return (-1, 1) if bits == 1 else (-code_offset(bits), code_offset(bits) + 1)
+
+
+#: Per width: the clipping ratio (of absmax / largest code) the scale search starts from and
+#: the Lloyd steps that refine it (the C++ ``scale_search``).
+SCALE_SEARCH = {2: (0.75, 1), 4: (0.95, 2), 8: (1.0, 0)}
 
 
 def _check_bits(bits: int) -> None:
@@ -155,12 +166,11 @@ def _half_bits(values: torch.Tensor) -> torch.Tensor:
     return values.to(torch.float16).view(torch.int16)
 
 
-def _half_bits_up(values: torch.Tensor) -> torch.Tensor:
-    """The smallest fp16 >= each finite value >= 0, saturating at 65504, as int16 bits (the
-    C++ ``float_to_half_up``)."""
-    nearest = values.to(torch.float16)
-    bits = nearest.view(torch.int16) + (nearest.to(torch.float32) < values).to(torch.int16)
-    return bits.clamp_max(HALF_MAX_BITS)
+def _scale_bits(scale: torch.Tensor) -> torch.Tensor:
+    """float64 scales rounded to the nearest fp16 through float32, magnitudes kept within [the
+    smallest subnormal, 65504], as int16 bits (the C++ ``scale_to_half``)."""
+    magnitude = _half_bits(scale.abs().to(torch.float32)).clamp(1, HALF_MAX_BITS)
+    return torch.where(scale < 0, magnitude | HALF_SIGN_BITS, magnitude)
 
 
 # --- the store ops --------------------------------------------------------------------------------
@@ -183,7 +193,7 @@ def dequantize(
     )  # fmt: skip
     packed = _padded(codes).index_select(0, layout.byte.flatten()).view_as(layout.byte)
     stored = (packed.to(torch.int32) >> layout.shift.to(torch.int32)) & ((1 << bits) - 1)
-    code = 2 * stored - 1 if bits == 1 else stored - max_code(bits)
+    code = 2 * stored - 1 if bits == 1 else stored - code_offset(bits)
     scale = _padded(_scale_values(scales)).index_select(0, layout.block.flatten())
     weight = scale.view_as(layout.block) * code.to(torch.float32)
     return torch.where(layout.active, weight, 0.0)
@@ -221,12 +231,17 @@ def requantize_(
     """Quantizes the active blocks of ``latent`` ``[out, in]`` (any floating dtype, rounded to
     float32 first; columns in sorted order) into ``scales`` and ``codes`` in place.
 
-    Per block: for ``bits >= 2`` the scale is ``absmax / max_code`` rounded *up* to fp16
-    (saturating at 65504) and codes are ``round_half_even(w / scale)`` clamped to
-    ``+-max_code``; a zero scale gives all-zero codes. For 1 bit the scale is ``mean |w|``
-    rounded to the nearest fp16 and the code is +1 for ``w >= 0`` (zeros included), -1 below.
-    A block holding NaN or +-Inf gets the NaN scale (fp16 bits 0x7E00) and the codes of 0
-    (stored 0, i.e. -1, for 1 bit), so it dequantizes to NaN.
+    Per block, for ``bits >= 2``: the scale's sign is that of the weight of largest magnitude
+    (ties positive), so the extra top code lands on that side. The scale starts at
+    ``sign * ratio * absmax / max_code`` and takes the Lloyd steps of :data:`SCALE_SEARCH`:
+    codes ``round_half_even(w * (1 / scale))`` clamped to the code range, then the scale
+    ``sum(w * q) / sum(q * q)``, all in float64. It is rounded to the nearest fp16 (through
+    float32), its magnitude kept within [the smallest subnormal, 65504], and the codes are
+    ``round_half_even(w / scale)`` clamped (float32). A block of zeros gets scale 0 and codes
+    0. For 1 bit the scale is ``mean |w|`` rounded to the nearest fp16 and the code is +1 for
+    ``w >= 0`` (zeros included), -1 below. A block holding NaN or +-Inf gets the NaN scale
+    (fp16 bits 0x7E00) and the codes of 0 (stored 0, i.e. -1, for 1 bit), so it dequantizes
+    to NaN.
     """
     _check_bits(bits)
     out_features, in_features = latent.shape
@@ -244,7 +259,6 @@ def requantize_(
         return out.scatter_reduce_(0, slot, values.flatten(), reduce).view(out_features, regions)
 
     not_finite = per_block((~torch.isfinite(w)).to(torch.float32), "sum") > 0
-    qmax = max_code(bits)
     if bits == 1:
         # mean |w|: the sum in float64, then float32 sum / count as the C++ computes it.
         abs_sum = per_block(w.abs().to(torch.float64), "sum").to(torch.float32)
@@ -253,12 +267,22 @@ def requantize_(
         stored = (w >= 0).to(torch.int64)
         stored_if_not_finite = 0
     else:
+        lo, hi = code_range(bits)
         absmax = per_block(w.abs(), "amax")
-        slot_bits = _half_bits_up(absmax / qmax)
+        sign = torch.where(per_block(w, "amax") >= -per_block(w, "amin"), 1.0, -1.0)
+        ratio, steps = SCALE_SEARCH[bits]
+        scale = sign.double() * ratio * absmax.double() / hi
+        w64 = w.double()
+        for _ in range(steps):
+            inverse = (1.0 / scale).index_select(1, layout.region)
+            q = torch.round(w64 * inverse).clamp(lo, hi)
+            scale = per_block(w64 * q, "sum") / per_block(q * q, "sum")
+        slot_bits = _scale_bits(scale)
+        slot_bits = torch.where(absmax > 0, slot_bits, 0)
         scale = slot_bits.view(torch.float16).to(torch.float32).index_select(1, layout.region)
-        q = torch.round(w / scale).clamp(-qmax, qmax)  # torch.round: half to even
-        stored = torch.where(scale > 0, q + qmax, qmax)
-        stored_if_not_finite = qmax
+        q = torch.round(w / scale).clamp(lo, hi)  # torch.round: half to even
+        stored = torch.where(scale != 0, q + code_offset(bits), code_offset(bits))
+        stored_if_not_finite = code_offset(bits)
     slot_bits = torch.where(not_finite, HALF_NAN_BITS, slot_bits)
     stored = torch.where(not_finite.index_select(1, layout.region), stored_if_not_finite, stored)
     stored = torch.where(layout.active, stored, 0).to(torch.int64)

@@ -65,8 +65,12 @@ def _mutate(draw: hs.DrawFn, t: torch.Tensor, pool: list[torch.Tensor]) -> torch
             t.view(torch.int16)[i] = draw(hs.integers(-(2**15), 2**15 - 1))
         elif t.dtype == torch.uint8:
             t[i] = draw(hs.integers(0, 255))
+        elif t.dtype == torch.int32:  # an array an earlier damage converted
+            t[i] = draw(hs.integers(-(2**31), 2**31 - 1))
+        elif t.dtype == torch.float32:
+            t[i] = draw(hs.floats(width=32))
         elif kind == "near":
-            t[i] = int(t[i]) + draw(hs.integers(-9, 9))
+            t[i] = min(max(int(t[i]) + draw(hs.integers(-9, 9)), -(2**63)), 2**63 - 1)
         else:
             t[i] = draw(INT64)
         return t

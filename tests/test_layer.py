@@ -9,7 +9,7 @@ from torch import nn
 
 import spatium_torch as st
 
-MAX_CODE = {1: 1, 2: 1, 4: 7, 8: 127}
+CODE_RANGE = {1: (-1, 1), 2: (-1, 2), 4: (-7, 8), 8: (-127, 128)}
 
 
 def make_layer(
@@ -119,20 +119,24 @@ def per_weight_scale(layer):
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
-def test_codes_in_set_and_error_within_half_a_scale(bits):
+def test_codes_in_range_and_nearest_for_their_scale(bits):
     layer = make_layer(bits=bits, density=0.5)
     w_q = layer.dequantized_weight()
     scale = per_weight_scale(layer)
     mask = layer.block_mask()
-    assert ((scale > 0) <= mask).all()
+    assert ((scale != 0) <= mask).all()
     codes = w_q[mask] / scale[mask]
     assert torch.equal(codes, codes.round())
-    assert codes.abs().max() <= MAX_CODE[bits]
+    lo, hi = CODE_RANGE[bits]
+    assert lo <= codes.min() and codes.max() <= hi
     if bits == 1:
         assert (codes.abs() == 1).all()
     else:
-        err = (layer.weight.detach() - w_q)[mask].abs()
-        assert (err <= scale[mask] / 2 * (1 + 1e-6)).all()
+        # the nearest code, but where the weight lies past the end code (clipped)
+        w = layer.weight.detach()[mask]
+        err = (w - w_q[mask]).abs()
+        clipped = ((codes == lo) | (codes == hi)) & ((w / scale[mask]).abs() > codes.abs())
+        assert (err[~clipped] <= scale[mask][~clipped].abs() / 2 * (1 + 1e-6)).all()
     assert (w_q[~mask] == 0).all()
 
 

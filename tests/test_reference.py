@@ -80,7 +80,7 @@ def special_latent(layer, dtype):
     tiny (fp16-subnormal and float32-subnormal scales), huge (past fp16's range), exact ties,
     NaN, +-Inf, negative zeros; the other rows random."""
     out, bits = layer.out_features, layer.bits
-    qmax = ref.max_code(bits)
+    _, qmax = ref.code_range(bits)
     latent = torch.randn(out, layer.in_features, dtype=torch.float64) * 0.1
     _, within = region_positions(layer)
     special = [
@@ -88,7 +88,7 @@ def special_latent(layer, dtype):
         torch.randn(layer.in_features) * 1e-6,
         torch.randn(layer.in_features) * 1e-39,
         torch.randn(layer.in_features) * 1e7,
-        # ties: absmax qmax gives scale 1, the others halfway between two codes
+        # ties: half-integers (halfway between two codes when the scale is 1)
         torch.where(within == 0, float(qmax), (within % (2 * qmax)) - qmax + 0.5),
         torch.where(within == 1, float("nan"), latent[0]),
         torch.where(within == 2, float("inf"), latent[1]),

@@ -1,7 +1,13 @@
 // Block quantization: one fp16 scale per block and one b-bit code per weight, b in {1, 2, 4, 8}.
-// Code sets (symmetric): b=1 {-1, +1}; b=2 {-1, 0, +1}; b=4 -7..7; b=8 -127..127. A weight is
-// scale * code. Scale: absmax / max code for b >= 2 (rounded up to fp16 so no code clips), mean
-// |w| for b = 1 (the error-minimising scale for signs). Codes are stored offset to be unsigned.
+// A weight is scale * code. Codes are stored offset to be unsigned: stored = code + offset(b).
+//   b = 1: codes {-1, +1}, scale mean |w| (the error-minimising scale for signs).
+//   b >= 2: codes -offset(b) .. offset(b) + 1, i.e. {-1, 0, 1, 2}, -7..8, -127..128: every
+//   stored value is a code, and the one extra level sits on the side the scale's sign picks
+//   (a negative scale puts it on the negative side). The scale minimises the block's squared
+//   error: it starts from a clipping ratio of absmax / max_code and is refined by a few Lloyd
+//   steps (nearest codes for the scale, then the least-squares scale for those codes), all
+//   chosen by measurement (docs/architecture.md). Its magnitude saturates at fp16's 65504, so
+//   a block holds magnitudes up to 65504 * max_code(b); larger weights are clipped there.
 //
 // Packing is planar: a block of `count` codes takes q = code_bytes(bits, count) bytes; code j
 // sits in byte j % q at bit (j / q) * bits. Each bit plane of the bytes thus holds a contiguous
@@ -21,22 +27,19 @@ inline constexpr bool valid_bits(int bits) {
   return bits == 1 || bits == 2 || bits == 4 || bits == 8;
 }
 
-// Largest code magnitude: 1, 1, 7, 127.
-inline constexpr int max_code(int bits) { return bits == 1 ? 1 : (1 << (bits - 1)) - 1; }
+// Stored value of code 0 for b >= 2 (1, 7, 127); 1-bit codes have no zero.
+inline constexpr int offset(int bits) { return bits == 1 ? 0 : (1 << (bits - 1)) - 1; }
+// Smallest and largest code: -1 and 1 for 1 bit, then -1..2, -7..8, -127..128.
+inline constexpr int min_code(int bits) { return bits == 1 ? -1 : -offset(bits); }
+inline constexpr int max_code(int bits) { return bits == 1 ? 1 : offset(bits) + 1; }
 
 // Stored unsigned value of a code, and back.
-inline constexpr int offset(int bits) { return bits == 1 ? 0 : max_code(bits); }
 inline constexpr uint32_t to_stored(int bits, int code) {
   return static_cast<uint32_t>(bits == 1 ? (code > 0 ? 1 : 0) : code + offset(bits));
 }
 inline constexpr int from_stored(int bits, uint32_t stored) {
   return bits == 1 ? (stored ? 1 : -1) : static_cast<int>(stored) - offset(bits);
 }
-// Whether a stored value is a code of the set (b = 2 has one unused value, b = 4 and 8 one each).
-inline constexpr bool valid_stored(int bits, uint32_t stored) {
-  return stored <= (bits == 1 ? 1u : static_cast<uint32_t>(2 * max_code(bits)));
-}
-
 // Bytes holding `count` codes of `bits` bits.
 inline constexpr int64_t code_bytes(int bits, int64_t count) { return (count * bits + 7) / 8; }
 

@@ -98,16 +98,6 @@ SpatialMemory SpatialMemory::from_parts(int64_t out_features, int64_t in_feature
   blocks->scales = std::move(scales);
   blocks->codes = std::move(codes);
   memory.blocks_ = std::move(blocks);
-  const PackedView view = memory.view();
-  for (int64_t n = 0; n < out_features; ++n) {
-    view.for_each_block(n, [&](int64_t r, int64_t, int64_t offset) {
-      for (int64_t j = 0; j < view.region_size(r); ++j) {
-        if (!quant::valid_stored(bits, quant::get_stored(view.codes + offset, bits, view.region_size(r), j))) {
-          throw error("codes hold a value outside the " + std::to_string(bits) + "-bit code set");
-        }
-      }
-    });
-  }
   memory.rebuild_bloom();
   return memory;
 }

@@ -1,4 +1,5 @@
 #include <gtest/gtest.h>
+#include <algorithm>
 #include <immintrin.h>
 
 #include <cmath>
@@ -55,8 +56,19 @@ TEST(Half, MatchesHardwareRounding) {
 
 class Quantize : public ::testing::TestWithParam<int> {};
 
-TEST_P(Quantize, CodesInSetAndErrorWithinHalfAScale) {
+// Squared error of a block under a scale, with the nearest codes of [lo, hi].
+double block_error(const std::vector<float>& w, double scale, int lo, int hi) {
+  double error = 0.0;
+  for (float v : w) {
+    const double q = std::clamp(std::nearbyint(v / scale), double(lo), double(hi));
+    error += (v - q * scale) * (v - q * scale);
+  }
+  return error;
+}
+
+TEST_P(Quantize, NearestCodesOfAnErrorMinimisingScale) {
   const int bits = GetParam();
+  const int lo = quant::min_code(bits), hi = quant::max_code(bits);
   for (int64_t count : {1, 7, 64, 100, 128}) {
     const auto w = random_weights(static_cast<size_t>(count), 10 + count);
     std::vector<uint8_t> codes(static_cast<size_t>(quant::code_bytes(bits, count)));
@@ -64,23 +76,27 @@ TEST_P(Quantize, CodesInSetAndErrorWithinHalfAScale) {
     const float scale = half_to_float(scale_half);
     std::vector<float> back(static_cast<size_t>(count));
     quant::dequantize_block(codes.data(), count, bits, scale_half, back.data());
-    double abs_mean = 0.0;
+    double abs_mean = 0.0, absmax = 0.0;
     for (int64_t j = 0; j < count; ++j) {
-      const uint32_t stored = quant::get_stored(codes.data(), bits, count, j);
-      ASSERT_TRUE(quant::valid_stored(bits, stored));
-      const int code = quant::from_stored(bits, stored);
-      ASSERT_LE(std::abs(code), quant::max_code(bits));
+      const int code = quant::from_stored(bits, quant::get_stored(codes.data(), bits, count, j));
+      ASSERT_GE(code, lo);
+      ASSERT_LE(code, hi);
       ASSERT_FLOAT_EQ(back[j], scale * static_cast<float>(code));
-      if (bits >= 2) ASSERT_LE(std::fabs(w[j] - back[j]), scale / 2 * (1 + 1e-6f));
+      const bool clipped = (code == lo || code == hi) && std::fabs(w[j] / scale) > std::abs(code);
+      if (bits >= 2 && !clipped) ASSERT_LE(std::fabs(w[j] - back[j]), std::fabs(scale) / 2 * (1 + 1e-6f));
       if (bits == 1) ASSERT_EQ(code, w[j] >= 0 ? 1 : -1);
       abs_mean += std::fabs(w[j]) / static_cast<double>(count);
+      absmax = std::max(absmax, double(std::fabs(w[j])));
     }
     if (bits == 1) EXPECT_EQ(scale_half, float_to_half(static_cast<float>(abs_mean)));
-    if (bits == 2) {
-      const auto it = std::max_element(w.begin(), w.end(), [](float a, float b) {
-        return std::fabs(a) < std::fabs(b);
-      });
-      EXPECT_GE(scale, std::fabs(*it));  // absmax / 1, rounded up to fp16
+    if ((bits == 2 || bits == 4) && count >= 64) {
+      // No worse than the rule the search replaced: codes +-offset under absmax / offset
+      // rounded up to fp16. (At 8 bits the two differ by noise block by block; the Python
+      // tests compare them over a large matrix.)
+      const int symmetric = quant::offset(bits);
+      const float old_scale = half_to_float(float_to_half_up(absmax / symmetric));
+      EXPECT_LE(block_error(w, scale, lo, hi),
+                block_error(w, old_scale, -symmetric, symmetric));
     }
   }
 }
@@ -206,11 +222,11 @@ TEST(SpatialMemory, PointApi) {
   EXPECT_TRUE(m.contains(1, 63));   // same region: the block covers it
   EXPECT_FALSE(m.contains(1, 64));  // next region
   EXPECT_FALSE(m.contains(0, 5));
-  // A lone weight is its block's absmax: code 7 under the scale 0.75 / 7 rounded up to fp16.
-  const float scale = half_to_float(float_to_half_up(0.75f / 7));
-  EXPECT_FLOAT_EQ(m.read(1, 5), 7 * scale);
-  EXPECT_NEAR(m.read(1, 5), 0.75f, 0.75f / 7 / 2);
-  m.write(1, 6, -0.1f);  // quantized under the same scale
+  // A lone weight is its block's absmax: the top code 8 under the scale 0.75 / 8, exact.
+  EXPECT_EQ(m.read(1, 5), 0.75f);
+  m.write(1, 6, -0.1f);  // the block is quantized again: both weights under one scale
+  const float scale = half_to_float(m.scales().at(0));
+  EXPECT_FLOAT_EQ(m.read(1, 5), scale * std::nearbyint(0.75f / scale));
   EXPECT_FLOAT_EQ(m.read(1, 6), scale * std::nearbyint(-0.1f / scale));
   EXPECT_EQ(m.active_blocks(), 1);
   EXPECT_THROW(m.read(1, 999), std::invalid_argument);
@@ -271,9 +287,6 @@ TEST(SpatialMemory, FromPartsRoundTripsAndValidates) {
   auto bitmap = m.bitmap();
   bitmap[0] |= uint64_t{1} << 63;  // only 7 regions
   EXPECT_THROW(load(bitmap, m.scales(), m.codes()), std::invalid_argument);
-  codes = m.codes();
-  codes[0] = 0xFF;  // stored 15: not a 4-bit code
-  EXPECT_THROW(load(m.bitmap(), m.scales(), codes), std::invalid_argument);
   EXPECT_THROW(load({}, m.scales(), m.codes()), std::invalid_argument);
 }
 

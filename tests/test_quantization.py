@@ -1,0 +1,74 @@
+"""Quantization quality: the error of each width's scale rule on large Gaussian and
+heavy-tailed weights, against the bounds the design promises, and saturation."""
+
+import pytest
+import torch
+
+import spatium_torch as st
+
+SIZE = 4096
+
+
+def weights(kind: str) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    if kind == "gaussian":
+        return torch.randn(SIZE, SIZE, generator=generator) * 0.02
+    # Student-t with 3 degrees of freedom: a normal over the root of a scaled chi-square
+    normal = torch.randn(SIZE, SIZE, generator=generator)
+    chi2 = torch.randn(3, SIZE, SIZE, generator=generator).pow(2).sum(0)
+    return normal / (chi2 / 3).sqrt() * 0.02
+
+
+def relative_error(weight: torch.Tensor, bits: int) -> float:
+    layer = st.SpatialLayer(SIZE, SIZE, bits=bits, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    return ((weight - layer.dequantized_weight()).norm() / weight.norm()).item()
+
+
+def symmetric_absmax_error(weight: torch.Tensor, bits: int) -> float:
+    """The rule the scale search replaced: codes +-(2^(b-1) - 1) under absmax / max code,
+    blocks of 64 (the default region)."""
+    top = (1 << (bits - 1)) - 1
+    w = weight.view(-1, 64)
+    scale = (w.abs().amax(1, keepdim=True) / top).half().float()
+    return ((w - (w / scale).round().clamp(-top, top) * scale).norm() / w.norm()).item()
+
+
+# Upper bounds of ||W - deq W|| / ||W||. Gaussian 4-bit beats bitsandbytes nf4 (0.092, same
+# block size); heavy tails favour nf4's non-uniform levels (0.123), which integer codes cannot
+# match: the bound there is the measured 0.155 with margin. 2-bit: the optimal ternary
+# quantizer reaches about 0.44; the extra level takes it lower.
+BOUNDS = {
+    ("gaussian", 2): 0.37,
+    ("gaussian", 4): 0.0918,
+    ("gaussian", 8): 0.0059,
+    ("student-t", 2): 0.44,
+    ("student-t", 4): 0.157,
+    ("student-t", 8): 0.0109,
+}
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "student-t"])
+def test_weight_error_within_bounds_and_below_the_absmax_rule(kind):
+    weight = weights(kind)
+    for bits in (2, 4, 8):
+        error = relative_error(weight, bits)
+        assert error <= BOUNDS[kind, bits], (bits, error)
+        assert error < symmetric_absmax_error(weight, bits), bits
+    # 1 bit keeps mean |w|: fewer bits never beat more
+    assert relative_error(weight, 1) > relative_error(weight, 2)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_huge_weights_clip_at_the_documented_limit(bits):
+    layer = st.SpatialLayer(64, 1, bits=bits, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(0.5)
+        layer.weight[0, 0] = 1e9
+        layer.weight[0, 1] = -1e9
+    w_q = layer.dequantized_weight()
+    top = 65504.0 * (1 << (bits - 1))  # the largest scale times the largest code
+    assert w_q.isfinite().all()
+    assert w_q.abs().max() == top
+    assert w_q[0, 1] == -65504.0 * ((1 << (bits - 1)) - 1)  # the other side has one level less
