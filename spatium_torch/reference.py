@@ -58,7 +58,7 @@ def code_range(bits: int) -> tuple[int, int]:
 
 #: Per width: the clipping ratio (of absmax / largest code) the scale search starts from and
 #: the Lloyd steps that refine it (the C++ ``scale_search``).
-SCALE_SEARCH = {2: (0.75, 1), 4: (0.95, 2), 8: (1.0, 0)}
+SCALE_SEARCH = {2: (0.8, 0), 4: (0.95, 1), 8: (1.0, 0)}
 
 
 def _check_bits(bits: int) -> None:

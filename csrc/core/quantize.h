@@ -4,7 +4,7 @@
 //   b >= 2: codes -offset(b) .. offset(b) + 1, i.e. {-1, 0, 1, 2}, -7..8, -127..128: every
 //   stored value is a code, and the one extra level sits on the side the scale's sign picks
 //   (a negative scale puts it on the negative side). The scale minimises the block's squared
-//   error: it starts from a clipping ratio of absmax / max_code and is refined by a few Lloyd
+//   error: it starts from a clipping ratio of absmax / max_code and is refined by Lloyd
 //   steps (nearest codes for the scale, then the least-squares scale for those codes), all
 //   chosen by measurement (docs/architecture.md). Its magnitude saturates at fp16's 65504, so
 //   a block holds magnitudes up to 65504 * max_code(b); larger weights are clipped there.
