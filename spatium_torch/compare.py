@@ -1,5 +1,5 @@
 """``spatium-torch compare``: nn.Linear against SpatialLayer MLPs on a data set that ships with
-scikit-learn (digits by default).
+scikit-learn (digits by default) or on MNIST-1D (generated offline by the ``mnist1d`` package).
 
 Trains one MLP per model (nn.Linear; SpatialLayer at each requested code width; one sparse;
 one that grows), prints a table (test accuracy, weight bytes, compression, train time, batch-1
@@ -29,7 +29,7 @@ from torch import nn
 import spatium_torch as st
 from spatium_torch import viz
 
-DATASETS = ("digits", "iris", "wine", "breast_cancer")
+DATASETS = ("digits", "iris", "wine", "breast_cancer", "mnist1d")
 BITS = (1, 2, 4, 8)
 BATCH = 64
 LR = 3e-3
@@ -44,7 +44,8 @@ FILES = ("learning_curves.png", "accuracy_vs_bytes.png", "latency.png", "memory_
 @dataclass(frozen=True)
 class Data:
     """A stratified 75/25 split (fixed for a data set), features scaled to about [0, 1]
-    (digits) or standardised on the training set (the others)."""
+    (digits) or standardised on the training set (the others); MNIST-1D keeps its own
+    4000/1000 split and values."""
 
     name: str
     x_train: torch.Tensor
@@ -86,12 +87,15 @@ class Spec:
 
 
 def load_data(name: str) -> Data:
-    """One of :data:`DATASETS` from scikit-learn (no download: they ship with it)."""
+    """One of :data:`DATASETS`: scikit-learn's (they ship with it) or MNIST-1D (generated
+    here by the ``mnist1d`` package with its default arguments; never downloaded)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
+    if name == "mnist1d":
+        return _mnist1d()
     from sklearn import datasets
     from sklearn.model_selection import train_test_split
 
-    if name not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
     raw = getattr(datasets, f"load_{name}")()
     x = torch.tensor(raw.data, dtype=torch.float32)
     y = torch.tensor(raw.target, dtype=torch.int64)
@@ -104,6 +108,15 @@ def load_data(name: str) -> Data:
         mean, std = x_train.mean(0), x_train.std(0).clamp(min=1e-6)
         x_train, x_test, image = (x_train - mean) / std, (x_test - mean) / std, None
     return Data(name, x_train, x_test, y_train, y_test, int(y.max()) + 1, image)
+
+
+def _mnist1d() -> Data:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    raw = make_dataset(get_dataset_args())  # seeded by its arguments: the same set every time
+    x_train, x_test = (torch.tensor(raw[k], dtype=torch.float32) for k in ("x", "x_test"))
+    y_train, y_test = (torch.tensor(raw[k], dtype=torch.int64) for k in ("y", "y_test"))
+    return Data("mnist1d", x_train, x_test, y_train, y_test, int(y_train.max()) + 1, None)
 
 
 def model_specs(bits: Sequence[int], growth: bool = True) -> list[Spec]:
@@ -444,7 +457,9 @@ def _latency(results: Sequence[Result]) -> Figure:
 # --- command line -----------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``compare`` (shared by ``spatium-torch compare`` and ``python -m``)."""
-    parser.add_argument("--dataset", choices=DATASETS, default="digits", help="scikit-learn set")
+    parser.add_argument(
+        "--dataset", choices=DATASETS, default="digits", help="scikit-learn set or mnist1d"
+    )
     parser.add_argument(
         "--bits", type=int, nargs="+", choices=BITS, default=[8, 4, 2, 1], help="code widths"
     )

@@ -121,6 +121,14 @@ def test_other_data_sets_load_standardised(dataset):
     assert len(data.x_test) * 3 == pytest.approx(len(data.x_train), rel=0.05)
 
 
+def test_mnist1d_is_generated_offline_the_same_every_time():
+    pytest.importorskip("mnist1d")
+    data = compare.load_data("mnist1d")
+    assert (data.features, data.classes) == (40, 10)
+    assert (len(data.x_train), len(data.x_test)) == (4000, 1000)
+    assert torch.equal(data.x_train, compare.load_data("mnist1d").x_train)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
