@@ -226,7 +226,9 @@ def _cell_major_probs(logits: torch.Tensor) -> torch.Tensor:
     differentiates through it), stored cell-major ([64, 12, neurons] in memory): the layout the
     kernels read."""
     with torch.no_grad():
-        probs = torch.softmax(logits, dim=-1)
+        # By hand: torch.softmax over a last dimension of 12 takes a path about 5x slower.
+        probs = (logits - logits.amax(-1, keepdim=True)).exp_()
+        probs /= probs.sum(-1, keepdim=True)
         return probs.permute(1, 2, 0).contiguous().permute(2, 0, 1)
 
 
