@@ -46,7 +46,8 @@ inline constexpr int64_t kDoubleLanes = sizeof(DoubleLanes) / sizeof(double);
 // Combines the lanes of a vector pairwise (halves, then quarters, ...): a tree of depth
 // log2(lanes) rather than a serial chain through every lane.
 template <class V, class Combine>
-[[gnu::always_inline]] inline auto combine_lanes(V v, Combine combine) {
+[[gnu::always_inline]] inline auto combine_lanes(const V& lanes, Combine combine) {
+  V v = lanes;  // (by reference: a 64-byte vector by value has an ISA-dependent ABI)
   for (int width = static_cast<int>(sizeof(V) / sizeof(v[0])) / 2; width >= 1; width /= 2) {
     for (int k = 0; k < width; ++k) v[k] = combine(v[k], v[k + width]);
   }
