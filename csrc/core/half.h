@@ -48,13 +48,4 @@ inline float half_to_float(uint16_t h) {
   return out;
 }
 
-// The smallest half >= value, for finite value >= 0 (saturating at 65504): a scale rounded up
-// so that |w| / scale never exceeds the largest code.
-inline uint16_t float_to_half_up(float value) {
-  uint16_t h = float_to_half(value);
-  if (h >= kHalfMax) return kHalfMax;
-  if (half_to_float(h) < value) ++h;
-  return h;
-}
-
 }  // namespace spatium

@@ -56,8 +56,8 @@ class SpatialMemory {
   SpatialMemory& operator=(const SpatialMemory&) = delete;
 
   // Rebuilds a memory from its parts (the serialized state), validating every one: sizes that
-  // disagree, codes outside the code set or a bitmap with bits past the last region throw
-  // std::invalid_argument.
+  // disagree or a bitmap with bits past the last region throw std::invalid_argument (every
+  // stored value is a code).
   // stored_input_codes as stored_input_codes() gives them (empty for the default layout).
   static SpatialMemory from_parts(int64_t out_features, int64_t in_features,
                                   std::vector<uint64_t> stored_input_codes, int bits,

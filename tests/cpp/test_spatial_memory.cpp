@@ -56,6 +56,15 @@ TEST(Half, MatchesHardwareRounding) {
 
 class Quantize : public ::testing::TestWithParam<int> {};
 
+// The smallest half >= value (finite, >= 0, saturating at 65504): the scale rule the search
+// replaced rounded absmax / max code up so.
+uint16_t float_to_half_up(float value) {
+  uint16_t h = float_to_half(value);
+  if (h >= kHalfMax) return kHalfMax;
+  if (half_to_float(h) < value) ++h;
+  return h;
+}
+
 // Squared error of a block under a scale, with the nearest codes of [lo, hi].
 double block_error(const std::vector<float>& w, double scale, int lo, int hi) {
   double error = 0.0;
