@@ -5,11 +5,13 @@ inputs use the same cell."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
 
 from spatium_torch.ops import ACTIVATIONS, CELLS, HASH_BITS
+from spatium_torch.store import check_tensor
 from spatium_torch.tracked import TrackedParameter, is_stale
 
 GRID = 8
@@ -54,6 +56,9 @@ class ActivationMap(nn.Module):
     ``hash_input`` ``[..., hash_features]`` the input that chooses the cell (for a layer, that
     layer's input). The cell of a sample is the signs of 6 fixed random projections of
     ``hash_input`` (seeded; saved in the state_dict): 3 bits of row, 3 of column.
+
+    The state_dict holds the function table at 4 bits a cell (``table``, ``[neurons, 32]``
+    uint8, cell 2i in the low half of byte i); states holding one byte a cell load too.
 
     Args:
         num_features: neurons (the size of ``pre``'s last dimension).
@@ -170,17 +175,70 @@ class ActivationMap(nn.Module):
             picked.logits = type(self.logits)(self.logits.detach()[rows].clone())
         else:
             picked.table = self.table[rows].clone()
-        picked.hits = self.hits[rows].clone()
+        if self.hits is not None:
+            picked.hits = self.hits[rows].clone()
         picked._probs_key = picked._argmax_key = None  # the caches follow the new logits
         return picked
 
     def reset_hits(self) -> None:
         """Zeroes the hit counts."""
-        self.hits.zero_()
+        self._checked_hits().zero_()
 
     def dead_cells(self) -> torch.Tensor:
         """``[neurons, 64]`` bool: cells no sample has hit since the last reset."""
-        return self.hits == 0
+        return self._checked_hits() == 0
+
+    def _checked_hits(self) -> torch.Tensor:
+        if self.hits is None:
+            raise ValueError(
+                "ActivationMap: the hit counts were dropped at freeze "
+                "(st.freeze(model, keep_hits=True) keeps them)"
+            )
+        return self.hits
+
+    def freeze(self, keep_hits: bool = False) -> None:
+        """Fixes a learnable map to its argmax functions (the logits are dropped) and drops the
+        hit counts unless ``keep_hits``: what inference needs, nothing more."""
+        if self.logits is not None:
+            table = self.function_table().contiguous()
+            self.register_parameter("logits", None)
+            self.register_buffer("table", table)
+            self._probs = self._argmax = None
+        if not keep_hits:
+            self.register_buffer("hits", None)
+
+    # --- state_dict ---------------------------------------------------------------------------
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.table is not None and self.table.device.type != "meta":
+            destination[prefix + "table"] = pack_nibbles(self.table)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Rewritten in place into what this map holds (torch hands a module its own copy of
+        # the state): the table unpacked, a frozen map's table taken from saved logits, what a
+        # frozen map dropped left out. Checked before anything is copied.
+        where = f"ActivationMap state at {prefix!r}"
+        table_key, logits_key, hits_key = (prefix + k for k in ("table", "logits", "hits"))
+        if self.logits is None and table_key not in state_dict and logits_key in state_dict:
+            check_tensor(state_dict, logits_key, where)
+            state_dict[table_key] = state_dict.pop(logits_key).detach().argmax(-1).to(torch.uint8)
+        if table_key in state_dict:
+            check_tensor(state_dict, table_key, where)
+            state_dict[table_key] = _loaded_table(state_dict[table_key], where)
+        if self.hits is None:
+            state_dict.pop(hits_key, None)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def forward(self, pre: torch.Tensor, hash_input: torch.Tensor) -> torch.Tensor:
         if pre.shape[-1] != self.num_features:
@@ -195,8 +253,9 @@ class ActivationMap(nn.Module):
                 f"got {tuple(pre.shape)} and {tuple(hash_input.shape)}"
             )
         cells = self.cells(hash_input.reshape(-1, self.hash_features))
-        with torch.no_grad():
-            torch.ops.spatium.count_hits_(self.hits, cells)  # every neuron sees the cell
+        if self.hits is not None:
+            with torch.no_grad():
+                torch.ops.spatium.count_hits_(self.hits, cells)  # every neuron sees the cell
         flat = pre.reshape(-1, self.num_features)
         compute = torch.float64 if flat.dtype == torch.float64 else torch.float32
         flat = flat.to(compute)
@@ -215,6 +274,32 @@ class ActivationMap(nn.Module):
             f"num_features={self.num_features}, hash_features={self.hash_features}, "
             f"init={self.init!r}, learnable={self.learnable}"
         )
+
+
+def pack_nibbles(table: torch.Tensor) -> torch.Tensor:
+    """``[neurons, 64]`` function indices (< 16) as ``[neurons, 32]`` uint8, cell 2i in the low
+    half of byte i."""
+    table = table.to(torch.uint8)
+    return table[:, 0::2] | (table[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack_nibbles`."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+
+def _loaded_table(table: torch.Tensor, where: str) -> torch.Tensor:
+    """A saved table (4 bits a cell, or one byte) as ``[neurons, 64]`` function indices;
+    raises ValueError for an index past the functions. Shapes are left to torch's checks."""
+    if table.dtype != torch.uint8:
+        raise ValueError(f"{where}: table must be a uint8 tensor, got {table.dtype}")
+    if table.dim() == 2 and table.shape[1] == CELLS // 2:
+        table = unpack_nibbles(table)
+    if table.numel() and int(table.max()) >= len(ACTIVATIONS):
+        raise ValueError(
+            f"{where}: table holds function {int(table.max())}; there are {len(ACTIVATIONS)}"
+        )
+    return table
 
 
 def _stamp(logits: torch.Tensor) -> tuple | None:

@@ -23,7 +23,6 @@ from spatium_torch.neurons import (
 from spatium_torch.ops import CODE_BITS, VALID_BITS
 from spatium_torch.snapshot import Snapshot
 from spatium_torch.store import (
-    ARRAYS,
     STATE_LOCK,
     SpatialStore,
     StoreArrays,
@@ -39,8 +38,11 @@ DEFAULT_PERTURBATION = 0.2
 CONNECTIVITIES = ("local", "random")
 # Growth statistics: float32 whatever the layer's dtype (.half() must not round them).
 _STATISTICS = ("activity", "output_mean")
+# What only growth and pruning read: dropped at freeze (a frozen layer cannot change shape).
+_TRAINING_STATISTICS = (*_STATISTICS, "split_cooldown")
 # The buffers in the state_dict besides the store (positions change as layers grow).
-_SAVED_BUFFERS = ("input_positions", "neuron_positions", *_STATISTICS, "split_cooldown")
+_POSITIONS = ("input_positions", "neuron_positions")
+_SAVED_BUFFERS = (*_POSITIONS, *_TRAINING_STATISTICS)
 
 
 class SpatialLayer(nn.Module):
@@ -322,7 +324,10 @@ class SpatialLayer(nn.Module):
     @torch.no_grad()
     def update_activity(self, output: torch.Tensor) -> None:
         """Folds a batch of this layer's neuron outputs ``[..., out]`` into the ``activity`` and
-        ``output_mean`` EMAs (forward calls it in training unless ``track_activity`` is off)."""
+        ``output_mean`` EMAs (forward calls it in training unless ``track_activity`` is off).
+        A frozen layer keeps no statistics: nothing to do."""
+        if self._buffers["activity"] is None:
+            return
         torch.ops.spatium.track_activity_(
             output.detach().reshape(-1, self.out_features),
             self._buffers["activity"],
@@ -332,9 +337,11 @@ class SpatialLayer(nn.Module):
 
     def prune_candidates(self, threshold: float | None = None) -> torch.Tensor:
         """``[out]`` bool: neurons whose saturation or activity is under ``threshold`` (default:
-        ``prune_threshold``)."""
+        ``prune_threshold``; a frozen layer has no activity: saturation alone)."""
         limit = self.prune_threshold if threshold is None else _fraction(threshold, "threshold")
-        return (self.saturation() < limit) | (self._buffers["activity"] < limit)
+        candidates = self.saturation() < limit
+        activity = self._buffers["activity"]
+        return candidates if activity is None else candidates | (activity < limit)
 
     # --- growth, pruning, rewiring ----------------------------------------------------
     def grow(
@@ -673,13 +680,19 @@ class SpatialLayer(nn.Module):
             stage.replaced.append((self.activation_map.logits, new_map.logits, by_rows))
         return stage
 
-    def freeze(self) -> None:
-        """Drops the latent weight: the store becomes the only copy."""
+    def freeze(self, keep_hits: bool = False) -> None:
+        """Drops the latent weight (the store becomes the only copy) and the growth statistics
+        (``activity``, ``output_mean``, ``split_cooldown``), and freezes the activation map
+        (:meth:`ActivationMap.freeze`; ``keep_hits`` keeps its hit counts)."""
+        if self.activation_map is not None:
+            self.activation_map.freeze(keep_hits)
         if self.weight is None:
             return
         self._sync()
         del self.weight
         self.register_parameter("weight", None)
+        for name in _TRAINING_STATISTICS:
+            self._buffers[name] = None
         self.store.frozen = True
 
     # --- forward --------------------------------------------------------------------------------
@@ -774,7 +787,7 @@ class SpatialLayer(nn.Module):
         super()._apply(fn, recurse)
         for name, before in statistics.items():
             after = self._buffers[name]
-            if after.dtype != before.dtype:
+            if after is not None and after.dtype != before.dtype:
                 self._buffers[name] = before.to(after.device)
         weight = self._parameters["weight"]
         if in_step and isinstance(weight, TrackedParameter):
@@ -784,26 +797,45 @@ class SpatialLayer(nn.Module):
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         self._sync()  # the saved codes are the quantization of the saved latent weight
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        # Default positions are left out: a load that finds none takes the defaults.
+        for name, default in self._default_positions().items():
+            held = self._buffers[name]
+            if held.device.type != "meta" and torch.equal(held.cpu(), default):
+                del destination[prefix + name]
+
+    def _default_positions(self) -> dict[str, torch.Tensor]:
+        """The positions this layer's configuration gives its inputs and neurons (host)."""
+        return {
+            "input_positions": layouts.default(self.in_features),
+            "neuron_positions": layouts.neuron_grid(self.out_features, self.grid_dims),
+        }
 
     def check_state_dict(self, state_dict: Mapping[str, Any], prefix: str = "") -> None:
         """Checks this layer's entries of ``state_dict`` (keys ``prefix + name``) as a load does
         before it changes anything, changing neither the layer nor ``state_dict``. Raises
         ValueError naming the problem (TypeError for an entry that is not a tensor)."""
-        if prefix + "_extra_state" in state_dict:
-            state_dict = dict(state_dict)  # a state of the first format is rewritten in a copy
-        self._checked_state(state_dict, prefix)
+        self._checked_state(dict(state_dict), prefix)  # checked in a copy it may rewrite
 
     def _checked_state(
         self, state_dict: dict[str, Any], prefix: str
     ) -> tuple[torch.Tensor, torch.ScriptObject | None]:
         """Every check of a load: returns the input positions the state holds and the host
-        memory of its store (None when it has no store entries). Rewrites a state of the first
-        format in place."""
+        memory of its store (None when it has no store entries). Rewrites the state in place
+        into what this layer loads: a state of the first format upgraded, the default positions
+        a packed store leaves out filled in, the growth statistics of older frozen states
+        dropped."""
         where = f"SpatialLayer state at {prefix!r}"
         if prefix + "_extra_state" in state_dict:
             upgrade_first_format(state_dict, prefix, where)
+        store_prefix = prefix + "store."
+        if store_prefix + "packed" in state_dict:
+            for name, default in self._default_positions().items():
+                state_dict.setdefault(prefix + name, default)
+        if self.frozen:
+            for name in _TRAINING_STATISTICS:
+                state_dict.pop(prefix + name, None)
         saved = [(n, t) for n, t in self._parameters.items() if t is not None]
-        saved += [(n, self._buffers[n]) for n in _SAVED_BUFFERS]
+        saved += [(n, self._buffers[n]) for n in _SAVED_BUFFERS if self._buffers[n] is not None]
         for name, tensor in saved:
             key = prefix + name
             if key not in state_dict:
@@ -822,23 +854,21 @@ class SpatialLayer(nn.Module):
             _checked_positions(
                 neurons, self.out_features, "neuron_positions", self.grid_dims, where
             )
-        store_prefix = prefix + "store."
         if not any(key.startswith(store_prefix) for key in state_dict):
             if not torch.equal(positions, self.input_positions.cpu()):
                 raise ValueError(f"{where}: new input_positions need the store too")
             return positions, None
-        frozen = self.store.saved_frozen(state_dict, store_prefix)
-        if frozen is not None and frozen != self.frozen:
+        frozen = bool(self.store.saved_header(state_dict, store_prefix)["frozen"])
+        if frozen != self.frozen:
             kind = "frozen" if frozen else "with latent weights"
             mine = "frozen" if self.frozen else "not"
             raise ValueError(
                 f"{where}: saved {kind}, this layer is {mine}; call st.freeze(model) "
                 "first to load a frozen state"
             )
-        memory = self.store.check_state(state_dict, store_prefix)
-        layout = torch.classes.spatium.SpatialMemory(
-            1, layouts.morton_order(positions)[0], self.bits, self.region_bits
-        )
+        sorted_codes = layouts.morton_order(positions)[0]
+        memory = self.store.check_state(state_dict, store_prefix, sorted_codes)
+        layout = torch.classes.spatium.SpatialMemory(1, sorted_codes, self.bits, self.region_bits)
         if not torch.equal(memory.parts()["input_codes"], layout.parts()["input_codes"]):
             raise ValueError(f"{where}: the store's input positions differ from the layer's")
         return positions, memory
@@ -869,10 +899,6 @@ class SpatialLayer(nn.Module):
                 self.store.install(memory)
             self._set_input_order(sorted_codes, order)
             self._synced = None
-        if install:
-            # The store, loaded next as a submodule, finds its own arrays: nothing left to do.
-            store_prefix = prefix + "store."
-            state_dict.update({store_prefix + n: self.store.get_buffer(n) for n in ARRAYS})
 
 
 def load_state_dict(
@@ -904,12 +930,14 @@ def load_state_dict(
         raise
 
 
-def freeze(model: nn.Module) -> nn.Module:
-    """Drops the latent weights of every SpatialLayer in ``model``: each store becomes the only
-    copy of its weights. Forward and the backward to the input still work. Returns ``model``."""
+def freeze(model: nn.Module, *, keep_hits: bool = False) -> nn.Module:
+    """Makes every SpatialLayer in ``model`` an inference layer (:meth:`SpatialLayer.freeze`):
+    each store becomes the only copy of its weights, growth statistics are dropped, activation
+    maps keep their argmax functions (and their hit counts if ``keep_hits``). Forward and the
+    backward to the input still work. Returns ``model``."""
     for module in model.modules():
         if isinstance(module, SpatialLayer):
-            module.freeze()
+            module.freeze(keep_hits)
     return model
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from spatium_torch.layer import SpatialLayer
@@ -23,9 +25,11 @@ class LayerStats:
         bits: code width.
         neuron_count: neurons (``out_features``).
         active_neurons: neurons holding at least one block whose output was non-zero for at least
-            1% of recent training samples.
+            1% of recent training samples (a frozen layer, which keeps no activity: neurons
+            holding a block).
         average_saturation: mean share of fan-in covered by active blocks.
-        average_activity: mean of the activity EMA (share of samples with non-zero output).
+        average_activity: mean of the activity EMA (share of samples with non-zero output);
+            NaN for a frozen layer.
         growth_candidates: neurons that :meth:`SpatialLayer.should_split` (cooldown ignored).
         prune_candidates: neurons whose saturation or activity is under ``prune_threshold``.
     """
@@ -68,14 +72,17 @@ class NetworkStats:
 def layer_stats(layer: SpatialLayer, name: str = "") -> LayerStats:
     """The :class:`LayerStats` of one layer."""
     saturation = layer.saturation()
+    # A frozen layer keeps no activity: its neurons count as active, the average as NaN.
     activity = layer.activity
+    if activity is None:
+        activity = torch.full_like(saturation, math.nan)
     holds_blocks = saturation > 0
     return LayerStats(
         name=name,
         in_features=layer.in_features,
         bits=layer.bits,
         neuron_count=layer.out_features,
-        active_neurons=int((holds_blocks & (activity >= ACTIVE_SHARE)).sum()),
+        active_neurons=int((holds_blocks & ~(activity < ACTIVE_SHARE)).sum()),
         average_saturation=float(saturation.mean()),
         average_activity=float(activity.mean()),
         growth_candidates=int((saturation > layer.growth_threshold).sum()),

@@ -2,8 +2,9 @@
 
 :class:`SpatialStore` is a module of buffers only (never Parameters): the arrays of the packed,
 block-sparse memory (layout in ``csrc/core/spatial_memory.h``), addressed by name. Being
-buffers, they follow the layer through ``.to()``, ``.cuda()``, ``to("meta")``, ``to_empty()``,
-DDP's broadcasts and the ``state_dict``, which holds them as flat tensors (safetensors-ready).
+buffers, they follow the layer through ``.to()``, ``.cuda()``, ``to("meta")``, ``to_empty()``
+and DDP's broadcasts. The ``state_dict`` holds the arrays that define the memory as one uint8
+tensor (:meth:`SpatialStore.packed`, safetensors-ready); a load derives the others.
 The compute ops read them where they are. Layout changes (growth, rewiring, a point write),
 validation of a saved state, stats and the bloom filter go through the host-side C++ store
 (``torch.classes.spatium.SpatialMemory``): :meth:`SpatialStore.host` builds it from the
@@ -28,7 +29,12 @@ from torch import nn
 # could not be deep-copied or pickled, and both sides hold it for microseconds.
 STATE_LOCK = threading.Lock()
 
-STATE_FORMAT = 2
+# The state_dict holds a store as one uint8 tensor, `packed`: the header (HEADER, one int64
+# each), then the bitmap (int64 words), the scales (fp16) and the codes, little-endian. The
+# other arrays are derived from these and the layer's input positions. One entry, not ten:
+# every entry of a torch.save file costs about 260 bytes, as much as a small layer's bitmap,
+# directory and header together.
+STATE_FORMAT = 3
 # Every array the store holds, as SpatialMemory.parts() names them. input_codes is
 # empty for the default layout (input j at code j); bloom is the serialized bloom filter.
 ARRAYS = (
@@ -45,9 +51,14 @@ ARRAYS = (
 _DTYPES = dict(
     zip(ARRAYS, (torch.int64,) * 6 + (torch.float16, torch.uint8, torch.uint8), strict=True)
 )
-# The int64 `header` buffer: what the arrays mean, so a state_dict is tensors only.
+# What the packed arrays mean.
 HEADER = ("format", "in_features", "out_features", "bits", "region_bits", "frozen", "checksum")
-# The first state format kept the store in one `_extra_state` dict with these values.
+_HEADER_BYTES = 8 * len(HEADER)
+# What the packed state holds after its header; the rest of ARRAYS is derived on load.
+_PACKED = ("bitmap", "scales", "codes")
+# The second format saved every array as its own entry, the header as an int64 tensor.
+_SECOND_FORMAT = 2
+# The first format kept the store in one `_extra_state` dict with these values.
 _V1_CONFIG = HEADER[1:]
 
 
@@ -63,9 +74,9 @@ class StoreArrays(NamedTuple):
 
 
 class SpatialStore(nn.Module):
-    """The quantized, block-sparse weights of one layer: buffers named as in :data:`ARRAYS`
-    plus ``header``. Built from a host memory (``torch.classes.spatium.SpatialMemory``) and
-    placed on ``device``."""
+    """The quantized, block-sparse weights of one layer: buffers named as in :data:`ARRAYS`.
+    Built from a host memory (``torch.classes.spatium.SpatialMemory``) and placed on
+    ``device``."""
 
     def __init__(self, memory: torch.ScriptObject, device: torch.device | str = "cpu") -> None:
         super().__init__()
@@ -75,7 +86,6 @@ class SpatialStore(nn.Module):
         self.region_bits = memory.region_bits()
         self.frozen = False
         self._host: tuple[tuple, torch.ScriptObject] | None = None
-        self.register_buffer("header", torch.zeros(len(HEADER), dtype=torch.int64))
         for name in ARRAYS:
             self.register_buffer(name, None)
         self.install(memory, device)
@@ -105,11 +115,7 @@ class SpatialStore(nn.Module):
 
     def region_mask(self) -> torch.Tensor:
         """``[out, regions]`` bool: which blocks (neuron x region) are active."""
-        words = self._buffers["bitmap"].view(torch.uint8)
-        shifts = torch.arange(8, dtype=torch.uint8, device=words.device)
-        bits = (words.unsqueeze(1) >> shifts) & 1
-        count = self.out_features * self.num_regions
-        return bits.flatten()[:count].view(self.out_features, self.num_regions).bool()
+        return bitmap_mask(self._buffers["bitmap"], self.out_features, self.num_regions)
 
     # --- the host-side store ----------------------------------------------------------------
     def host(self) -> torch.ScriptObject:
@@ -158,35 +164,46 @@ class SpatialStore(nn.Module):
         return sum(t.numel() * t.element_size() for t in self._store_tensors())
 
     # --- state_dict ---------------------------------------------------------------------------
-    def _header_values(self, checksum: int) -> list[int]:
-        return [
+    def packed(self) -> torch.Tensor:
+        """The store's state: one uint8 tensor holding the header, bitmap, scales and codes (see
+        :data:`STATE_FORMAT`), on the store's device. Its checksum covers the arrays as they
+        are now."""
+        arrays = [self._buffers[name] for name in _PACKED]
+        if self.device.type == "meta":
+            size = _HEADER_BYTES + sum(t.numel() * t.element_size() for t in arrays)
+            return torch.empty(size, dtype=torch.uint8, device="meta")
+        header = [
             STATE_FORMAT, self.in_features, self.out_features, self.bits, self.region_bits,
-            int(self.frozen), checksum,
+            int(self.frozen), self.host().checksum(),
         ]  # fmt: skip
+        parts = [torch.tensor(header, dtype=torch.int64), *(t.detach().cpu() for t in arrays)]
+        return torch.cat([t.contiguous().view(torch.uint8) for t in parts]).to(self.device)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        # The header is filled in when saved: the checksum covers the arrays as they are now.
-        checksum = self.host().checksum() if self.device.type != "meta" else 0
-        self._buffers["header"] = torch.tensor(
-            self._header_values(checksum), dtype=torch.int64, device=self.device
-        )
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "packed"] = self.packed()
 
-    def check_state(self, state: dict[str, Any], prefix: str) -> torch.ScriptObject:
-        """Validates the store's part of a state_dict (keys ``prefix + name``) against this
-        store's configuration and returns the host memory it describes; changes nothing.
-        Raises ValueError naming the problem (TypeError for an entry that is not a tensor)."""
+    def saved_header(self, state: dict[str, Any], prefix: str) -> dict[str, int]:
+        """The header of the store's entries in ``state`` (keys ``prefix + name``), of this
+        format or the second, checked against this store's configuration. Raises ValueError
+        naming the problem (TypeError for an entry that is not a tensor)."""
         where = f"SpatialLayer state at {prefix!r}"
-        missing = [prefix + k for k in ("header", *ARRAYS) if prefix + k not in state]
-        if missing:
-            raise ValueError(f"{where}: not a SpatialLayer store (missing {missing})")
-        for name in ("header", *ARRAYS):
-            check_tensor(state, prefix + name, where)
-        header = state[prefix + "header"]
-        if tuple(header.shape) != (len(HEADER),):
-            raise ValueError(f"{where}: header must be an int64 tensor of {len(HEADER)} values")
-        saved = dict(zip(HEADER, header.tolist(), strict=True))
-        if saved["format"] != STATE_FORMAT:
+        if prefix + "packed" in state:
+            check_tensor(state, prefix + "packed", where)
+            packed = state[prefix + "packed"]
+            if packed.dtype != torch.uint8 or packed.dim() != 1 or len(packed) < _HEADER_BYTES:
+                raise ValueError(
+                    f"{where}: packed must be a 1-D uint8 tensor of at least {_HEADER_BYTES} bytes"
+                )
+            values, expected_format = _host_bytes(packed[:_HEADER_BYTES]).view(torch.int64), 3
+        elif prefix + "header" in state:
+            check_tensor(state, prefix + "header", where)
+            values, expected_format = state[prefix + "header"], _SECOND_FORMAT
+            if values.dtype != torch.int64 or tuple(values.shape) != (len(HEADER),):
+                raise ValueError(f"{where}: header must be an int64 tensor of {len(HEADER)} values")
+        else:
+            raise ValueError(f"{where}: not a SpatialLayer store (no {prefix + 'packed'!r})")
+        saved = dict(zip(HEADER, values.tolist(), strict=True))
+        if saved["format"] != expected_format:
             raise ValueError(f"{where}: unknown store format {saved['format']!r}")
         for key in ("in_features", "out_features", "bits", "region_bits"):
             if saved[key] != getattr(self, key):
@@ -194,23 +211,62 @@ class SpatialStore(nn.Module):
                     f"{where}: {key} is {saved[key]} in the state but {getattr(self, key)} in "
                     "this layer"
                 )
-        arrays = {}
-        for name in ARRAYS:
-            tensor = state[prefix + name]
-            if tensor.dtype != _DTYPES[name]:
-                raise ValueError(f"{where}: {name} must be a {_DTYPES[name]} tensor")
-            arrays[name] = tensor
+        return saved
+
+    def check_state(
+        self, state: dict[str, Any], prefix: str, sorted_codes: torch.Tensor
+    ) -> torch.ScriptObject:
+        """Validates the store's part of a state_dict (keys ``prefix + name``) against this
+        store's configuration and returns the host memory it describes; changes nothing. The
+        inputs' sorted Morton codes (``sorted_codes``, the layer's) lay out a packed state.
+        Raises ValueError naming the problem (TypeError for an entry that is not a tensor)."""
+        where = f"SpatialLayer state at {prefix!r}"
+        saved = self.saved_header(state, prefix)
+        if saved["format"] == STATE_FORMAT:
+            arrays = self._unpacked(_host_bytes(state[prefix + "packed"]), sorted_codes, where)
+        else:
+            arrays = {}
+            for name in ARRAYS:
+                if prefix + name not in state:
+                    raise ValueError(f"{where}: not a SpatialLayer store (missing {prefix + name})")
+                check_tensor(state, prefix + name, where)
+                if state[prefix + name].dtype != _DTYPES[name]:
+                    raise ValueError(f"{where}: {name} must be a {_DTYPES[name]} tensor")
+                arrays[name] = state[prefix + name]
         memory = build_host(self, arrays, where)
         if memory.checksum() != saved["checksum"]:
             raise ValueError(f"{where}: checksum mismatch (damaged memory)")
         return memory
 
-    def saved_frozen(self, state: dict[str, Any], prefix: str) -> bool | None:
-        """Whether the state at ``prefix`` was saved frozen (None when it has no header)."""
-        header = state.get(prefix + "header")
-        if not isinstance(header, torch.Tensor) or header.numel() != len(HEADER):
-            return None
-        return bool(header[HEADER.index("frozen")])
+    def _unpacked(
+        self, packed: torch.Tensor, sorted_codes: torch.Tensor, where: str
+    ) -> dict[str, torch.Tensor]:
+        """The arrays of a packed state (host bytes, header included): its bitmap, scales and
+        codes, the rest derived from them and the inputs' layout."""
+        layout = torch.classes.spatium.SpatialMemory(
+            self.out_features, sorted_codes, self.bits, self.region_bits
+        )
+        data = packed[_HEADER_BYTES:]
+        bitmap_bytes = 8 * len(layout.parts()["bitmap"])
+        if len(data) < bitmap_bytes:
+            raise ValueError(
+                f"{where}: packed holds {len(data)} bytes after its header; the bitmap alone "
+                f"takes {bitmap_bytes}"
+            )
+        bitmap = data[:bitmap_bytes].view(torch.int64)
+        layout.set_active(bitmap_mask(bitmap, self.out_features, layout.num_regions()))
+        arrays = dict(layout.parts())
+        scale_bytes = 2 * len(arrays["scales"])
+        expected = bitmap_bytes + scale_bytes + len(arrays["codes"])
+        if len(data) != expected:
+            raise ValueError(
+                f"{where}: packed holds {len(data)} bytes after its header; its bitmap calls "
+                f"for {expected}"
+            )
+        arrays["bitmap"] = bitmap  # as saved: bits past the last neuron are refused
+        arrays["scales"] = data[bitmap_bytes : bitmap_bytes + scale_bytes].view(torch.float16)
+        arrays["codes"] = data[bitmap_bytes + scale_bytes :]
+        return arrays
 
     def _load_from_state_dict(
         self,
@@ -222,22 +278,15 @@ class SpatialStore(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # The arrays' sizes follow the saved layout, so they are replaced, not copied into.
-        if not any(key.startswith(prefix) for key in state_dict):
-            missing_keys.extend(prefix + name for name in ("header", *ARRAYS))
-            return
-        known = {prefix + name for name in ("header", *ARRAYS)}
-        unexpected_keys.extend(
-            k for k in state_dict if k.startswith(prefix) and k not in known and "." not in
-            k[len(prefix):]
-        )  # fmt: skip
-        if all(state_dict.get(prefix + name) is self._buffers[name] for name in ARRAYS):
-            return  # this store's own arrays: its layer's load installed them already
-        memory = self.check_state(state_dict, prefix)
-        if self.device.type == "meta":
-            return  # as torch does for meta tensors: nothing to copy into
-        with STATE_LOCK:
-            self.install(memory)
+        # The layer checks and installs the store (the arrays are laid out by its input
+        # positions) before this runs; here the keys are accounted for.
+        names = {k[len(prefix) :] for k in state_dict if k.startswith(prefix)}
+        if "packed" in names or not names & {"header", *ARRAYS}:
+            known = {"packed"}
+        else:
+            known = {"header", *ARRAYS}
+        missing_keys.extend(prefix + name for name in sorted(known - names))
+        unexpected_keys.extend(prefix + name for name in sorted(names - known) if "." not in name)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -255,6 +304,21 @@ def check_tensor(state: dict[str, Any], key: str, where: str) -> None:
     value = state[key]
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{where}: {key!r} must be a tensor, got {type(value).__name__}")
+
+
+def bitmap_mask(bitmap: torch.Tensor, neurons: int, regions: int) -> torch.Tensor:
+    """``[neurons, regions]`` bool: the blocks an int64 ``bitmap`` marks active (neuron-major,
+    bit i of word w is block 64 w + i)."""
+    words = bitmap.view(torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=words.device)
+    bits = (words.unsqueeze(1) >> shifts) & 1
+    return bits.flatten()[: neurons * regions].view(neurons, regions).bool()
+
+
+def _host_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``tensor`` starting at offset 0, so that views of it at aligned offsets
+    as wider types are allowed."""
+    return tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
 
 
 def build_host(
@@ -276,7 +340,7 @@ def build_host(
 
 def upgrade_first_format(state_dict: dict[str, Any], prefix: str, where: str) -> None:
     """Rewrites a layer state of the first format (the store as one `_extra_state` dict) into
-    the flat tensors of this one; the store's checks then apply as to any state."""
+    the flat tensors of the second; the store's checks then apply as to any state."""
     extra = state_dict.pop(prefix + "_extra_state")
     if not isinstance(extra, dict) or extra.get("format") != 1:
         raise ValueError(f"{where}: _extra_state is not a SpatialLayer state of format 1")
@@ -284,7 +348,7 @@ def upgrade_first_format(state_dict: dict[str, Any], prefix: str, where: str) ->
     if missing:
         raise ValueError(f"{where}: not a SpatialLayer state (missing {missing})")
     config = [int(extra[k]) for k in _V1_CONFIG]
-    state_dict[prefix + "store.header"] = torch.tensor([STATE_FORMAT, *config])
+    state_dict[prefix + "store.header"] = torch.tensor([_SECOND_FORMAT, *config])
     for name in ARRAYS:
         state_dict[prefix + "store." + name] = extra[name]
     scales = extra["scales"]

@@ -87,3 +87,22 @@ def train_growing_digits(
     with torch.no_grad():
         accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
     return accuracy, model, controller
+
+
+def second_format(layer: st.SpatialLayer, state: dict, prefix: str = "") -> dict:
+    """``state`` (``layer``'s own, saved with the packed store) as the second state format saved
+    it: every store array its own entry, the header an int64 tensor, positions always kept, an
+    activation map's table one byte a cell."""
+    state = dict(state)
+    packed = state.pop(prefix + "store.packed")
+    header = packed[: 8 * len(st.store.HEADER)].clone().view(torch.int64)
+    header[0] = 2
+    state[prefix + "store.header"] = header
+    for name, value in layer.store.host().parts().items():
+        state[prefix + "store." + name] = value
+    for name in ("input_positions", "neuron_positions"):
+        state[prefix + name] = layer.get_buffer(name).clone()
+    table = prefix + "activation_map.table"
+    if table in state:
+        state[table] = st.activation.unpack_nibbles(state[table])
+    return state

@@ -4,6 +4,7 @@ import io
 
 import pytest
 import torch
+from helpers import second_format
 from torch import nn
 
 import spatium_torch as st
@@ -120,23 +121,43 @@ def test_frozen_state_into_unfrozen_layer_is_refused():
         layer.load_state_dict(state)
 
 
+HEADER_BYTES = 8 * len(st.store.HEADER)
+# layer_of(density=0.5): 6 neurons x 13 regions, a 2-word bitmap; the scales follow it.
+SCALES_AT = HEADER_BYTES + 16
+
+
+def packed_damage(change):
+    """A damage that edits a copy of the packed store in place (``change(packed)``)."""
+
+    def damage(state):
+        packed = state["store.packed"].clone()
+        change(packed)
+        state["store.packed"] = packed
+
+    return damage
+
+
+def header_field(name, delta):
+    index = st.store.HEADER.index(name)
+    return packed_damage(lambda p: p[:HEADER_BYTES].view(torch.int64)[index].add_(delta))
+
+
 @pytest.mark.parametrize(
     "damage",
     [
-        lambda s: s.update({"store.codes": s["store.codes"][:-1]}),
-        lambda s: s.update({"store.scales": s["store.scales"][:-2]}),
-        lambda s: s.update({"store.bitmap": s["store.bitmap"][:1]}),
-        lambda s: s["store.codes"].__setitem__(0, s["store.codes"][0] ^ 0x11),
-        lambda s: (
-            s["store.scales"]
-            .view(torch.int16)
-            .__setitem__(0, s["store.scales"].view(torch.int16)[0] ^ 0x400)
-        ),
-        lambda s: s["store.header"].__setitem__(-1, s["store.header"][-1] + 1),
-        lambda s: s["store.header"].__setitem__(0, 7),
-        lambda s: s.pop("store.bitmap"),
-        lambda s: s.update({"store.bitmap": s["store.bitmap"].float()}),
-        lambda s: s.update({"store.header": s["store.header"][:3]}),
+        lambda s: s.update({"store.packed": s["store.packed"][:-1]}),
+        lambda s: s.update({"store.packed": torch.cat([s["store.packed"], s["store.packed"][:2]])}),
+        lambda s: s.update({"store.packed": s["store.packed"][: HEADER_BYTES - 8]}),
+        lambda s: s.update({"store.packed": s["store.packed"][: HEADER_BYTES + 8]}),
+        packed_damage(lambda p: p[-1].bitwise_xor_(0x11)),  # a code
+        packed_damage(lambda p: p[SCALES_AT + 1].bitwise_xor_(0x04)),  # a scale's exponent
+        packed_damage(lambda p: p[HEADER_BYTES].bitwise_xor_(0x01)),  # a block fewer
+        packed_damage(lambda p: p[SCALES_AT - 1].bitwise_or_(0x80)),  # past the last neuron
+        header_field("checksum", 1),
+        header_field("format", 4),
+        header_field("bits", -2),
+        lambda s: s.update({"store.packed": s["store.packed"].float()}),
+        lambda s: s.update({"store.packed": s["store.packed"].view(1, -1)}),
     ],
 )
 def test_damaged_state_fails_clearly_and_changes_nothing(damage):
@@ -181,7 +202,7 @@ def spatial_mlp(seed, density=1.0):
 
 REFUSALS = {
     "damaged codes in the second layer": (
-        lambda s: s["2.store.codes"].__setitem__(0, s["2.store.codes"][0] ^ 0x11),
+        lambda s: s["2.store.packed"].__setitem__(-1, s["2.store.packed"][-1] ^ 0x11),
         ValueError,
         r"'2\.store\.'",
     ),
@@ -231,7 +252,7 @@ def test_a_spatial_network_loads_all_or_nothing():
     torch.manual_seed(1)
     source = st.SpatialNetwork([100, 6, 3], region_bits=3, density=0.5)
     state = {k: v.clone() for k, v in source.state_dict().items()}
-    state["2.store.scales"].view(torch.int16)[0] ^= 0x400
+    state["2.store.packed"][-1] ^= 0x11  # a code
     x = torch.randn(4, 100)
     before, outputs = held(network), network(x)
     with pytest.raises(ValueError, match="checksum"):
@@ -255,7 +276,7 @@ def test_a_spatial_network_loads_all_or_nothing():
 def test_positions_outside_the_space_are_refused_at_load(key, damage, match):
     layer = layer_of(growth_threshold=0.0)
     state = layer_of().state_dict()
-    state[key] = damage(state[key])
+    state[key] = damage(layer.get_buffer(key))  # default positions are not saved
     before = held(layer)
     with pytest.raises(ValueError, match=match):
         layer.load_state_dict(state)
@@ -266,7 +287,7 @@ def test_positions_outside_the_space_are_refused_at_load(key, damage, match):
 def test_neuron_positions_outside_the_grid_are_refused_at_load():
     layer = layer_of(grid_dims=(3, 2, 1), growth_threshold=0.0, max_split_fraction=0.1)
     state = layer.state_dict()
-    state["neuron_positions"] = state["neuron_positions"].clone()
+    state["neuron_positions"] = layer.neuron_positions.clone()
     state["neuron_positions"][0] = torch.tensor([3, 0, 0])
     before = held(layer)
     with pytest.raises(ValueError, match=r"neuron_positions must lie in the grid \(3, 2, 1\)"):
@@ -276,13 +297,16 @@ def test_neuron_positions_outside_the_grid_are_refused_at_load():
 
 @pytest.mark.parametrize(
     "key",
-    ["weight", "bias", "activity", "neuron_positions", "input_positions", "store.codes",
-     "store.header"],
+    ["weight", "bias", "activity", "neuron_positions", "input_positions", "store.packed",
+     "store.header", "store.codes"],
 )  # fmt: skip
 @pytest.mark.parametrize("value", [[1, 2], 3])
 def test_a_state_entry_that_is_not_a_tensor_is_a_type_error_naming_it(key, value):
     layer = layer_of()
-    state = layer_of(density=0.5).state_dict()
+    source = layer_of(density=0.5)
+    state = source.state_dict()
+    if key in ("store.header", "store.codes"):
+        state = second_format(source, state)
     state[key] = value
     before = held(layer)
     with pytest.raises(TypeError, match=f"'{key}' must be a tensor, got {type(value).__name__}"):
@@ -357,16 +381,93 @@ def test_bytes_close_to_bits_over_8_per_stored_weight(bits, region_bits):
 @pytest.mark.parametrize("bits", [1, 4])
 def test_frozen_layer_bytes_equal_its_state(positions, bits):
     layer = st.freeze(layer_of(bits=bits, density=0.5, input_positions=positions))
-    store = {k: v for k, v in layer.state_dict().items() if k.startswith("store.")}
-    saved = sum(v.numel() * v.element_size() for k, v in store.items() if k != "store.header")
-    assert layer.memory.bytes == saved == layer.store.nbytes()
+    state = layer.state_dict()
+    kept = ["bias", "store.packed"] + ([] if positions is None else ["input_positions"])
+    assert sorted(state) == sorted(kept)
+    defining = layer.memory.bytes - sum(
+        t.numel() * t.element_size() for t in (layer.store.region_keys, layer.store.region_begin,
+        layer.store.block_begin, layer.store.code_begin, layer.store.bloom, layer.store.input_codes)
+    )  # fmt: skip
+    assert state["store.packed"].numel() == HEADER_BYTES + defining
+    assert layer.memory.bytes == layer.store.nbytes()
 
 
-def test_default_layout_stores_no_input_codes():
-    default = layer_of().state_dict()["store.input_codes"]
-    custom = layer_of(input_positions=st.layouts.grid(10, 10)).state_dict()["store.input_codes"]
-    assert default.numel() == 0
-    assert custom.numel() == 100
+def model_bytes(model):
+    """What a frozen model needs to compute: codes, scales, biases, and for activation maps the
+    4-bit function table and the fp32 hash projections."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, st.SpatialLayer):
+            total += module.store.codes.numel() + 2 * module.store.scales.numel()
+            total += 0 if module.bias is None else 4 * module.bias.numel()
+        if isinstance(module, st.ActivationMap):
+            total += module.table.numel() // 2 + 4 * module.projections.numel()
+    return total
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, dict(activation="map", map_init="random"), dict(activation="map", map_learnable=True)],
+    ids=["plain", "map", "learnable map"],
+)
+def test_a_frozen_model_file_is_within_a_tenth_of_its_bytes(tmp_path, options):
+    # The MNIST-1D model of the comparison: 40-256-256-10, 4-bit.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        st.SpatialLayer(40, 256, **options), nn.ReLU(),
+        st.SpatialLayer(256, 256, **options), nn.ReLU(),
+        st.SpatialLayer(256, 10),
+    )  # fmt: skip
+    model(torch.randn(8, 40)).sum().backward()  # hit counts, gradients: nothing of it is saved
+    st.freeze(model)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    size = (tmp_path / "model.pt").stat().st_size
+    assert size <= 1.1 * model_bytes(model)
+    loaded = torch.load(tmp_path / "model.pt", weights_only=True)
+    torch.manual_seed(1)
+    other = st.freeze(
+        nn.Sequential(
+            st.SpatialLayer(40, 256, **options),
+            nn.ReLU(),
+            st.SpatialLayer(256, 256, **options),
+            nn.ReLU(),
+            st.SpatialLayer(256, 10),
+        )  # fmt: skip
+    )
+    other.load_state_dict(loaded)
+    x = torch.randn(16, 40)
+    torch.testing.assert_close(other.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_freezing_keeps_the_map_functions_and_drops_statistics():
+    layer = layer_of(activation="map", map_init="random", map_learnable=True, map_seed=3)
+    x = torch.randn(32, 100)
+    layer(x)
+    expected = layer.eval()(x)
+    table = layer.activation_map.function_table().clone()
+    st.freeze(layer)
+    assert layer.activation_map.logits is None and layer.activation_map.hits is None
+    assert torch.equal(layer.activation_map.function_table(), table)
+    assert layer.activity is None and layer.split_cooldown is None
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    layer.train()(x)  # a frozen layer trains its bias and counts nothing
+    assert st.network_stats(layer).layer_stats[0].active_neurons == layer.out_features
+    with pytest.raises(ValueError, match="keep_hits=True"):
+        layer.activation_map.dead_cells()
+    kept = st.freeze(layer_of(activation="map"), keep_hits=True)
+    kept(x)
+    assert int(kept.activation_map.hits.sum()) == 32 * kept.out_features
+
+
+def test_default_layout_stores_no_positions():
+    default = layer_of().state_dict()
+    custom = layer_of(input_positions=st.layouts.grid(10, 10), grid_dims=(3, 3, 3)).state_dict()
+    assert "input_positions" not in default and "neuron_positions" not in default
+    assert torch.equal(custom["input_positions"], st.layouts.grid(10, 10))
+    assert "neuron_positions" not in custom  # the grid's default
+    moved = layer_of()
+    moved.neuron_positions.copy_(moved.neuron_positions.flip(0))  # as a prune may leave them
+    assert torch.equal(moved.state_dict()["neuron_positions"], moved.neuron_positions)
 
 
 def test_deepcopy_gets_its_own_consistent_store():

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from devices import DEVICES
+from helpers import second_format
 from torch import nn
 
 import spatium_torch as st
@@ -186,9 +187,40 @@ def test_safetensors_round_trip_is_bitwise(tmp_path, frozen):
         assert torch.equal(value, state[key]), key
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("learnable", [False, True])
+def test_a_state_of_the_second_format_loads(frozen, learnable):
+    # The second format saved positions, growth statistics, a map's logits and hit counts,
+    # frozen or not.
+    options = dict(connectivity="random", activation="map", map_init="random")
+    layer = layer_of(map_learnable=learnable, **options)
+    layer(torch.randn(4, 100))
+    state = second_format(layer, layer.state_dict())
+    target = layer_of(seed=3, map_learnable=learnable, **options)
+    if frozen:
+        del state["weight"]
+        state["store.header"][st.store.HEADER.index("frozen")] = 1
+        st.freeze(layer), st.freeze(target)
+    target.load_state_dict(state)
+    x = torch.randn(8, 100)
+    torch.testing.assert_close(target.eval()(x), layer.eval()(x), rtol=0, atol=0)
+    damaged = dict(state, **{"store.codes": state["store.codes"].clone()})
+    damaged["store.codes"][0] ^= 0x11
+    with pytest.raises(ValueError, match="checksum"):
+        target.load_state_dict(damaged)
+
+
+def test_a_map_table_naming_no_function_is_refused():
+    layer = layer_of(activation="map")
+    state = layer.state_dict()
+    state["activation_map.table"] = torch.full((6, 32), 0xCC, dtype=torch.uint8)  # 12 and 12
+    with pytest.raises(ValueError, match="function 12"):
+        layer.load_state_dict(state)
+
+
 def test_a_state_of_the_first_format_loads():
     layer = layer_of(connectivity="random")
-    state = layer.state_dict()
+    state = second_format(layer, layer.state_dict())
     header = state.pop("store.header").tolist()
     extra = {"format": 1}
     extra |= dict(
