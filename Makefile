@@ -16,7 +16,7 @@ NVCC := $(shell command -v nvcc 2>/dev/null)
 EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 
-.PHONY: test demo bench lint cpp-test cpp-sanitize py-test cuda-check gpu-check sanitize apt clean
+.PHONY: test demo bench bench-peers lint cpp-test cpp-sanitize py-test cuda-check gpu-check sanitize apt clean
 
 test: lint cpp-test cpp-sanitize cuda-check py-test
 
@@ -27,6 +27,11 @@ demo: $(VENV)/.ext-built
 bench: $(CMAKE_BUILD)/build.ninja $(VENV)/.ext-built
 	cmake --build $(CMAKE_BUILD) --target core_benchmarks
 	$(PY) benchmarks/run_cpp_benchmarks.py --binary $(CMAKE_BUILD)/core_benchmarks --out benchmarks/RESULTS.md
+
+# Frozen inference against torch int8/int4 and bitsandbytes / torchao (installed without deps).
+bench-peers: $(VENV)/.ext-built
+	$(PY) -m pip install -q --no-deps -r requirements-bench.txt
+	$(PY) benchmarks/bench_peers.py
 
 # --- set-up ------------------------------------------------------------------------------------
 apt:
