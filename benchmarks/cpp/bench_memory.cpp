@@ -7,6 +7,7 @@
 #include <random>
 #include <vector>
 
+#include "core/inference_pack.h"
 #include "core/spatial_memory.h"
 
 namespace spatium {
@@ -50,6 +51,28 @@ void BM_Forward(benchmark::State& state) {
   report_calls(state, out * in);
 }
 
+// The integer kernels (AVX-512 VNNI), activations quantized inside the loop. Args: bits,
+// neurons, inputs, batch.
+void BM_IntegerForward(benchmark::State& state) {
+  if (!InferencePack::cpu_supported()) {
+    state.SkipWithError("no AVX-512 VNNI on this CPU");
+    return;
+  }
+  const int bits = static_cast<int>(state.range(0));
+  const int64_t out = state.range(1), in = state.range(2), batch = state.range(3);
+  const SpatialMemory memory = dense_memory(out, in, bits, 6);
+  const InferencePack pack(memory.view());
+  std::vector<float> x(static_cast<size_t>(batch * in), 0.5f), y(static_cast<size_t>(batch * out));
+  InferencePack::Rows rows;
+  for (auto _ : state) {
+    pack.quantize(x.data(), batch, in, rows);
+    pack.linear_groups(0, pack.groups(), rows, y.data(), out);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  report_calls(state, batch * out * in);
+}
+
 void BM_Requantize(benchmark::State& state) {
   const int bits = static_cast<int>(state.range(0));
   const int64_t out = state.range(1), in = state.range(2);
@@ -69,6 +92,12 @@ void bit_widths(benchmark::internal::Benchmark* b, int64_t out, int64_t in) {
 BENCHMARK(BM_Forward)->Name("neuron_forward_128")->Apply([](auto* b) { bit_widths(b, 1, 128); });
 BENCHMARK(BM_Forward)->Name("layer_forward_1024x1024_batch1")->Apply([](auto* b) {
   bit_widths(b, 1024, 1024);
+});
+BENCHMARK(BM_IntegerForward)->Name("integer_forward_1024x1024_batch1")->Apply([](auto* b) {
+  for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 1});
+});
+BENCHMARK(BM_IntegerForward)->Name("integer_forward_1024x1024_batch32")->Apply([](auto* b) {
+  for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 32});
 });
 BENCHMARK(BM_Requantize)->Name("requantize_1024x1024")->Apply([](auto* b) {
   bit_widths(b, 1024, 1024);

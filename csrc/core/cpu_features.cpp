@@ -26,6 +26,7 @@ Features detect() {
   f.avx2 = __builtin_cpu_supports("avx2");
   f.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  f.avx512_vnni = f.avx512 && __builtin_cpu_supports("avx512vnni");
   f.bmi2 = __builtin_cpu_supports("bmi2");
   f.fast_pdep = f.bmi2 && !pdep_is_microcoded();
   return f;

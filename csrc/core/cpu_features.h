@@ -6,6 +6,7 @@ namespace spatium::cpu {
 struct Features {
   bool avx2 = false;
   bool avx512 = false;     // AVX-512 F + BW + VL + DQ: what the 512-bit kernels use
+  bool avx512_vnni = false;  // and VNNI (vpdpbusd): the integer inference kernels
   bool bmi2 = false;
   bool fast_pdep = false;  // BMI2 present and pdep/pext not microcoded (not AMD Zen 1/2)
 };

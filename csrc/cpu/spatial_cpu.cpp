@@ -13,6 +13,7 @@
 #include "core/quantize.h"
 #include "kernels.h"
 #include "store_checks.h"
+#include "store_view.h"
 
 namespace spatium::cpu {
 namespace {
@@ -26,36 +27,6 @@ constexpr int64_t kWeightsPerTask = int64_t{1} << 15;
 constexpr int64_t kSmallBatch = 4;
 
 using Store = StoreArrays;
-
-// Checks that the six arrays describe one consistent memory for this code width (every walk
-// then stays inside them) and returns the kernels' view. O(bitmap words): microseconds. Bits
-// PackedView::kCodesUnread only for a caller that never reads the codes (an active mask).
-PackedView checked_view(const Store& s, int bits, int64_t in_features, int64_t out_features) {
-  check_store(s, out_features, c10::Device(c10::kCPU));
-  PackedView v = validated_view(
-      s,
-      IndexArrays{s.region_begin.const_data_ptr<int64_t>(), s.bitmap.const_data_ptr<int64_t>(),
-                  s.block_begin.const_data_ptr<int64_t>(), s.code_begin.const_data_ptr<int64_t>()},
-      bits, in_features, out_features);
-  v.scales = reinterpret_cast<const uint16_t*>(s.scales.const_data_ptr<at::Half>());
-  v.codes = s.codes.const_data_ptr<uint8_t>();
-  return v;
-}
-
-// The view of a store whose codes the op reads: `bits` must be a code width.
-PackedView view_of(const Store& s, int64_t bits, int64_t in_features, int64_t out_features) {
-  return checked_view(s, checked_bits(bits), in_features, out_features);
-}
-
-// Whether every value of a contiguous float32 tensor is finite. The small-batch kernels skip
-// inactive blocks, where a dense product adds 0 x NaN = NaN; a batch with a NaN or an infinity
-// takes the dense-panel path instead, so every batch size gives F.linear's result.
-bool all_finite(const at::Tensor& t) {
-  const float* p = t.const_data_ptr<float>();
-  bool finite = true;
-  for (int64_t i = 0, n = t.numel(); i < n; ++i) finite &= std::isfinite(p[i]);
-  return finite;
-}
 
 // Neurons per parallel task.
 int64_t neuron_grain(const PackedView& v) {
@@ -74,6 +45,34 @@ at::Tensor dequantized_panel(const PackedView& v, int64_t n0, int64_t n1, at::Sc
 }
 
 }  // namespace
+
+PackedView checked_view(const StoreArrays& s, int bits, int64_t in_features,
+                        int64_t out_features) {
+  check_store(s, out_features, c10::Device(c10::kCPU));
+  PackedView v = validated_view(
+      s,
+      IndexArrays{s.region_begin.const_data_ptr<int64_t>(), s.bitmap.const_data_ptr<int64_t>(),
+                  s.block_begin.const_data_ptr<int64_t>(), s.code_begin.const_data_ptr<int64_t>()},
+      bits, in_features, out_features);
+  v.scales = reinterpret_cast<const uint16_t*>(s.scales.const_data_ptr<at::Half>());
+  v.codes = s.codes.const_data_ptr<uint8_t>();
+  return v;
+}
+
+PackedView view_of(const StoreArrays& s, int64_t bits, int64_t in_features,
+                   int64_t out_features) {
+  return checked_view(s, checked_bits(bits), in_features, out_features);
+}
+
+// The small-batch kernels skip inactive blocks, where a dense product adds 0 x NaN = NaN; a
+// batch with a NaN or an infinity takes the dense-panel path instead, so every batch size gives
+// F.linear's result.
+bool all_finite(const at::Tensor& t) {
+  const float* p = t.const_data_ptr<float>();
+  bool finite = true;
+  for (int64_t i = 0, n = t.numel(); i < n; ++i) finite &= std::isfinite(p[i]);
+  return finite;
+}
 
 at::Tensor spatial_linear(const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& bias, const at::Tensor& region_begin, const at::Tensor& bitmap,

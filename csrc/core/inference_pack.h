@@ -1,0 +1,76 @@
+// A layer's quantized weights re-laid for integer dot products, for inference on CPUs with
+// AVX-512 VNNI (vpdpbusd: 64 unsigned-byte x signed-byte products into 16 int32 sums).
+//
+// Neurons go in groups of 16, one int32 lane each. A group keeps one panel per region that any
+// of its neurons holds (the union of their blocks; a neuron without the block gets scale 0).
+// A panel holds the 16 neurons' fp16 scales and their stored codes in 64-byte chunks: byte
+// 4m + j of a chunk is neuron m's, and its bit plane p (bits p*b .. p*b+b-1) holds the code of
+// input 4p + j of the chunk. So one load feeds every plane's vpdpbusd for all 16 neurons, each
+// against 4 broadcast activation bytes. A chunk spans 4 * (8 / b) inputs (8 at 4 bits); a
+// region's inputs are padded to whole chunks (padding codes are 0).
+//
+// Activations are quantized to int8 per row and region (scale max|x| / 127, round to nearest),
+// so a block's sum is scale_w * scale_x * (mult * sum(stored * q) - offset * sum(q)) with the
+// stored values' offset (mult 2 for 1-bit's +-1 codes). The int32 sums are exact: the only
+// error is the activations' rounding (relative output error about 5e-3 on Gaussian inputs).
+//
+// Torch-free; the caller runs groups in parallel.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "packed_view.h"
+
+namespace spatium {
+
+class InferencePack {
+ public:
+  static constexpr int64_t kGroup = 16;       // neurons per group: the int32 lanes of a zmm
+  static constexpr int64_t kChunkBytes = 64;  // one zmm of codes
+
+  // Inputs one chunk spans at `bits` bits a code.
+  static constexpr int64_t chunk_inputs(int bits) { return 4 * (8 / bits); }
+
+  // Whether this CPU runs the kernels (AVX-512 F/BW/VNNI).
+  static bool cpu_supported();
+
+  // Re-lays the memory `v` views (a copy: the view's arrays may go away after). Throws
+  // std::invalid_argument for a memory whose int32 sums could overflow (a region of more than
+  // 66,311 inputs at 8 bits, 1.1 million at 4).
+  explicit InferencePack(const PackedView& v);
+
+  int64_t in_features() const { return in_features_; }
+  int64_t out_features() const { return out_features_; }
+  int64_t groups() const { return (out_features_ + kGroup - 1) / kGroup; }
+  int bits() const { return bits_; }
+  // Bytes the forward reads: codes, scales and the panel index.
+  int64_t bytes() const;
+
+  // Activations of `batch` rows quantized for the kernels.
+  struct Rows {
+    int64_t batch = 0;
+    std::vector<int8_t> q;      // [batch][padded inputs]
+    std::vector<float> scale;   // [batch][regions]: max|x| / 127 over the region
+    std::vector<float> offset;  // [batch][regions]: the stored values' offset x sum(q)
+  };
+  // Quantizes rows x[b * ldx + i] (all finite) for linear_groups.
+  void quantize(const float* x, int64_t batch, int64_t ldx, Rows& rows) const;
+  // y[b * ldy + n] = sum_i w[n][i] x[b][i] for the neurons of groups [g0, g1), every row: the
+  // sums of products with the quantized rows. Needs cpu_supported().
+  void linear_groups(int64_t g0, int64_t g1, const Rows& rows, float* y, int64_t ldy) const;
+
+ private:
+  int bits_ = 0;
+  int64_t in_features_ = 0;
+  int64_t out_features_ = 0;
+  std::vector<int64_t> region_begin_;  // [regions + 1] the memory's
+  std::vector<int64_t> padded_begin_;  // [regions + 1] where each region starts in a Rows row
+  std::vector<int64_t> group_begin_;   // [groups + 1] first panel of each group
+  std::vector<int32_t> panel_region_;  // [panels]
+  std::vector<uint16_t> scales_;       // [panels][16] fp16
+  std::vector<int64_t> panel_chunks_;  // [panels + 1] first chunk of each panel
+  std::vector<uint8_t> codes_;         // [chunks][64]
+};
+
+}  // namespace spatium

@@ -1,0 +1,81 @@
+// torch.classes.spatium.InferencePack: a layer's store re-laid for the integer inference kernels
+// (core/inference_pack.h), built from the store's arrays and held by the layer as a cache. Its
+// linear() is the int8-activation forward of an eval layer.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "core/inference_pack.h"
+#include "cpu/store_view.h"
+#include "errors.h"
+
+namespace spatium {
+namespace {
+
+// Weights per parallel task, as the float kernels use.
+constexpr int64_t kWeightsPerTask = int64_t{1} << 15;
+
+struct PackHolder : torch::CustomClassHolder {
+  explicit PackHolder(InferencePack p) : pack(std::move(p)) {}
+  InferencePack pack;
+
+  // x W^T + bias for a float32 [batch, in_features] x, activations quantized to int8; nullopt
+  // for an input holding NaN or an infinity (the float path gives F.linear's result there).
+  std::optional<at::Tensor> linear(const at::Tensor& x_in, const std::optional<at::Tensor>& bias) {
+    TORCH_CHECK_VALUE(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat &&
+                          x_in.dim() == 2 && x_in.size(1) == pack.in_features(),
+                      "InferencePack.linear: x must be a float32 CPU tensor [batch, ",
+                      pack.in_features(), "], got ", x_in.scalar_type(), " ", x_in.sizes(),
+                      " on ", x_in.device());
+    if (bias.has_value()) {
+      TORCH_CHECK_VALUE(bias->device().is_cpu() && bias->scalar_type() == at::kFloat &&
+                            bias->dim() == 1 && bias->size(0) == pack.out_features(),
+                        "InferencePack.linear: bias must be float32 [", pack.out_features(),
+                        "], got ", bias->scalar_type(), " ", bias->sizes());
+    }
+    const at::Tensor x = x_in.contiguous();
+    if (!cpu::all_finite(x)) return std::nullopt;
+    const int64_t batch = x.size(0);
+    InferencePack::Rows rows;
+    pack.quantize(x.const_data_ptr<float>(), batch, pack.in_features(), rows);
+    at::Tensor y = at::empty({batch, pack.out_features()}, x.options());
+    if (batch > 0) {
+      float* out = y.mutable_data_ptr<float>();
+      const int64_t per_group = InferencePack::kGroup * pack.in_features() * batch;
+      const int64_t grain = std::max<int64_t>(1, kWeightsPerTask / std::max<int64_t>(per_group, 1));
+      at::parallel_for(0, pack.groups(), grain, [&](int64_t g0, int64_t g1) {
+        pack.linear_groups(g0, g1, rows, out, pack.out_features());
+      });
+    }
+    if (bias.has_value()) y.add_(*bias);
+    return y;
+  }
+};
+
+c10::intrusive_ptr<PackHolder> build(const at::Tensor& region_begin, const at::Tensor& bitmap,
+                                     const at::Tensor& block_begin, const at::Tensor& code_begin,
+                                     const at::Tensor& scales, const at::Tensor& codes,
+                                     int64_t bits, int64_t in_features, int64_t out_features) {
+  TORCH_CHECK(InferencePack::cpu_supported(),
+              "InferencePack: this CPU lacks AVX-512 VNNI; the float kernels serve it");
+  const PackedView v = cpu::view_of(
+      StoreArrays{region_begin, bitmap, block_begin, code_begin, scales, codes}, bits, in_features,
+      out_features);
+  return with_python_errors([&] { return c10::make_intrusive<PackHolder>(InferencePack(v)); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(spatium, m) {
+  m.class_<PackHolder>("InferencePack")
+      .def(torch::init(&build))
+      .def_static("supported", [] { return InferencePack::cpu_supported(); })
+      .def("linear", &PackHolder::linear)
+      .def("nbytes", [](const c10::intrusive_ptr<PackHolder>& self) { return self->pack.bytes(); });
+}
+
+}  // namespace spatium

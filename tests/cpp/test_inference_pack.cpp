@@ -1,0 +1,93 @@
+// The integer inference kernels against the float product with the dequantized weights: the
+// int32 sums are exact, so the only error is the activations' rounding to int8, which the test
+// reproduces to compute the exact expected value.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <vector>
+
+#include "core/inference_pack.h"
+#include "core/spatial_memory.h"
+
+namespace spatium {
+namespace {
+
+SpatialMemory random_memory(int64_t out, int64_t in, int bits, int region_bits, double density,
+                            uint64_t seed) {
+  std::vector<uint64_t> codes(static_cast<size_t>(in));
+  std::iota(codes.begin(), codes.end(), uint64_t{0});
+  SpatialMemory memory(out, std::move(codes), bits, region_bits);
+  std::mt19937_64 rng(seed);
+  std::bernoulli_distribution keep(density);
+  std::vector<uint8_t> mask(static_cast<size_t>(out * memory.num_regions()));
+  for (auto& m : mask) m = keep(rng);
+  memory.set_active(mask.data());
+  std::normal_distribution<float> normal(0.0f, 0.1f);
+  std::vector<float> latent(static_cast<size_t>(out * in));
+  for (auto& w : latent) w = normal(rng);
+  memory.quantize_rows(0, out, latent.data(), in);
+  return memory;
+}
+
+TEST(InferencePack, SumsOfIntegerProductsAreExact) {
+  if (!InferencePack::cpu_supported()) GTEST_SKIP() << "no AVX-512 VNNI on this CPU";
+  for (int bits : {1, 2, 4, 8}) {
+    for (int region_bits : {0, 3, 6}) {
+      const int64_t out = 37, in = 150, batch = 11;
+      const SpatialMemory m = random_memory(out, in, bits, region_bits, 0.6, bits + region_bits);
+      const PackedView view = m.view();
+      const InferencePack pack(view);
+      std::mt19937_64 rng(5);
+      std::normal_distribution<float> normal;
+      std::vector<float> x(static_cast<size_t>(batch * in));
+      for (auto& v : x) v = normal(rng);
+      InferencePack::Rows rows;
+      pack.quantize(x.data(), batch, in, rows);
+      std::vector<float> y(static_cast<size_t>(batch * out), -1.0f);
+      pack.linear_groups(0, pack.groups(), rows, y.data(), out);
+      // Expected: the dequantized weights times the rounded activations, in double.
+      std::vector<float> dense(static_cast<size_t>(out * in));
+      view.dequantize_rows(0, out, dense.data(), in);
+      for (int64_t b = 0; b < batch; ++b) {
+        std::vector<double> rounded(static_cast<size_t>(in));
+        for (int64_t r = 0; r < m.num_regions(); ++r) {
+          double largest = 0.0;
+          for (int64_t i = m.region_begin(r); i < m.region_begin(r + 1); ++i) {
+            largest = std::max(largest, std::fabs(static_cast<double>(x[b * in + i])));
+          }
+          const float scale = static_cast<float>(largest) / 127.0f;
+          const float inverse = largest > 0.0 ? 127.0f / static_cast<float>(largest) : 0.0f;
+          for (int64_t i = m.region_begin(r); i < m.region_begin(r + 1); ++i) {
+            rounded[i] = std::nearbyint(x[b * in + i] * inverse) * static_cast<double>(scale);
+          }
+        }
+        for (int64_t n = 0; n < out; ++n) {
+          double expected = 0.0, magnitude = 0.0;
+          for (int64_t i = 0; i < in; ++i) {
+            expected += static_cast<double>(dense[n * in + i]) * rounded[i];
+            magnitude += std::fabs(static_cast<double>(dense[n * in + i]) * rounded[i]);
+          }
+          // float32 scale products and accumulation across blocks
+          ASSERT_NEAR(y[b * out + n], expected, 1e-5 * magnitude + 1e-7)
+              << "bits " << bits << " region_bits " << region_bits << " row " << b << " neuron "
+              << n;
+        }
+      }
+    }
+  }
+}
+
+TEST(InferencePack, RefusesRegionsWhoseSumsCouldOverflow) {
+  std::vector<uint64_t> codes(70000);
+  std::iota(codes.begin(), codes.end(), uint64_t{0});
+  SpatialMemory eight(1, codes, 8, 17);
+  EXPECT_THROW(InferencePack{eight.view()}, std::invalid_argument);
+  SpatialMemory four(1, codes, 4, 17);
+  EXPECT_NO_THROW(InferencePack{four.view()});
+}
+
+}  // namespace
+}  // namespace spatium

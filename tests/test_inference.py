@@ -1,0 +1,171 @@
+"""The int8 inference path: an eval forward that needs no gradient runs on integer dot products
+(AVX-512 VNNI) with activations quantized to int8 per region. Its output is bounded against the
+float32 product with the dequantized weights, and every case it does not serve takes the float
+path unchanged."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import digits, train_digits
+from torch import nn
+
+import spatium_torch as st
+
+pytestmark = pytest.mark.skipif(
+    not st.layer.INT8_KERNELS, reason="this CPU has no AVX-512 VNNI: the float path serves it"
+)
+BOUND = 1e-2  # the documented relative error bound against the float32 product
+
+
+def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((y - reference).norm() / reference.norm()).item()
+
+
+def float_reference(layer: st.SpatialLayer, x: torch.Tensor) -> torch.Tensor:
+    """F.linear on the dequantized weights, in float64."""
+    bias = None if layer.bias is None else layer.bias.double()
+    return F.linear(x.double(), layer.dequantized_weight().double(), bias).float()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize(
+    "in_features, out_features, region_bits, density",
+    [(300, 70, 4, 0.5), (100, 6, 3, 1.0), (1000, 37, 6, 0.25), (65, 17, 6, 1.0)],
+)
+def test_int8_output_is_within_the_bound_of_the_float_product(
+    bits, in_features, out_features, region_bits, density
+):
+    # The bound holds for a batch's outputs together (Frobenius norm): a single output's error
+    # is that of rounding each activation to 1/254 of its region's range, and varies.
+    torch.manual_seed(bits)
+    layer = st.SpatialLayer(
+        in_features, out_features, bits=bits, region_bits=region_bits, density=density
+    )
+    st.freeze(layer).eval()
+    x = torch.randn(19, in_features)
+    with torch.no_grad():
+        y = layer(x)
+        # Rows are quantized on their own: any batch (register tiles of 8 rows and their
+        # remainders) gives each row the same result.
+        for batch in (1, 7, 8):
+            torch.testing.assert_close(layer(x[-batch:]), y[-batch:], rtol=0, atol=0)
+    assert relative_error(y, float_reference(layer, x)) <= BOUND
+    layer.inference_precision = "fp32"
+    with torch.no_grad():
+        assert not torch.equal(layer(x), y)  # the int8 path really ran
+        torch.testing.assert_close(layer(x), float_reference(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_custom_layouts_and_3d_inputs():
+    positions = st.layouts.grid(10, 10)[torch.randperm(100)]
+    layer = st.SpatialLayer(100, 20, input_positions=positions, region_bits=3).eval()
+    x = torch.randn(2, 3, 100)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.shape == (2, 3, 20)
+    assert relative_error(y, float_reference(layer, x)) <= BOUND
+
+
+def test_trained_weights_keep_their_accuracy():
+    # A 64-128-10 4-bit MLP trained on digits: the int8 forward's outputs stay within the bound
+    # and its test accuracy within one sample (of 450) of the float forward's.
+    torch.manual_seed(0)
+    model = nn.Sequential(st.SpatialLayer(64, 128), nn.ReLU(), st.SpatialLayer(128, 10))
+    train_digits(model, epochs=10)
+    _, x_test, _, y_test = digits()
+    with torch.no_grad():
+        y = model(x_test)
+        for layer in (model[0], model[2]):
+            layer.inference_precision = "fp32"
+        reference = model(x_test)
+    assert relative_error(y, reference) <= BOUND
+    int8_correct = int((y.argmax(1) == y_test).sum())
+    float_correct = int((reference.argmax(1) == y_test).sum())
+    assert abs(int8_correct - float_correct) <= 1
+    assert float_correct > 0.9 * len(y_test)
+
+
+def test_forwards_that_need_gradients_or_precision_take_the_float_path():
+    torch.manual_seed(0)
+    layer = st.SpatialLayer(64, 32).eval()
+    x = torch.randn(4, 64)
+    expected = float_reference(layer, x)
+    # Autograd records this forward (the bias requires grad): the exact float product.
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.train()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+        layer.eval()
+        assert not torch.allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+        y64 = layer(x.double())
+    assert y64.dtype == torch.float64
+    torch.testing.assert_close(y64.float(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_give_the_float_result(bad):
+    layer = st.SpatialLayer(64, 32, density=0.5).eval()
+    x = torch.randn(3, 64)
+    x[1, 5] = bad
+    with torch.no_grad():
+        y = layer(x)
+        layer.inference_precision = "fp32"
+        torch.testing.assert_close(y, layer(x), equal_nan=True)
+
+
+def test_the_pack_follows_the_store():
+    torch.manual_seed(0)
+    layer = st.SpatialLayer(64, 32)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    x = torch.randn(4, 64)
+    for _ in range(2):
+        layer.eval()
+        with torch.no_grad():
+            y = layer(x)
+        assert relative_error(y, float_reference(layer, x)) <= BOUND
+        layer.train()
+        layer(x).square().sum().backward()
+        optimizer.step()
+    st.freeze(layer).eval()
+    xyz = tuple(st.morton_decode(torch.tensor([3]))[0].tolist())
+    layer.memory.write(0, xyz, 5.0)  # a point write changes the store in place
+    with torch.no_grad():
+        y = layer(x)
+    assert relative_error(y, float_reference(layer, x)) <= BOUND
+    other = st.freeze(st.SpatialLayer(64, 32, density=0.25)).eval()
+    layer.load_state_dict(other.state_dict())  # a load replaces the arrays
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), other(x), rtol=0, atol=0)
+
+
+def test_copies_and_pickles_rebuild_the_pack():
+    layer = st.freeze(st.SpatialLayer(64, 32)).eval()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        y = layer(x)
+        for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            torch.testing.assert_close(clone(x), y, rtol=0, atol=0)
+
+
+def test_inference_precision_is_validated():
+    with pytest.raises(ValueError, match="inference_precision"):
+        st.SpatialLayer(8, 4, inference_precision="int4")
+    layer = st.SpatialLayer(8, 4, inference_precision="fp32")
+    assert layer.inference_precision == "fp32"
+    with pytest.raises(ValueError, match="inference_precision"):
+        layer.inference_precision = "bf16"
+
+
+def test_the_pack_refuses_bad_inputs():
+    layer = st.SpatialLayer(64, 32)
+    pack = layer._inference_pack(layer.store.arrays())
+    with pytest.raises(ValueError, match=r"float32 CPU tensor \[batch, 64\]"):
+        pack.linear(torch.randn(2, 63), None)
+    with pytest.raises(ValueError, match=r"float32 CPU tensor"):
+        pack.linear(torch.randn(2, 64).double(), None)
+    with pytest.raises(ValueError, match=r"bias must be float32 \[32\]"):
+        pack.linear(torch.randn(2, 64), torch.zeros(31))
+    assert pack.linear(torch.randn(0, 64), None).shape == (0, 32)
