@@ -55,8 +55,10 @@ def spatial(weight: torch.Tensor, bias: torch.Tensor, bits: int, density: float)
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)
     st.freeze(layer).eval()
-    store = layer.store
-    used = store.nbytes() - store.bloom.numel()  # the bloom filter is never read by forward
+    with torch.no_grad():
+        layer(torch.zeros(1, in_features))  # builds the int8 kernels' copy of the store
+    # What the forward reads: the int8 kernels' copy, or the store without its bloom filter.
+    used = layer.inference_bytes() or layer.store.nbytes() - layer.store.bloom.numel()
     name = f"SpatialLayer {bits}-bit" + ("" if density == 1.0 else f", density {density}")
     return Candidate(name, torch.no_grad()(layer), used)
 

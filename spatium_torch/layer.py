@@ -816,6 +816,11 @@ class SpatialLayer(nn.Module):
                 return False
         return True
 
+    def inference_bytes(self) -> int:
+        """Bytes of the store re-laid for the int8 kernels (what an int8 forward reads), held
+        next to the store since the last int8 forward; 0 before one."""
+        return 0 if self._pack is None else int(self._pack[2].nbytes())
+
     def _inference_pack(self, arrays: StoreArrays) -> torch.ScriptObject:
         """The store re-laid for the int8 kernels, rebuilt when its arrays change."""
         versions = tuple(t._version for t in arrays)

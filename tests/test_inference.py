@@ -169,3 +169,12 @@ def test_the_pack_refuses_bad_inputs():
     with pytest.raises(ValueError, match=r"bias must be float32 \[32\]"):
         pack.linear(torch.randn(2, 64), torch.zeros(31))
     assert pack.linear(torch.randn(0, 64), None).shape == (0, 32)
+
+
+def test_inference_bytes_count_the_kernels_copy():
+    layer = st.freeze(st.SpatialLayer(64, 32)).eval()
+    assert layer.inference_bytes() == 0
+    with torch.no_grad():
+        layer(torch.randn(1, 64))
+    codes_and_scales = layer.store.codes.numel() + 2 * layer.store.scales.numel()
+    assert codes_and_scales <= layer.inference_bytes() <= 1.2 * codes_and_scales
