@@ -10,7 +10,12 @@
 #include "cpu_features.h"
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
+#endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace spatium {
@@ -34,12 +39,74 @@ struct Panels {
 
 // Rows the register tile holds: R int32 sums and R float accumulators, 16 lanes each.
 constexpr int kTileRows = 8;
+// An AMX tile: 16 rows of 64 bytes. Batches of at least kAmxMinBatch rows take the AMX kernel.
+constexpr int64_t kAmxRows = 16;
+constexpr int64_t kAmxMinBatch = 8;
+constexpr int64_t kTileBytes = kAmxRows * InferencePack::kChunkBytes;
+
+// Whether this CPU and OS run AMX-INT8: the CPUID bits, the OS saving tile state (XCR0 bits 17
+// and 18), and Linux's per-process permission to use tile data (asked once).
+bool amx_usable() {
+#if defined(__linux__) && defined(__x86_64__)
+  static const bool usable = [] {
+    if (!cpu::features().avx512_vnni) return false;
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool tile = (edx >> 24) & 1u, int8 = (edx >> 25) & 1u;
+    if (!tile || !int8) return false;
+    unsigned xcr0_low = 0, xcr0_high = 0;
+    __asm__("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+    if (((xcr0_low >> 17) & 3u) != 3u) return false;
+    constexpr long kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
+    constexpr long kTileData = 18;               // XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return usable;
+#else
+  return false;
+#endif
+}
 
 #if defined(__x86_64__)
 // GCC 12 flags its own intrinsics' self-initialised _mm512_undefined_ps() placeholders.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define SPATIUM_VNNI [[gnu::target("avx512f,avx512bw,avx512vnni,f16c,fma")]]
+#define SPATIUM_AMX [[gnu::target("amx-tile,amx-int8,avx512f,avx512bw,avx512vnni,f16c,fma")]]
+
+// Rows quantized region by region: q = round(x * 127 / max|x|) (to nearest even), and the
+// factors that turn a block's int32 sum into multiplier * sum - correction.
+SPATIUM_VNNI void quantize_rows(const float* x, int64_t batch, int64_t ldx, const int64_t* begin,
+                                const int64_t* padded_begin, int64_t regions, int64_t padded,
+                                float mult, float offset, InferencePack::Rows& rows) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* xb = x + b * ldx;
+    for (int64_t r = 0; r < regions; ++r) {
+      const float* xr = xb + begin[r];
+      const int64_t size = begin[r + 1] - begin[r];
+      __m512 largest = _mm512_setzero_ps();
+      for (int64_t i = 0; i < size; i += 16) {
+        const auto lanes = static_cast<__mmask16>(size - i >= 16 ? 0xffff : (1u << (size - i)) - 1);
+        largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes, xr + i)));
+      }
+      const float top = _mm512_reduce_max_ps(largest);
+      const __m512 inverse = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+      int8_t* q = rows.q.data() + b * padded + padded_begin[r];
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t i = 0; i < size; i += 16) {
+        const auto lanes = static_cast<__mmask16>(size - i >= 16 ? 0xffff : (1u << (size - i)) - 1);
+        const __m512i rounded =
+            _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, xr + i), inverse));
+        sum = _mm512_add_epi32(sum, rounded);
+        _mm512_mask_cvtsepi32_storeu_epi8(q + i, lanes, rounded);
+      }
+      const float scale = top / 127.0f;
+      rows.multiplier[b * regions + r] = scale * mult;
+      rows.correction[b * regions + r] =
+          scale * offset * static_cast<float>(_mm512_reduce_add_epi32(sum));
+    }
+  }
+}
 
 // Bit plane `Plane` of 64 code bytes: the codes of inputs 4 * Plane + j, one byte each.
 template <int Bits, int Plane>
@@ -51,6 +118,19 @@ SPATIUM_VNNI inline __m512i plane_of(__m512i bytes) {
     // A 16-bit shift carries the next byte's low bits into each byte's top: masked off.
     return _mm512_and_si512(_mm512_srli_epi16(bytes, Plane * Bits), mask);
   }
+}
+
+// acc += scale_w * (multiplier * sum - correction) for row b's sums of region r.
+SPATIUM_VNNI inline __m512 scaled(__m512 acc, __m512i sums, __m512 scale,
+                                  const InferencePack::Rows& rows, int64_t cell) {
+  const __m512 sum = _mm512_fmsub_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(rows.multiplier[cell]),
+                                     _mm512_set1_ps(rows.correction[cell]));
+  return _mm512_fmadd_ps(scale, sum, acc);
+}
+
+SPATIUM_VNNI inline __m512 panel_scales(const Panels& p, int64_t panel) {
+  return _mm512_cvtph_ps(
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.scales + panel * InferencePack::kGroup)));
 }
 
 // sums[b] += plane Plane of the chunk . (the 4 activation bytes of row b at q[b] + at + 4 Plane).
@@ -76,7 +156,6 @@ template <int Bits, int R>
 SPATIUM_VNNI void group_rows(const Panels& p, int64_t g, const InferencePack::Rows& rows,
                              int64_t b0, float* y, int64_t ldy) {
   constexpr int64_t chunk = InferencePack::chunk_inputs(Bits);
-  constexpr float mult = Bits == 1 ? 2.0f : 1.0f;
   const int8_t* q[R];
   for (int b = 0; b < R; ++b) q[b] = rows.q.data() + (b0 + b) * p.padded_inputs;
   __m512 acc[R];
@@ -92,14 +171,8 @@ SPATIUM_VNNI void group_rows(const Panels& p, int64_t g, const InferencePack::Ro
       dot_chunk<Bits, R>(_mm512_loadu_si512(w), q, at, sums,
                          std::make_integer_sequence<int, 8 / Bits>{});
     }
-    const __m512 scale = _mm512_cvtph_ps(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.scales + panel * 16)));
-    for (int b = 0; b < R; ++b) {
-      const int64_t cell = (b0 + b) * p.regions + r;
-      const __m512 sum = _mm512_fmsub_ps(_mm512_cvtepi32_ps(sums[b]), _mm512_set1_ps(mult),
-                                         _mm512_set1_ps(rows.offset[cell]));
-      acc[b] = _mm512_fmadd_ps(sum, _mm512_mul_ps(scale, _mm512_set1_ps(rows.scale[cell])), acc[b]);
-    }
+    const __m512 scale = panel_scales(p, panel);
+    for (int b = 0; b < R; ++b) acc[b] = scaled(acc[b], sums[b], scale, rows, (b0 + b) * p.regions + r);
   }
   const int64_t n0 = g * InferencePack::kGroup;
   const int64_t lanes = std::min<int64_t>(InferencePack::kGroup, p.out_features - n0);
@@ -108,8 +181,8 @@ SPATIUM_VNNI void group_rows(const Panels& p, int64_t g, const InferencePack::Ro
 }
 
 template <int Bits>
-void groups_all_rows(const Panels& p, int64_t g0, int64_t g1, const InferencePack::Rows& rows,
-                     float* y, int64_t ldy) {
+void vnni_groups(const Panels& p, int64_t g0, int64_t g1, const InferencePack::Rows& rows,
+                 float* y, int64_t ldy) {
   for (int64_t g = g0; g < g1; ++g) {
     int64_t b = 0;
     for (; b + kTileRows <= rows.batch; b += kTileRows) {
@@ -126,6 +199,128 @@ void groups_all_rows(const Panels& p, int64_t g0, int64_t g1, const InferencePac
       default: break;
     }
   }
+}
+
+// The tile configuration: tiles 0-5 (two sets of sums, activations, codes), 16 rows x 64
+// bytes each.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The codes of group g as AMX B tiles: per panel, one tile per 64 inputs, row k holding inputs
+// 4k .. 4k + 3 of the 16 neurons (a chunk plane), rows past the panel's inputs zero.
+template <int Bits, int... Planes>
+SPATIUM_AMX void unpack_group(const Panels& p, int64_t g, std::vector<uint8_t>& tiles,
+                              std::integer_sequence<int, Planes...>) {
+  constexpr int64_t chunks_per_tile = kAmxRows / (8 / Bits);
+  int64_t count = 0;
+  for (int64_t panel = p.group_begin[g]; panel < p.group_begin[g + 1]; ++panel) {
+    const int64_t chunks = p.panel_chunks[panel + 1] - p.panel_chunks[panel];
+    count += (chunks + chunks_per_tile - 1) / chunks_per_tile;
+  }
+  tiles.assign(static_cast<size_t>(count * kTileBytes), 0);
+  uint8_t* out = tiles.data();
+  for (int64_t panel = p.group_begin[g]; panel < p.group_begin[g + 1]; ++panel) {
+    const uint8_t* w = p.codes + p.panel_chunks[panel] * InferencePack::kChunkBytes;
+    const int64_t chunks = p.panel_chunks[panel + 1] - p.panel_chunks[panel];
+    for (int64_t c = 0; c < chunks; ++c, w += InferencePack::kChunkBytes) {
+      const __m512i bytes = _mm512_loadu_si512(w);
+      uint8_t* rows = out + (c / chunks_per_tile) * kTileBytes +
+                      (c % chunks_per_tile) * (8 / Bits) * InferencePack::kChunkBytes;
+      (_mm512_storeu_si512(rows + Planes * InferencePack::kChunkBytes,
+                           plane_of<Bits, Planes>(bytes)),
+       ...);
+    }
+    out += (chunks + chunks_per_tile - 1) / chunks_per_tile * kTileBytes;
+  }
+}
+
+// One panel's int32 sums for 16 rows x 16 neurons into `sums`: TDPBSUD (signed activations,
+// unsigned codes) over its tiles, in tiles SUM, A and B. Tiles are not renamed, so panels in
+// turn use two sets of three and one panel's loads need not wait for the other's products.
+// GCC's tile intrinsics are macros that paste the tile number into the instruction, hence a
+// macro for each set.
+#define SPATIUM_PANEL_SUMS(NAME, SUM, A, B)                                                    \
+  SPATIUM_AMX inline void NAME(const int8_t* a_tile, int64_t lda, const uint8_t*& b_tile,     \
+                               int64_t tiles, int32_t* sums) {                                 \
+    _tile_zero(SUM);                                                                           \
+    for (int64_t t = 0; t < tiles; ++t) {                                                      \
+      /* Activation bytes past the panel's inputs meet zero code rows. */                      \
+      _tile_loadd(A, a_tile + t * InferencePack::kChunkBytes, lda);                            \
+      _tile_loadd(B, b_tile, InferencePack::kChunkBytes);                                      \
+      _tile_dpbsud(SUM, A, B);                                                                 \
+      b_tile += kTileBytes;                                                                    \
+    }                                                                                          \
+    _tile_stored(SUM, sums, InferencePack::kGroup * sizeof(int32_t));                          \
+  }
+SPATIUM_PANEL_SUMS(panel_sums_in_tiles_0, 0, 1, 2)
+SPATIUM_PANEL_SUMS(panel_sums_in_tiles_3, 3, 4, 5)
+#undef SPATIUM_PANEL_SUMS
+
+// acc[b] += the scaled sums of one panel for rows [b0, b0 + 16).
+SPATIUM_AMX inline void scale_panel(__m512* acc, const int32_t* sums, const Panels& p,
+                                    int64_t panel, const InferencePack::Rows& rows, int64_t b0) {
+  const int64_t r = p.panel_region[panel];
+  const __m512 scale = panel_scales(p, panel);
+#pragma GCC unroll 16
+  for (int64_t b = 0; b < kAmxRows; ++b) {
+    acc[b] = scaled(acc[b], _mm512_loadu_si512(sums + b * InferencePack::kGroup), scale, rows,
+                    (b0 + b) * p.regions + r);
+  }
+}
+
+// Groups [g0, g1) for every row, 16 rows at a time. Each panel's sums come from the AMX unit
+// through memory (TDPBSUD, then a tile store); the vector units scale the previous panel's
+// meanwhile, so the two overlap.
+template <int Bits>
+SPATIUM_AMX void amx_groups(const Panels& p, int64_t g0, int64_t g1,
+                            const InferencePack::Rows& rows, float* y, int64_t ldy) {
+  constexpr int64_t chunks_per_tile = kAmxRows / (8 / Bits);
+  constexpr int64_t slot = kAmxRows * InferencePack::kGroup;
+  TileConfig config;
+  for (int t = 0; t < 6; ++t) {
+    config.bytes_per_row[t] = InferencePack::kChunkBytes;
+    config.rows[t] = kAmxRows;
+  }
+  _tile_loadconfig(&config);
+  std::vector<uint8_t> tiles;
+  alignas(64) int32_t sums[2 * slot];
+  for (int64_t g = g0; g < g1; ++g) {
+    unpack_group<Bits>(p, g, tiles, std::make_integer_sequence<int, 8 / Bits>{});
+    const int64_t first = p.group_begin[g], last = p.group_begin[g + 1];
+    const int64_t n0 = g * InferencePack::kGroup;
+    const int64_t lanes = std::min<int64_t>(InferencePack::kGroup, p.out_features - n0);
+    const auto mask = static_cast<__mmask16>((1u << lanes) - 1u);
+    for (int64_t b0 = 0; b0 < rows.batch; b0 += kAmxRows) {
+      const int8_t* a_rows = rows.q.data() + b0 * p.padded_inputs;
+      const uint8_t* b_tile = tiles.data();
+      __m512 acc[kAmxRows];
+      for (auto& a : acc) a = _mm512_setzero_ps();
+      for (int64_t panel = first; panel < last; ++panel) {
+        const int64_t chunks = p.panel_chunks[panel + 1] - p.panel_chunks[panel];
+        const int64_t count = (chunks + chunks_per_tile - 1) / chunks_per_tile;
+        const int8_t* a_tile = a_rows + p.padded_begin[p.panel_region[panel]];
+        const bool even = (panel - first) % 2 == 0;
+        if (even) {
+          panel_sums_in_tiles_0(a_tile, p.padded_inputs, b_tile, count, sums);
+        } else {
+          panel_sums_in_tiles_3(a_tile, p.padded_inputs, b_tile, count, sums + slot);
+        }
+        if (panel > first) scale_panel(acc, even ? sums + slot : sums, p, panel - 1, rows, b0);
+      }
+      if (last > first) {
+        scale_panel(acc, (last - first) % 2 == 1 ? sums : sums + slot, p, last - 1, rows, b0);
+      }
+      for (int64_t b = 0; b < std::min(kAmxRows, rows.batch - b0); ++b) {
+        _mm512_mask_storeu_ps(y + (b0 + b) * ldy + n0, mask, acc[b]);
+      }
+    }
+  }
+  _tile_release();
 }
 #pragma GCC diagnostic pop
 #endif
@@ -197,30 +392,22 @@ int64_t InferencePack::bytes() const {
 }
 
 void InferencePack::quantize(const float* x, int64_t batch, int64_t ldx, Rows& rows) const {
+#if defined(__x86_64__)
   const int64_t regions = static_cast<int64_t>(region_begin_.size()) - 1;
   const int64_t padded = padded_begin_.back();
-  const float offset = static_cast<float>(stored_offset(bits_));
+  // Whole AMX tiles of rows, and one tile row past the end: tile loads read 16 rows of 64
+  // bytes from any panel's start (the bytes past its inputs meet zero codes).
+  const int64_t held = (batch + kAmxRows - 1) / kAmxRows * kAmxRows;
   rows.batch = batch;
-  rows.q.assign(static_cast<size_t>(batch * padded), 0);
-  rows.scale.resize(static_cast<size_t>(batch * regions));
-  rows.offset.resize(static_cast<size_t>(batch * regions));
-  for (int64_t b = 0; b < batch; ++b) {
-    const float* xb = x + b * ldx;
-    for (int64_t r = 0; r < regions; ++r) {
-      const int64_t begin = region_begin_[r], size = region_begin_[r + 1] - begin;
-      float largest = 0.0f;
-      for (int64_t i = 0; i < size; ++i) largest = std::max(largest, std::fabs(xb[begin + i]));
-      const float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
-      int8_t* q = rows.q.data() + b * padded + padded_begin_[r];
-      int32_t sum = 0;
-      for (int64_t i = 0; i < size; ++i) {
-        q[i] = static_cast<int8_t>(std::nearbyint(xb[begin + i] * inverse));
-        sum += q[i];
-      }
-      rows.scale[b * regions + r] = largest / 127.0f;
-      rows.offset[b * regions + r] = offset * static_cast<float>(sum);
-    }
-  }
+  rows.q.assign(static_cast<size_t>(held * padded + kChunkBytes), 0);
+  rows.multiplier.assign(static_cast<size_t>(held * regions), 0.0f);
+  rows.correction.assign(static_cast<size_t>(held * regions), 0.0f);
+  quantize_rows(x, batch, ldx, region_begin_.data(), padded_begin_.data(), regions, padded,
+                bits_ == 1 ? 2.0f : 1.0f, static_cast<float>(stored_offset(bits_)), rows);
+#else
+  (void)x, (void)batch, (void)ldx, (void)rows;
+  throw std::logic_error("InferencePack: the kernels need x86-64 with AVX-512 VNNI");
+#endif
 }
 
 void InferencePack::linear_groups(int64_t g0, int64_t g1, const Rows& rows, float* y,
@@ -229,11 +416,19 @@ void InferencePack::linear_groups(int64_t g0, int64_t g1, const Rows& rows, floa
   const Panels p{padded_begin_.data(), group_begin_.data(), panel_region_.data(), scales_.data(),
                  panel_chunks_.data(),  codes_.data(),       out_features_,        padded_begin_.back(),
                  static_cast<int64_t>(region_begin_.size()) - 1};
+  if (rows.batch >= kAmxMinBatch && amx_usable()) {
+    switch (bits_) {
+      case 1: amx_groups<1>(p, g0, g1, rows, y, ldy); return;
+      case 2: amx_groups<2>(p, g0, g1, rows, y, ldy); return;
+      case 4: amx_groups<4>(p, g0, g1, rows, y, ldy); return;
+      default: amx_groups<8>(p, g0, g1, rows, y, ldy); return;
+    }
+  }
   switch (bits_) {
-    case 1: groups_all_rows<1>(p, g0, g1, rows, y, ldy); return;
-    case 2: groups_all_rows<2>(p, g0, g1, rows, y, ldy); return;
-    case 4: groups_all_rows<4>(p, g0, g1, rows, y, ldy); return;
-    default: groups_all_rows<8>(p, g0, g1, rows, y, ldy); return;
+    case 1: vnni_groups<1>(p, g0, g1, rows, y, ldy); return;
+    case 2: vnni_groups<2>(p, g0, g1, rows, y, ldy); return;
+    case 4: vnni_groups<4>(p, g0, g1, rows, y, ldy); return;
+    default: vnni_groups<8>(p, g0, g1, rows, y, ldy); return;
   }
 #else
   (void)g0, (void)g1, (void)rows, (void)y, (void)ldy;

@@ -51,13 +51,17 @@ class InferencePack {
   struct Rows {
     int64_t batch = 0;
     std::vector<int8_t> q;      // [batch][padded inputs]
-    std::vector<float> scale;   // [batch][regions]: max|x| / 127 over the region
-    std::vector<float> offset;  // [batch][regions]: the stored values' offset x sum(q)
+    // [batch][regions]: a block's float sum is multiplier * (its int32 sum) - correction,
+    // before the block's scale: multiplier = (max|x| / 127) x mult, correction = (max|x| / 127)
+    // x the stored values' offset x sum(q).
+    std::vector<float> multiplier;
+    std::vector<float> correction;
   };
-  // Quantizes rows x[b * ldx + i] (all finite) for linear_groups.
+  // Quantizes rows x[b * ldx + i] (all finite) for linear_groups. Needs cpu_supported().
   void quantize(const float* x, int64_t batch, int64_t ldx, Rows& rows) const;
   // y[b * ldy + n] = sum_i w[n][i] x[b][i] for the neurons of groups [g0, g1), every row: the
-  // sums of products with the quantized rows. Needs cpu_supported().
+  // sums of products with the quantized rows: AMX tiles for batches of 8 rows or more where
+  // the CPU and OS allow AMX-INT8, AVX-512 VNNI otherwise. Needs cpu_supported().
   void linear_groups(int64_t g0, int64_t g1, const Rows& rows, float* y, int64_t ldy) const;
 
  private:

@@ -32,11 +32,13 @@ SpatialMemory random_memory(int64_t out, int64_t in, int bits, int region_bits, 
   return memory;
 }
 
+// Batches under 8 rows take the AVX-512 VNNI kernel, others AMX where the CPU has it.
 TEST(InferencePack, SumsOfIntegerProductsAreExact) {
   if (!InferencePack::cpu_supported()) GTEST_SKIP() << "no AVX-512 VNNI on this CPU";
   for (int bits : {1, 2, 4, 8}) {
-    for (int region_bits : {0, 3, 6}) {
-      const int64_t out = 37, in = 150, batch = 11;
+    for (int region_bits : {0, 3, 6, 7}) {
+     for (int64_t batch : {3, 11, 40}) {
+      const int64_t out = 37, in = 150;
       const SpatialMemory m = random_memory(out, in, bits, region_bits, 0.6, bits + region_bits);
       const PackedView view = m.view();
       const InferencePack pack(view);
@@ -72,10 +74,11 @@ TEST(InferencePack, SumsOfIntegerProductsAreExact) {
           }
           // float32 scale products and accumulation across blocks
           ASSERT_NEAR(y[b * out + n], expected, 1e-5 * magnitude + 1e-7)
-              << "bits " << bits << " region_bits " << region_bits << " row " << b << " neuron "
-              << n;
+              << "bits " << bits << " region_bits " << region_bits << " batch " << batch
+              << " row " << b << " neuron " << n;
         }
       }
+     }
     }
   }
 }
