@@ -33,7 +33,6 @@ struct Panels {
   const int64_t* panel_chunks;
   const uint8_t* codes;
   int64_t out_features;
-  int64_t padded_inputs;
   int64_t regions;
 };
 
@@ -77,8 +76,8 @@ bool amx_usable() {
 // Rows quantized region by region: q = round(x * 127 / max|x|) (to nearest even), and the
 // factors that turn a block's int32 sum into multiplier * sum - correction.
 SPATIUM_VNNI void quantize_rows(const float* x, int64_t batch, int64_t ldx, const int64_t* begin,
-                                const int64_t* padded_begin, int64_t regions, int64_t padded,
-                                float mult, float offset, InferencePack::Rows& rows) {
+                                const int64_t* padded_begin, int64_t regions, float mult,
+                                float offset, InferencePack::Rows& rows) {
   for (int64_t b = 0; b < batch; ++b) {
     const float* xb = x + b * ldx;
     for (int64_t r = 0; r < regions; ++r) {
@@ -91,7 +90,7 @@ SPATIUM_VNNI void quantize_rows(const float* x, int64_t batch, int64_t ldx, cons
       }
       const float top = _mm512_reduce_max_ps(largest);
       const __m512 inverse = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
-      int8_t* q = rows.q.data() + b * padded + padded_begin[r];
+      int8_t* q = rows.q.data() + b * rows.stride + padded_begin[r];
       __m512i sum = _mm512_setzero_si512();
       for (int64_t i = 0; i < size; i += 16) {
         const auto lanes = static_cast<__mmask16>(size - i >= 16 ? 0xffff : (1u << (size - i)) - 1);
@@ -157,7 +156,7 @@ SPATIUM_VNNI void group_rows(const Panels& p, int64_t g, const InferencePack::Ro
                              int64_t b0, float* y, int64_t ldy) {
   constexpr int64_t chunk = InferencePack::chunk_inputs(Bits);
   const int8_t* q[R];
-  for (int b = 0; b < R; ++b) q[b] = rows.q.data() + (b0 + b) * p.padded_inputs;
+  for (int b = 0; b < R; ++b) q[b] = rows.q.data() + (b0 + b) * rows.stride;
   __m512 acc[R];
   for (int b = 0; b < R; ++b) acc[b] = _mm512_setzero_ps();
   for (int64_t panel = p.group_begin[g]; panel < p.group_begin[g + 1]; ++panel) {
@@ -222,11 +221,14 @@ SPATIUM_AMX void unpack_group(const Panels& p, int64_t g, std::vector<uint8_t>& 
     const int64_t chunks = p.panel_chunks[panel + 1] - p.panel_chunks[panel];
     count += (chunks + chunks_per_tile - 1) / chunks_per_tile;
   }
-  tiles.assign(static_cast<size_t>(count * kTileBytes), 0);
+  tiles.resize(static_cast<size_t>(count * kTileBytes));
   uint8_t* out = tiles.data();
   for (int64_t panel = p.group_begin[g]; panel < p.group_begin[g + 1]; ++panel) {
     const uint8_t* w = p.codes + p.panel_chunks[panel] * InferencePack::kChunkBytes;
     const int64_t chunks = p.panel_chunks[panel + 1] - p.panel_chunks[panel];
+    const int64_t filled = chunks * (8 / Bits) * InferencePack::kChunkBytes;
+    const int64_t whole = (chunks + chunks_per_tile - 1) / chunks_per_tile * kTileBytes;
+    std::memset(out + filled, 0, static_cast<size_t>(whole - filled));  // the last tile's tail
     for (int64_t c = 0; c < chunks; ++c, w += InferencePack::kChunkBytes) {
       const __m512i bytes = _mm512_loadu_si512(w);
       uint8_t* rows = out + (c / chunks_per_tile) * kTileBytes +
@@ -235,7 +237,7 @@ SPATIUM_AMX void unpack_group(const Panels& p, int64_t g, std::vector<uint8_t>& 
                            plane_of<Bits, Planes>(bytes)),
        ...);
     }
-    out += (chunks + chunks_per_tile - 1) / chunks_per_tile * kTileBytes;
+    out += whole;
   }
 }
 
@@ -296,7 +298,7 @@ SPATIUM_AMX void amx_groups(const Panels& p, int64_t g0, int64_t g1,
     const int64_t lanes = std::min<int64_t>(InferencePack::kGroup, p.out_features - n0);
     const auto mask = static_cast<__mmask16>((1u << lanes) - 1u);
     for (int64_t b0 = 0; b0 < rows.batch; b0 += kAmxRows) {
-      const int8_t* a_rows = rows.q.data() + b0 * p.padded_inputs;
+      const int8_t* a_rows = rows.q.data() + b0 * rows.stride;
       const uint8_t* b_tile = tiles.data();
       __m512 acc[kAmxRows];
       for (auto& a : acc) a = _mm512_setzero_ps();
@@ -306,9 +308,9 @@ SPATIUM_AMX void amx_groups(const Panels& p, int64_t g0, int64_t g1,
         const int8_t* a_tile = a_rows + p.padded_begin[p.panel_region[panel]];
         const bool even = (panel - first) % 2 == 0;
         if (even) {
-          panel_sums_in_tiles_0(a_tile, p.padded_inputs, b_tile, count, sums);
+          panel_sums_in_tiles_0(a_tile, rows.stride, b_tile, count, sums);
         } else {
-          panel_sums_in_tiles_3(a_tile, p.padded_inputs, b_tile, count, sums + slot);
+          panel_sums_in_tiles_3(a_tile, rows.stride, b_tile, count, sums + slot);
         }
         if (panel > first) scale_panel(acc, even ? sums + slot : sums, p, panel - 1, rows, b0);
       }
@@ -399,10 +401,14 @@ void InferencePack::quantize(const float* x, int64_t batch, int64_t ldx, Rows& r
   // bytes from any panel's start (the bytes past its inputs meet zero codes).
   const int64_t held = (batch + kAmxRows - 1) / kAmxRows * kAmxRows;
   rows.batch = batch;
-  rows.q.assign(static_cast<size_t>(held * padded + kChunkBytes), 0);
+  // A row stride of whole cache lines, one more than a multiple of 4 KiB would be: 16 rows 4 KiB
+  // apart fall into one L1 set, more than its ways.
+  rows.stride = (padded + kChunkBytes - 1) / kChunkBytes * kChunkBytes;
+  if (rows.stride % 4096 == 0) rows.stride += kChunkBytes;
+  rows.q.assign(static_cast<size_t>(held * rows.stride + kChunkBytes), 0);
   rows.multiplier.assign(static_cast<size_t>(held * regions), 0.0f);
   rows.correction.assign(static_cast<size_t>(held * regions), 0.0f);
-  quantize_rows(x, batch, ldx, region_begin_.data(), padded_begin_.data(), regions, padded,
+  quantize_rows(x, batch, ldx, region_begin_.data(), padded_begin_.data(), regions,
                 bits_ == 1 ? 2.0f : 1.0f, static_cast<float>(stored_offset(bits_)), rows);
 #else
   (void)x, (void)batch, (void)ldx, (void)rows;
@@ -413,9 +419,9 @@ void InferencePack::quantize(const float* x, int64_t batch, int64_t ldx, Rows& r
 void InferencePack::linear_groups(int64_t g0, int64_t g1, const Rows& rows, float* y,
                                   int64_t ldy) const {
 #if defined(__x86_64__)
-  const Panels p{padded_begin_.data(), group_begin_.data(), panel_region_.data(), scales_.data(),
-                 panel_chunks_.data(),  codes_.data(),       out_features_,        padded_begin_.back(),
-                 static_cast<int64_t>(region_begin_.size()) - 1};
+  const Panels p{padded_begin_.data(),  group_begin_.data(), panel_region_.data(),
+                 scales_.data(),        panel_chunks_.data(), codes_.data(),
+                 out_features_,         static_cast<int64_t>(region_begin_.size()) - 1};
   if (rows.batch >= kAmxMinBatch && amx_usable()) {
     switch (bits_) {
       case 1: amx_groups<1>(p, g0, g1, rows, y, ldy); return;

@@ -50,7 +50,8 @@ class InferencePack {
   // Activations of `batch` rows quantized for the kernels.
   struct Rows {
     int64_t batch = 0;
-    std::vector<int8_t> q;      // [batch][padded inputs]
+    int64_t stride = 0;       // bytes from one row of q to the next
+    std::vector<int8_t> q;    // [batch][stride]: regions padded to whole chunks
     // [batch][regions]: a block's float sum is multiplier * (its int32 sum) - correction,
     // before the block's scale: multiplier = (max|x| / 127) x mult, correction = (max|x| / 127)
     // x the stored values' offset x sum(q).
