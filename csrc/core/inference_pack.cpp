@@ -1,7 +1,6 @@
 #include "inference_pack.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>

@@ -7,7 +7,9 @@
 // 4m + j of a chunk is neuron m's, and its bit plane p (bits p*b .. p*b+b-1) holds the code of
 // input 4p + j of the chunk. So one load feeds every plane's vpdpbusd for all 16 neurons, each
 // against 4 broadcast activation bytes. A chunk spans 4 * (8 / b) inputs (8 at 4 bits); a
-// region's inputs are padded to whole chunks (padding codes are 0).
+// region's inputs are padded to whole chunks (padding codes are 0). Each plane of a chunk is
+// also one row of an AMX B tile (4 inputs x 16 neurons), which the AMX-INT8 kernel for larger
+// batches unpacks the codes into.
 //
 // Activations are quantized to int8 per row and region (scale max|x| / 127, round to nearest),
 // so a block's sum is scale_w * scale_x * (mult * sum(stored * q) - offset * sum(q)) with the
