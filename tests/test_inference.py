@@ -178,3 +178,16 @@ def test_inference_bytes_count_the_kernels_copy():
         layer(torch.randn(1, 64))
     codes_and_scales = layer.store.codes.numel() + 2 * layer.store.scales.numel()
     assert codes_and_scales <= layer.inference_bytes() <= 1.2 * codes_and_scales
+
+
+def test_inference_mode_and_half_inputs_take_the_int8_path():
+    torch.manual_seed(0)
+    layer = st.freeze(st.SpatialLayer(64, 32)).eval()
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = layer(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+        y16 = layer(x.bfloat16())
+    assert y16.dtype == torch.bfloat16
+    assert relative_error(y16.float(), float_reference(layer, x.bfloat16().float())) <= BOUND
