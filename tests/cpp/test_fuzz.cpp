@@ -11,6 +11,7 @@
 #include "core/bloom.h"
 #include "core/quantize.h"
 #include "core/spatial_memory.h"
+#include "random_memory.h"
 
 namespace spatium {
 namespace {
@@ -29,20 +30,7 @@ struct Arrays {
   int64_t in_features = 0;
 };
 
-SpatialMemory random_memory(int64_t out, int64_t in, int bits, int region_bits, uint64_t seed) {
-  std::vector<uint64_t> inputs(static_cast<size_t>(in));
-  std::iota(inputs.begin(), inputs.end(), uint64_t{0});
-  SpatialMemory memory(out, std::move(inputs), bits, region_bits);
-  std::mt19937_64 rng(seed);
-  std::vector<uint8_t> mask(static_cast<size_t>(out * memory.num_regions()));
-  for (auto& m : mask) m = rng() % 3 != 0;
-  memory.set_active(mask.data());
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> latent(static_cast<size_t>(out * in));
-  for (auto& w : latent) w = normal(rng);
-  memory.quantize_rows(0, out, latent.data(), in);
-  return memory;
-}
+using test_support::random_memory;
 
 Arrays arrays_of(const SpatialMemory& m) {
   return Arrays{m.region_begins(), m.bitmap(), m.block_begin(), m.code_begin(),

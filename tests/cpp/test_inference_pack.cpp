@@ -11,26 +11,12 @@
 
 #include "core/inference_pack.h"
 #include "core/spatial_memory.h"
+#include "random_memory.h"
 
 namespace spatium {
 namespace {
 
-SpatialMemory random_memory(int64_t out, int64_t in, int bits, int region_bits, double density,
-                            uint64_t seed) {
-  std::vector<uint64_t> codes(static_cast<size_t>(in));
-  std::iota(codes.begin(), codes.end(), uint64_t{0});
-  SpatialMemory memory(out, std::move(codes), bits, region_bits);
-  std::mt19937_64 rng(seed);
-  std::bernoulli_distribution keep(density);
-  std::vector<uint8_t> mask(static_cast<size_t>(out * memory.num_regions()));
-  for (auto& m : mask) m = keep(rng);
-  memory.set_active(mask.data());
-  std::normal_distribution<float> normal(0.0f, 0.1f);
-  std::vector<float> latent(static_cast<size_t>(out * in));
-  for (auto& w : latent) w = normal(rng);
-  memory.quantize_rows(0, out, latent.data(), in);
-  return memory;
-}
+using test_support::random_memory;
 
 // Batches under 8 rows take the AVX-512 VNNI kernel, others AMX where the CPU has it.
 TEST(InferencePack, SumsOfIntegerProductsAreExact) {
@@ -39,7 +25,7 @@ TEST(InferencePack, SumsOfIntegerProductsAreExact) {
     for (int region_bits : {0, 3, 6, 7}) {
      for (int64_t batch : {3, 11, 40}) {
       const int64_t out = 37, in = 150;
-      const SpatialMemory m = random_memory(out, in, bits, region_bits, 0.6, bits + region_bits);
+      const SpatialMemory m = random_memory(out, in, bits, region_bits, bits + region_bits);
       const PackedView view = m.view();
       const InferencePack pack(view);
       std::mt19937_64 rng(5);
