@@ -44,8 +44,9 @@ apt:
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.requirements-installed: requirements.txt | $(PY)
+$(VENV)/.requirements-installed: requirements.txt requirements-integrations.txt | $(PY)
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-integrations.txt
 	touch $@
 
 $(VENV)/.ext-built: $(VENV)/.requirements-installed $(EXT_SOURCES)

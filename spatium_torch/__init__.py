@@ -3,7 +3,8 @@ memory addressed by Morton codes.
 
 ``SpatialLayer`` replaces ``nn.Linear``; ``freeze`` drops its latent weights; ``load_state_dict``
 loads a whole model's state all or nothing; ``SpatialNetwork`` stacks layers;
-``GrowthController`` grows, prunes and rewires layers between optimizer steps;
+``GrowthController`` grows, prunes and rewires layers between optimizer steps, and
+``load_grown``/``match_widths`` load its checkpoints into freshly built models;
 ``network_stats`` summarises them; ``morton_encode``/``morton_decode`` and ``layouts`` place
 inputs in space. ``st.viz`` draws pictures and ``st.Dashboard`` shows training live
 (matplotlib and rich, loaded on first use).
@@ -19,7 +20,7 @@ from spatium_torch import (
     layouts,
 )
 from spatium_torch.activation import ActivationMap
-from spatium_torch.growth import GrowthController
+from spatium_torch.growth import GrowthController, load_grown, match_widths
 from spatium_torch.history import GrowthEvent, HistoryRecord, TrainingHistory
 from spatium_torch.layer import SpatialLayer, freeze, load_state_dict
 from spatium_torch.memory import LayerMemory, MemoryStats
@@ -47,7 +48,9 @@ __all__ = [
     "built_with_cuda",
     "freeze",
     "layouts",
+    "load_grown",
     "load_state_dict",
+    "match_widths",
     "morton_decode",
     "morton_encode",
     "network_stats",

@@ -8,15 +8,17 @@ so an error leaves model and optimizer as they were.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from spatium_torch import layouts
 from spatium_torch.activation import ActivationMap
 from spatium_torch.history import GrowthEvent, TrainingHistory
-from spatium_torch.layer import DEFAULT_PERTURBATION, SpatialLayer
+from spatium_torch.layer import DEFAULT_PERTURBATION, SpatialLayer, load_state_dict
 from spatium_torch.neurons import (
     NeuronChange,
     Stage,
@@ -26,6 +28,8 @@ from spatium_torch.neurons import (
     place_children,
 )
 from spatium_torch.resize import SPLIT_MODES
+from spatium_torch.snapshot import Snapshot
+from spatium_torch.store import read_header
 
 # Modules that act on each feature alone: a consumer may sit behind them.
 ELEMENTWISE = (
@@ -551,3 +555,113 @@ def _stage_optimizer(
                 optimizer.state[new] = new_state
 
     return Stage(commit)
+
+
+# --- grown checkpoints ----------------------------------------------------------------------------
+def saved_widths(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, int]:
+    """The width (out_features) each SpatialLayer of ``model`` has in ``state_dict``, by module
+    name, for the layers whose width there differs from the model's. Reads the stores' headers
+    (or the latent weight of a state without a store); changes nothing."""
+    differing = {}
+    for name, module, header in _saved_layers(model, state_dict):
+        prefix = f"{name}." if name else ""
+        if header is not None:
+            width = header["out_features"]
+        elif isinstance(state_dict.get(prefix + "weight"), torch.Tensor):
+            width = state_dict[prefix + "weight"].shape[0]
+        else:
+            continue
+        if width != module.out_features:
+            differing[name] = int(width)
+    return differing
+
+
+def match_widths(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """Resizes ``model``'s SpatialLayers to the widths saved in ``state_dict``, so that a
+    checkpoint of a grown or pruned model loads into a freshly built one (``load_state_dict``
+    right after; :func:`load_grown` does both). The consumer of each resized layer and the
+    norms and activation maps in between follow, as in a growth event. The resized layers'
+    values are placeholders (copies of existing neurons) until the load overwrites them.
+
+    Call it before building the optimizer, or build it again after: resized Parameters are
+    new objects. With Lightning, call it from ``on_load_checkpoint(checkpoint)`` with
+    ``checkpoint["state_dict"]``: both ``load_from_checkpoint`` and resuming ``fit`` call that
+    hook before they load the weights and before optimizers are built.
+
+    All or nothing: on error the model is left as it was. Raises ValueError when a width
+    cannot be matched (the model's last SpatialLayer, whose outputs are the model's; a frozen
+    layer; a model whose layers :class:`GrowthController` could not resize). Returns
+    ``{name: (old width, saved width)}`` for the layers it resized.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be dict-like, got {type(state_dict).__name__}")
+    widths = saved_widths(model, state_dict)
+    if not widths:
+        return {}
+    links = {link.name: link for link in link_layers(model)}
+    snapshot = Snapshot([model])
+    resized = {}
+    try:
+        for name, link in links.items():  # in module order: a consumer's inputs come first
+            if name not in widths:
+                continue
+            if link.consumer is None:
+                raise ValueError(
+                    f"match_widths: SpatialLayer {name!r} has {widths[name]} outputs in the "
+                    f"state but {link.layer.out_features} here, and it is the model's last "
+                    "layer (growth never resizes it): the state is of another model"
+                )
+            resized[name] = (link.layer.out_features, widths[name])
+            _resize_link(link, widths[name])
+    except BaseException:
+        snapshot.restore()
+        raise
+    return resized
+
+
+def _resize_link(link: Link, width: int) -> None:
+    """Resizes ``link``'s layer to ``width`` neurons (the first ones kept, the others copies of
+    them) and its tail and consumer with it."""
+    layer = link.layer
+    layer._check_resizable()
+    layouts.check_count(width, "saved width")
+    rows = torch.arange(width) % layer.out_features
+    moved = torch.arange(width) >= layer.out_features
+    positions = layouts.neuron_grid(width, layer.grid_dims)
+    change = NeuronChange(rows, torch.ones(width), moved, positions)
+    stages = [layer._stage_neurons(rows, positions=positions)]
+    stages += [_stage_tail_module(module, change) for _, module in link.tail]
+    stages.append(_stage_consumer(link, change, torch.zeros(0)))
+    commit_all(stages, [layer, *(module for _, module in link.tail), link.consumer[1]])
+
+
+def load_grown(
+    model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True
+) -> tuple[list[str], list[str]]:
+    """Loads a checkpoint of a grown (or pruned) model into a freshly built one: resizes the
+    layers to the saved widths (:func:`match_widths`), freezes the layers saved frozen
+    (:meth:`SpatialLayer.freeze`), then loads all or nothing
+    (:func:`~spatium_torch.load_state_dict`). On error the model is left as it was. Returns
+    torch's ``(missing_keys, unexpected_keys)``."""
+    snapshot = Snapshot([model], values=True)
+    try:
+        match_widths(model, state_dict)
+        for _, module, header in _saved_layers(model, state_dict):
+            if header is not None and header["frozen"] and not module.frozen:
+                module.freeze()
+        return load_state_dict(model, state_dict, strict=strict)
+    except BaseException:
+        snapshot.restore()
+        raise
+
+
+def _saved_layers(
+    model: nn.Module, state_dict: Mapping[str, Any]
+) -> Iterator[tuple[str, SpatialLayer, dict[str, int] | None]]:
+    """Each SpatialLayer of ``model`` with the header of its store in ``state_dict`` (None when
+    the state holds no store for it)."""
+    for name, module in model.named_modules():
+        if isinstance(module, SpatialLayer):
+            prefix = f"{name}.store." if name else "store."
+            held = any(key.startswith(prefix) for key in state_dict)
+            yield name, module, read_header(dict(state_dict), prefix) if held else None

@@ -73,6 +73,35 @@ class StoreArrays(NamedTuple):
     codes: torch.Tensor
 
 
+def read_header(state: dict[str, Any], prefix: str) -> dict[str, int]:
+    """The header (HEADER's fields) of a saved store, keys ``prefix + name``, of this format or
+    the second, whatever layer it is loaded into. Raises ValueError naming the problem
+    (TypeError for an entry that is not a tensor)."""
+    where = f"SpatialLayer state at {prefix!r}"
+    if prefix + "packed" in state:
+        check_tensor(state, prefix + "packed", where)
+        packed = state[prefix + "packed"]
+        if packed.dtype != torch.uint8 or packed.dim() != 1 or len(packed) < _HEADER_BYTES:
+            raise ValueError(
+                f"{where}: packed must be a 1-D uint8 tensor of at least {_HEADER_BYTES} bytes"
+            )
+        values, expected_format = (
+            _host_bytes(packed[:_HEADER_BYTES]).view(torch.int64),
+            STATE_FORMAT,
+        )
+    elif prefix + "header" in state:
+        check_tensor(state, prefix + "header", where)
+        values, expected_format = state[prefix + "header"], _SECOND_FORMAT
+        if values.dtype != torch.int64 or tuple(values.shape) != (len(HEADER),):
+            raise ValueError(f"{where}: header must be an int64 tensor of {len(HEADER)} values")
+    else:
+        raise ValueError(f"{where}: not a SpatialLayer store (no {prefix + 'packed'!r})")
+    saved = dict(zip(HEADER, values.tolist(), strict=True))
+    if saved["format"] != expected_format:
+        raise ValueError(f"{where}: unknown store format {saved['format']!r}")
+    return saved
+
+
 class SpatialStore(nn.Module):
     """The quantized, block-sparse weights of one layer: buffers named as in :data:`ARRAYS`.
     Built from a host memory (``torch.classes.spatium.SpatialMemory``) and placed on
@@ -187,24 +216,7 @@ class SpatialStore(nn.Module):
         format or the second, checked against this store's configuration. Raises ValueError
         naming the problem (TypeError for an entry that is not a tensor)."""
         where = f"SpatialLayer state at {prefix!r}"
-        if prefix + "packed" in state:
-            check_tensor(state, prefix + "packed", where)
-            packed = state[prefix + "packed"]
-            if packed.dtype != torch.uint8 or packed.dim() != 1 or len(packed) < _HEADER_BYTES:
-                raise ValueError(
-                    f"{where}: packed must be a 1-D uint8 tensor of at least {_HEADER_BYTES} bytes"
-                )
-            values, expected_format = _host_bytes(packed[:_HEADER_BYTES]).view(torch.int64), 3
-        elif prefix + "header" in state:
-            check_tensor(state, prefix + "header", where)
-            values, expected_format = state[prefix + "header"], _SECOND_FORMAT
-            if values.dtype != torch.int64 or tuple(values.shape) != (len(HEADER),):
-                raise ValueError(f"{where}: header must be an int64 tensor of {len(HEADER)} values")
-        else:
-            raise ValueError(f"{where}: not a SpatialLayer store (no {prefix + 'packed'!r})")
-        saved = dict(zip(HEADER, values.tolist(), strict=True))
-        if saved["format"] != expected_format:
-            raise ValueError(f"{where}: unknown store format {saved['format']!r}")
+        saved = read_header(state, prefix)
         for key in ("in_features", "out_features", "bits", "region_bits"):
             if saved[key] != getattr(self, key):
                 raise ValueError(

@@ -578,6 +578,103 @@ def test_a_grown_model_saves_and_loads_into_a_model_of_its_widths():
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
+def build_for_checkpoints():
+    """A 40-8-6-3 model with every kind of module growth resizes: a layer-owned learnable
+    activation map, BatchNorm1d and LayerNorm, a SpatialLayer and an nn.Linear consumer."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        st.SpatialLayer(40, 8, region_bits=3, activation="map", map_learnable=True),
+        nn.BatchNorm1d(8),
+        nn.ReLU(),
+        st.SpatialLayer(8, 6, region_bits=2, density=0.5),
+        nn.LayerNorm(6),
+        nn.Tanh(),
+        nn.Linear(6, 3),
+    )
+
+
+def grown_checkpoint(events=3):
+    """A model of build_for_checkpoints() grown and trained, and an input."""
+    model = build_for_checkpoints()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    controller = st.GrowthController(model, optimizer, growth_threshold=0.0, max_split_fraction=0.5)
+    x, target = torch.rand(32, 40), torch.rand(32, 3)
+    for _ in range(events):
+        controller.grow()
+        step(model, optimizer, x, target)
+    return model.eval(), x
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_grown_checkpoint_loads_into_a_freshly_built_model(frozen):
+    model, x = grown_checkpoint()
+    assert (model[0].out_features, model[3].out_features) == (16, 12)
+    if frozen:
+        st.freeze(model)
+    state = model.state_dict()
+    fresh = build_for_checkpoints()
+    with pytest.raises(ValueError, match="shape"):
+        fresh.load_state_dict(state)
+    assert st.load_grown(fresh, state) == ([], [])
+    assert fresh[0].frozen == frozen and fresh[1].num_features == 16
+    assert fresh[4].normalized_shape == (12,) and fresh[6].in_features == 12
+    loaded = fresh.state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_match_widths_then_training_goes_on_and_pruned_checkpoints_load():
+    model, x = grown_checkpoint(events=1)
+    state = model.state_dict()
+    fresh = build_for_checkpoints()
+    assert st.match_widths(fresh, state) == {"0": (8, 12), "3": (6, 9)}
+    assert st.match_widths(fresh, state) == {}  # widths match now: nothing to do
+    st.load_state_dict(fresh, state)
+    optimizer = torch.optim.Adam(fresh.parameters(), lr=1e-2)
+    fresh.train()
+    losses = [step(fresh, optimizer, x, torch.zeros(32, 3)) for _ in range(20)]
+    assert losses[-1] < losses[0]
+    # Narrower than the built model: a pruned checkpoint.
+    narrow = build_for_checkpoints()
+    controller = st.GrowthController(narrow, torch.optim.SGD(narrow.parameters(), lr=0.1))
+    narrow[0].activity[[2, 5]] = 0.0  # idle: pruned at the next event
+    controller.prune(threshold=0.5)
+    assert narrow[0].out_features == 6
+    again = build_for_checkpoints()
+    st.load_grown(again, narrow.state_dict())
+    assert again[0].out_features == 6 and again[3].in_features == 6
+
+
+def test_a_checkpoint_that_cannot_load_leaves_the_fresh_model_as_it_was():
+    model, _ = grown_checkpoint(events=1)
+    fresh = build_for_checkpoints()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+
+    def unchanged():
+        after = fresh.state_dict()
+        return after.keys() == before.keys() and all(
+            torch.equal(after[k], before[k]) for k in before
+        )
+
+    damaged = model.state_dict()
+    damaged["6.weight"] = torch.zeros(3, 5)  # the head's weight of another width
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        st.load_grown(fresh, damaged)
+    assert unchanged() and fresh[0].out_features == 8 and fresh[3].in_features == 8
+    # The last layer's width is the model's: another model's state.
+    head = nn.Sequential(st.SpatialLayer(40, 8, region_bits=3), nn.ReLU(), st.SpatialLayer(8, 5))
+    torch.manual_seed(0)
+    mine = nn.Sequential(st.SpatialLayer(40, 8, region_bits=3), nn.ReLU(), st.SpatialLayer(8, 6))
+    kept = {k: v.clone() for k, v in mine.state_dict().items()}
+    with pytest.raises(ValueError, match="last layer"):
+        st.match_widths(mine, head.state_dict())
+    assert all(torch.equal(mine.state_dict()[k], v) for k, v in kept.items())
+    assert unchanged()
+
+
 def test_a_consumer_learnable_map_stays_in_the_optimizer():
     torch.manual_seed(0)
     layer = sparse_layer(growth_threshold=0.8)
