@@ -8,12 +8,15 @@ so an error leaves model and optimizer as they were.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from spatium_torch import layouts
 from spatium_torch.activation import ActivationMap
@@ -58,6 +61,9 @@ ELEMENTWISE = (
     nn.Dropout,
     nn.AlphaDropout,
 )
+# Modules that read their children's weights directly instead of calling them: nothing inside
+# one can resize.
+WEIGHT_READERS = (nn.MultiheadAttention,)
 # Per-feature modules resized with the layer before them.
 NORMS = (nn.LayerNorm, nn.BatchNorm1d)
 CONSUMERS = (SpatialLayer, nn.Linear)
@@ -80,11 +86,32 @@ def link_layers(model: nn.Module) -> list[Link]:
     LayerNorm/BatchNorm1d. Raises ValueError naming any other module in between, and any module
     used at more than one place (its calls could not be told apart)."""
     places: dict[int, list[str]] = {}
+    readers: dict[str, nn.Module] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         places.setdefault(id(module), []).append(name)
+        if isinstance(module, WEIGHT_READERS):
+            readers.update(
+                {
+                    f"{name}.{child}" if name else child: module
+                    for child, _ in module.named_children()
+                }
+            )
     links: list[Link] = []
     for name, module in _leaves(model):
+        reader = readers.get(name)
         pending = links[-1] if links and links[-1].consumer is None else None
+        if reader is not None and isinstance(module, SpatialLayer):
+            raise ValueError(
+                f"GrowthController: SpatialLayer {name!r} sits inside a "
+                f"{type(reader).__name__}, which reads its weights directly rather than calling "
+                "it: its width cannot change (keep nn.Linear there)"
+            )
+        if reader is not None and pending is not None and isinstance(module, CONSUMERS):
+            raise ValueError(
+                f"GrowthController: the module after SpatialLayer {pending.name!r} is {name!r}, "
+                f"inside a {type(reader).__name__} that reads its weights directly: it cannot "
+                "follow a resize (does the layer's output join a residual stream?)"
+            )
         if pending is not None and isinstance(module, CONSUMERS):
             for between in pending.tail:
                 _check_between(pending, *between)
@@ -159,6 +186,11 @@ class GrowthController:
     Activity (for pruning) is measured where the consumer sees a neuron: after the elementwise
     modules that follow the layer (e.g. its ReLU).
 
+    Layers inside (or feeding) an ``nn.MultiheadAttention`` are refused at construction: it
+    reads its projections' weights directly. A residual add does not show in the module order,
+    so before the first growth or prune :meth:`check_resizes` runs the model once with each
+    layer resized (a dry run, undone) and refuses a layer whose resize breaks the forward.
+
     Args:
         model: the model; its module order must follow its data flow.
         optimizer: the optimizer over ``model``'s parameters.
@@ -171,6 +203,19 @@ class GrowthController:
         closure: optional callable returning the loss on fixed data; it is evaluated (without
             gradients) before and after every event for the log.
         history_every: record widths, saturation and the last loss every this many steps.
+        example_input: an input of the model (a tensor, or a tuple of its arguments): when
+            given, :meth:`check_resizes` runs on it now, so a model whose layers cannot change
+            width is refused here. Otherwise the check runs on the last training input at the
+            first optimizer step (when growing or pruning) or before the first event.
+        seed: seeds the split perturbations (event by event), so that runs and ranks draw the
+            same; None: the global generator, or under torch.distributed a seed rank 0 draws
+            and shares.
+
+    Under torch.distributed (DistributedDataParallel), every rank makes the same change at the
+    same step: activity and output means (pruning) and the collected gradients (rewiring) are
+    averaged over the ranks before each decision, and perturbations come from the shared seed.
+    A resize replaces Parameters that DDP holds: after each step, ``ddp =
+    controller.rewrap(ddp)`` gives a new wrapper after an event (the same one otherwise).
     """
 
     def __init__(
@@ -192,6 +237,8 @@ class GrowthController:
         drop_ratio: float = 0.05,
         closure: Callable[[], torch.Tensor | float] | None = None,
         history_every: int = 10,
+        example_input: torch.Tensor | tuple | None = None,
+        seed: int | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
@@ -235,11 +282,30 @@ class GrowthController:
         self.closure = closure
         self.history_every = history_every
         self.history = TrainingHistory()
+        self.distributed = (
+            dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        )
+        if seed is None and self.distributed:
+            shared = [int(torch.randint(0, 2**62, ())) if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(shared, src=0)
+            seed = shared[0]
+        self.seed = seed
+        self._changed_since_wrap = False
         self.steps = 0
         self.last_loss: float | None = None
         self._handle = optimizer.register_step_post_hook(self._after_step)
+        self._input_handle = model.register_forward_pre_hook(self._record_input, with_kwargs=True)
+        self._last_input: tuple[tuple, dict] | None = None
+        self._resizes_checked = False
         for link in self.links:
             self._measure_activity(link)
+        if grow_every is not None:
+            for link in self.links:
+                if link.consumer is not None:
+                    self._warn_if_growth_ignores_learning(link)
+        if example_input is not None:
+            example = example_input if isinstance(example_input, tuple) else (example_input,)
+            self.check_resizes(*example)
         if rewire_every == 1:
             self._collect_gradients(True)
 
@@ -255,6 +321,7 @@ class GrowthController:
     def remove(self) -> None:
         """Detaches the controller from the optimizer and the model."""
         self._handle.remove()
+        self._input_handle.remove()
         for link in self.links:
             link.layer.track_activity = True
             link.layer.collect_region_gradients = False
@@ -264,15 +331,62 @@ class GrowthController:
                     del hooks[key]
 
     # Copies (copy.deepcopy, pickling a SpatialNetwork) hook the copied optimizer again; the
-    # activity probes travel with the copied modules.
+    # activity probes and the input recorder travel with the copied modules.
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         del state["_handle"]
+        state["_last_input"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._handle = self.optimizer.register_step_post_hook(self._after_step)
+
+    def _record_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._last_input = (args, kwargs)
+
+    def check_resizes(self, *args: Any, **kwargs: Any) -> None:
+        """Checks that the model still runs when each layer that may grow or be pruned changes
+        width: resizes each by one neuron, runs the model on ``args``/``kwargs`` (by default
+        the last input it was called with) in eval mode without gradients, and puts everything
+        back. Raises ValueError naming the first layer whose resize breaks the forward: its
+        outputs reach something other than its consumer, such as a residual add.
+
+        It runs by itself before the first growth or pruning event, on the last training
+        input; call it on an example input right after construction to hear of a problem
+        before training starts."""
+        if not args and not kwargs:
+            if self._last_input is None:
+                raise ValueError(
+                    "GrowthController.check_resizes: the model has not run since the "
+                    "controller was built; pass an example input"
+                )
+            args, kwargs = self._last_input
+        for link in self.links:
+            if link.consumer is not None:
+                self._try_resize(link, args, kwargs)
+        self._resizes_checked = True
+
+    def _try_resize(self, link: Link, args: tuple, kwargs: dict) -> None:
+        width = link.layer.out_features
+        snapshot = Snapshot([self.model], values=True)
+        modes = [(m, m.training) for m in self.model.modules()]
+        try:
+            _resize_link(link, width - 1 if width > 1 else width + 1)
+            self.model.eval()
+            with torch.no_grad():
+                self.model(*args, **kwargs)
+        except Exception as error:
+            raise ValueError(
+                f"GrowthController: the model no longer runs when SpatialLayer {link.name!r} "
+                f"changes width ({type(error).__name__}: {error}); its outputs must reach "
+                f"{link.consumer[0]!r} only through the modules between them, never a residual "
+                "add or another module"
+            ) from error
+        finally:
+            snapshot.restore()
+            for module, training in modes:
+                module.training = training
 
     # --- events ---------------------------------------------------------------------------------
     def grow(self) -> list[GrowthEvent]:
@@ -289,7 +403,77 @@ class GrowthController:
         dense gradient was collected: see ``rewire_every``)."""
         return self._event("rewire", self._rewire_link)
 
+    def _warn_if_growth_ignores_learning(self, link: Link) -> None:
+        """Warns when this link's growth setting cannot do what it says: partition splits of
+        neurons with one block, or every neuron saturated from the start."""
+        layer = link.layer
+        if self.mode == "partition" and layer.store.num_regions == 1:
+            warnings.warn(
+                f"GrowthController: SpatialLayer {link.name!r} has one block per neuron "
+                f"({layer.in_features} inputs, region_bits {layer.region_bits}), and a "
+                "partition split needs two: it will never grow. Use a smaller region_bits or "
+                "mode='duplicate'",
+                stacklevel=3,
+            )
+        threshold = (
+            layer.growth_threshold if self.growth_threshold is None else self.growth_threshold
+        )
+        if self.mode == "duplicate" and bool((layer.saturation() > threshold).all()):
+            warnings.warn(
+                f"GrowthController: every neuron of SpatialLayer {link.name!r} is saturated "
+                f"(saturation > growth_threshold {threshold}): each growth event will split "
+                "max_split_fraction of it until max_neurons, whatever the loss does. Saturation "
+                "is the share of the fan-in a neuron's blocks cover, always 1 at density 1; use "
+                "a sparse layer with rewiring, or a higher growth_threshold",
+                stacklevel=3,
+            )
+
+    def _average_over_ranks(self, *tensors: torch.Tensor | None) -> None:
+        """Under torch.distributed, replaces each tensor by its mean over the ranks, in place."""
+        if not self.distributed:
+            return
+        for tensor in tensors:
+            if tensor is not None:
+                dist.all_reduce(tensor)
+                tensor.div_(dist.get_world_size())
+
+    def rewrap(self, ddp: DistributedDataParallel) -> DistributedDataParallel:
+        """``ddp`` itself when no event changed the model since the last call, else a new
+        DistributedDataParallel over ``ddp.module`` with ``ddp``'s settings (the old one's
+        gradient hooks removed). Call it on every rank after each optimizer step: every rank
+        has the same events, so every rank builds its new wrapper at the same step."""
+        if not isinstance(ddp, DistributedDataParallel):
+            raise TypeError(f"rewrap takes a DistributedDataParallel, got {type(ddp).__name__}")
+        if not self._changed_since_wrap:
+            return ddp
+        self._changed_since_wrap = False
+        # The old reducer's hooks sit on the Parameters the resize kept: they must not fire for
+        # a wrapper that no longer runs.
+        ddp._remove_autograd_hooks()
+        settings = dict(
+            device_ids=ddp.device_ids,
+            output_device=ddp.output_device,
+            dim=ddp.dim,
+            process_group=ddp.process_group,
+            bucket_cap_mb=ddp.bucket_bytes_cap / 2**20,
+            find_unused_parameters=ddp.find_unused_parameters,
+            gradient_as_bucket_view=ddp.gradient_as_bucket_view,
+            static_graph=ddp.static_graph,
+        )
+        # Newer torch renamed broadcast_buffers to forward_sync_buffers.
+        if hasattr(ddp, "forward_sync_buffers"):
+            settings["forward_sync_buffers"] = ddp.forward_sync_buffers
+        else:
+            settings["broadcast_buffers"] = ddp.broadcast_buffers
+        return DistributedDataParallel(ddp.module, **settings)
+
+    def _check_once(self) -> None:
+        if not self._resizes_checked and self._last_input is not None:
+            self.check_resizes()
+
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self.grow_every or self.prune_every:
+            self._check_once()  # at the first step, not at the first event steps later
         self.steps += 1
         step = self.steps
         if self.rewire_every and step % self.rewire_every == 0:
@@ -306,6 +490,8 @@ class GrowthController:
     def _event(
         self, kind: str, run: Callable[[Link], tuple[NeuronChange | None, int]]
     ) -> list[GrowthEvent]:
+        if kind != "rewire":
+            self._check_once()
         events = []
         for link in self.links:
             if kind != "rewire" and link.consumer is None:
@@ -323,6 +509,7 @@ class GrowthController:
             )
             self.history.events.append(event)
             events.append(event)
+            self._changed_since_wrap = True
         return events
 
     def _loss(self) -> float | None:
@@ -339,6 +526,10 @@ class GrowthController:
                 module.training = training
 
     def _grow_link(self, link: Link) -> tuple[NeuronChange, int]:
+        generator = None
+        if self.seed is not None:  # one stream per event and layer
+            draw = self.seed + 1_000_003 * self.steps + self.links.index(link)
+            generator = torch.Generator().manual_seed(draw % 2**63)
         change, stage = link.layer.plan_growth(
             self.mode,
             self.perturbation,
@@ -346,16 +537,19 @@ class GrowthController:
             self.max_split_fraction,
             self.cooldown,
             self.max_neurons,
+            generator,
         )
         self._apply(link, change, stage)
         return change, 0
 
     def _prune_link(self, link: Link, threshold: float | None) -> tuple[NeuronChange, int]:
+        self._average_over_ranks(link.layer.activity, link.layer.output_mean)
         change, stage = link.layer.plan_prune(threshold)
         self._apply(link, change, stage)
         return change, 0
 
     def _rewire_link(self, link: Link) -> tuple[None, int]:
+        self._average_over_ranks(link.layer._region_gradients)
         rewired = link.layer.rewire(grow_ratio=self.grow_ratio, drop_ratio=self.drop_ratio)
         return None, sum(rewired)
 

@@ -459,9 +459,11 @@ class SpatialLayer(nn.Module):
         max_split_fraction: float | None = None,
         cooldown: int | None = None,
         max_neurons: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[NeuronChange, Stage]:
         """:meth:`grow`, built aside: the change for the consumer, and the Stage that commits
-        it to this layer (nothing changes until then)."""
+        it to this layer (nothing changes until then). ``generator`` draws the perturbation
+        (default: the global one)."""
         self._check_resizable()
         if mode not in resize.SPLIT_MODES:
             raise ValueError(f"mode must be one of {resize.SPLIT_MODES}, got {mode!r}")
@@ -504,8 +506,9 @@ class SpatialLayer(nn.Module):
             new_mask = resize.partition_masks(new_mask, is_child, moved)
         elif perturbation > 0:
             columns = self._columns_of(region_mask[parents])
+            parent_weight = self.weight.detach()[parents]
             resize.perturb_children(
-                weight, rows, moved, parents, self.weight.detach()[parents], columns, perturbation
+                weight, rows, moved, parents, parent_weight, columns, perturbation, generator
             )
         stage = self._stage_neurons(
             rows,

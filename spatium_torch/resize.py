@@ -87,11 +87,13 @@ def perturb_children(
     parent_weight: torch.Tensor,
     columns: torch.Tensor,
     perturbation: float,
+    generator: torch.Generator | None = None,
 ) -> None:
     """Adds opposite noise to the two children of each parent (rows of ``weight``), inside the
-    parent's blocks (``columns``), scaled to the RMS of its weights there."""
+    parent's blocks (``columns``), scaled to the RMS of its weights there; drawn from
+    ``generator`` (default: the global one)."""
     rms = ((parent_weight.square() * columns).sum(1) / columns.sum(1).clamp(min=1)).sqrt()
-    noise = torch.randn(len(parents), weight.shape[1]) * columns
+    noise = torch.randn(len(parents), weight.shape[1], generator=generator) * columns
     noise *= (perturbation * rms).unsqueeze(1)
     for i, parent in enumerate(parents.tolist()):
         pair = torch.nonzero(rows == parent).flatten()

@@ -1,6 +1,7 @@
 """Growth, pruning, memory growth, the GrowthController and the stats."""
 
 import statistics
+import warnings
 
 import pytest
 import torch
@@ -361,6 +362,146 @@ def test_controller_refuses_what_it_cannot_resize(between):
     model = nn.Sequential(sparse_layer(), between, nn.Linear(8, 2))
     with pytest.raises(ValueError, match=type(between).__name__):
         st.GrowthController(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def spatial_like(linear):
+    return st.SpatialLayer(linear.in_features, linear.out_features, bias=linear.bias is not None)
+
+
+def encoder(layers, swap):
+    """An nn.TransformerEncoder whose named Linear modules of each layer are SpatialLayers."""
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), layers
+    )
+    for layer in model.layers:
+        for name in swap:
+            owner, _, attribute = f"x.{name}".rpartition(".")
+            parent = layer if owner == "x" else layer.get_submodule(owner[2:])
+            setattr(parent, attribute, spatial_like(getattr(parent, attribute)))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("layers", "swap", "match"),
+    [
+        (1, ["self_attn.out_proj"], "inside a MultiheadAttention"),
+        (2, ["linear1", "linear2"], "residual stream"),
+        (1, ["linear2"], None),  # the model's last layer: never resized, nothing to refuse
+    ],
+)
+def test_transformer_layers_are_refused_or_left_alone(layers, swap, match):
+    model = encoder(layers, swap)
+    x = torch.rand(2, 5, 32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    if match is None:
+        controller = st.GrowthController(model, optimizer, grow_every=1, example_input=x)
+        assert controller.grow() == [] and model(x).shape == x.shape
+        return
+    with pytest.raises(ValueError, match=match):
+        st.GrowthController(model, optimizer, grow_every=1, example_input=x)
+
+
+def test_a_transformer_feed_forward_layer_grows():
+    model = encoder(1, ["linear1", "linear2"])
+    for layer in model.layers:
+        layer.linear1.growth_threshold = 0.0
+    x = torch.rand(2, 5, 32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match="saturated"):
+        controller = st.GrowthController(model, optimizer, grow_every=1, example_input=x)
+    for _ in range(2):
+        model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert model.layers[0].linear1.out_features == 100  # 64 + 16, + 20
+    assert model.layers[0].linear2.in_features == 100
+    assert [event.layer for event in controller.events] == ["layers.0.linear1"] * 2
+    assert model(x).shape == x.shape
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = sparse_layer(16, growth_threshold=0.0)
+        self.act = nn.ReLU()
+        self.outer = st.SpatialLayer(16, 64, region_bits=3, growth_threshold=0.0)
+        self.head = nn.Linear(64, 2)
+
+    def forward(self, x):
+        return self.head(x + self.outer(self.act(self.inner(x))))
+
+
+def test_a_residual_is_found_before_any_event_changes_the_model():
+    x = torch.rand(4, 64)
+    model = ResidualMLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="'outer' changes width .*residual add"):
+        st.GrowthController(model, optimizer, grow_every=50, example_input=x)
+    # Without an example: at the first optimizer step, on the input of that step.
+    controller = st.GrowthController(model, optimizer, grow_every=50)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer.zero_grad()
+    with pytest.raises(ValueError, match="'outer' changes width"):
+        optimizer.step()  # no gradients: the step leaves the weights as they are
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert controller.events == [] and model(x).shape == (4, 2)
+    with pytest.raises(ValueError, match="example input"):
+        st.GrowthController(ResidualMLP(), optimizer).check_resizes()
+
+
+def tiny_llama(swap):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    for layer in model.model.layers:
+        for name in swap:
+            owner, _, attribute = name.rpartition(".")
+            parent = layer.get_submodule(owner)
+            setattr(parent, attribute, spatial_like(getattr(parent, attribute)))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("swap", "match"),
+    [
+        (["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"], "takes 32 inputs"),
+        (["mlp.up_proj"], "'model.layers.0.mlp.up_proj' changes width"),
+        (["mlp.down_proj"], "cannot resize 'model.layers.0.mlp.act_fn'"),
+        (["self_attn.v_proj", "self_attn.o_proj"], "o_proj' takes 32 inputs"),
+    ],
+)
+def test_a_tiny_llama_is_refused_with_a_clear_error(swap, match):
+    model = tiny_llama(swap)
+    ids = torch.randint(0, 64, (2, 8))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=match):
+        st.GrowthController(model, optimizer, grow_every=1, example_input=ids)
+    assert model(ids).logits.shape == (2, 8, 64)
+
+
+def test_growth_settings_that_cannot_do_what_they_say_warn():
+    dense = nn.Sequential(st.SpatialLayer(64, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.warns(UserWarning, match="one block per neuron"):
+        st.GrowthController(
+            dense, torch.optim.SGD(dense.parameters(), lr=0.1), grow_every=10, mode="partition"
+        )
+    with pytest.warns(UserWarning, match="every neuron of SpatialLayer '0' is saturated"):
+        st.GrowthController(dense, torch.optim.SGD(dense.parameters(), lr=0.1), grow_every=10)
+    sparse = nn.Sequential(sparse_layer(), nn.ReLU(), nn.Linear(8, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        st.GrowthController(sparse, torch.optim.SGD(sparse.parameters(), lr=0.1), grow_every=10)
 
 
 def test_controller_bad_settings():
@@ -788,3 +929,18 @@ def test_growth_pays_on_digits():
         if e.kind == "grow"
     ]
     assert statistics.median(changes) < 1.1
+
+
+def test_a_seeded_controller_draws_the_same_perturbations_whatever_the_global_generator():
+    def grown(global_seed):
+        torch.manual_seed(0)
+        layer = sparse_layer(growth_threshold=0.8)
+        saturate(layer, [1, 2, 5])
+        model = nn.Sequential(layer, nn.ReLU(), nn.Linear(8, 2))
+        controller = st.GrowthController(model, torch.optim.SGD(model.parameters(), lr=0.1), seed=7)
+        torch.manual_seed(global_seed)
+        controller.grow()
+        return layer.weight.detach().clone()
+
+    assert torch.equal(grown(1), grown(2))
+    assert grown(1).shape == (10, 64)  # 2 of the 3 saturated split: a quarter of 8
