@@ -1,20 +1,31 @@
-"""Does growth pay? The growth issue's digits experiment: a 64-8-10 spatial MLP (4-bit,
-region_bits 3, density 0.375, memory growth every 25 steps), 1800 Adam steps, 4 seeds, without
-neuron growth (with and without memory growth) and with each split mode (growth every 250
-steps). Reports test accuracy, final width and the training-loss change at every growth event.
-Writes its section of benchmarks/RESULTS.md.
+"""Does growth pay? Two experiments, each writing its section of benchmarks/RESULTS.md.
 
-    python benchmarks/bench_growth.py
+- ``digits``: the first growth issue's experiment: a 64-8-10 spatial MLP (4-bit, region_bits 3,
+  density 0.375, memory growth every 25 steps), 1800 Adam steps, 4 seeds, without neuron growth
+  (with and without memory growth) and with each split mode (growth every 250 steps). Test
+  accuracy, final width and the training-loss change at every growth event.
+- ``widths``: on MNIST-1D and digits, a 32-32 MLP grows in each mode and criterion, then the
+  fixed model of the widths it ended at trains the same steps from scratch: accuracy, bytes and
+  training FLOPs of both.
+
+    python benchmarks/bench_growth.py [--experiments digits widths] [--datasets ...] [--seeds 3]
 """
 
 import argparse
+import dataclasses
 import datetime
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from results_file import write_section
+from torch import nn
+
+import spatium_torch as st
+from spatium_torch.compare import Data, load_data, shuffled_batches, weight_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from helpers import train_growing_digits  # noqa: E402  (the experiment the tests assert on)
@@ -29,11 +40,117 @@ RUNS = (
 )
 
 
-def main() -> None:
-    """Runs the experiment and writes the results section."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "RESULTS.md"))
-    args = parser.parse_args()
+START, CAP, EPOCHS, BATCH, LR = 32, 256, 40, 64, 3e-3
+SETUP = (
+    "An MLP of SpatialLayers (4-bit, region_bits 3, first layer density 0.375) starts at "
+    f"{START}-{START} hidden neurons and grows for {EPOCHS} epochs (Adam {LR}, batch {BATCH}): "
+    f"growth checks every 100 steps, pruning every 200, memory growth every 25, max_neurons "
+    f"{CAP}. Then the fixed model of the widths it ended at trains the same steps from scratch "
+    "(memory growth every 25 too) with the same seed. A tenth of the training set is held out "
+    "(the plateau criterion's closure measures its loss); every model trains on the rest. "
+    "Bytes: the frozen model's store and biases. FLOPs: 6 per weight and sample over the run."
+)
+SCHEDULE = dict(grow_every=100, prune_every=200, rewire_every=25, max_neurons=CAP)
+# (label, controller settings beyond SCHEDULE; "held_out" gives a closure on the held-out data)
+MODES = (
+    ("duplicate (default)", dict(mode="duplicate")),
+    ("partition", dict(mode="partition")),
+    ("fresh", dict(mode="fresh")),
+    ("fresh, plateau of held-out loss", dict(mode="fresh", grow_when="plateau", held_out=True)),
+)
+
+
+def mlp(data: Data, widths: list[int]) -> nn.Module:
+    layers: list[nn.Module] = []
+    inputs = data.features
+    for i, width in enumerate(widths):
+        density = 0.375 if i == 0 else 1.0
+        layers += [st.SpatialLayer(inputs, width, bits=4, region_bits=3, density=density)]
+        layers.append(nn.ReLU())
+        inputs = width
+    layers.append(st.SpatialLayer(inputs, data.classes, bits=4, region_bits=3))
+    return nn.Sequential(*layers)
+
+
+def step_flops(model: nn.Module, batch: int) -> float:
+    """Forward and backward multiply-adds of one step, as FLOPs: 6 per weight and sample."""
+    weights = sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, st.SpatialLayer)
+    )
+    return 6.0 * weights * batch
+
+
+def train(
+    data: Data,
+    held_out: tuple[torch.Tensor, torch.Tensor],
+    widths: list[int],
+    seed: int,
+    settings: dict,
+) -> tuple[float, list[int], int, float]:
+    """Trains an MLP of ``widths`` under a controller with ``settings``; returns test
+    accuracy, final hidden widths, frozen bytes and training FLOPs."""
+    torch.manual_seed(seed)
+    model = mlp(data, widths)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    settings = dict(settings)
+    if settings.pop("held_out", False):
+        x_held, y_held = held_out
+        settings["closure"] = lambda: F.cross_entropy(model(x_held), y_held)
+    controller = st.GrowthController(model, optimizer, **settings)
+    generator = torch.Generator().manual_seed(seed)
+    flops = 0.0
+    for _ in range(EPOCHS):
+        for batch in shuffled_batches(len(data.x_train), BATCH, generator):
+            loss = F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            controller.record_loss(loss.detach())
+            flops += step_flops(model, len(batch))
+            optimizer.step()
+    controller.remove()
+    model.eval()
+    st.freeze(model)
+    with torch.no_grad():
+        accuracy = (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
+    hidden = [m.out_features for m in model if isinstance(m, st.SpatialLayer)][:-1]
+    return accuracy, hidden, weight_bytes(model), flops
+
+
+def split_held_out(data: Data) -> tuple[Data, tuple[torch.Tensor, torch.Tensor]]:
+    n = len(data.x_train) // 10
+    rest = dataclasses.replace(data, x_train=data.x_train[n:], y_train=data.y_train[n:])
+    return rest, (data.x_train[:n], data.y_train[:n])
+
+
+def mean(values: list[float]) -> float:
+    return statistics.mean(values)
+
+
+def widths_experiment(name: str, seeds: range, report: Callable[[str], None]) -> list[str]:
+    data, held_out = split_held_out(load_data(name))
+    rows = []
+    for label, extra in MODES:
+        grown, fixed = [], []
+        for seed in seeds:
+            grown.append(train(data, held_out, [START, START], seed, {**SCHEDULE, **extra}))
+            fixed.append(train(data, held_out, grown[-1][1], seed, {"rewire_every": 25}))
+            report(f"{name} {label} seed {seed}: grown {grown[-1]}, fixed {fixed[-1]}")
+        gap = [100 * (g[0] - f[0]) for g, f in zip(grown, fixed, strict=True)]
+        rows.append(
+            f"| {name} | {label} | "
+            f"{', '.join('-'.join(map(str, g[1])) for g in grown)} | "
+            f"{100 * mean([g[0] for g in grown]):.1f}% | "
+            f"{100 * mean([f[0] for f in fixed]):.1f}% | "
+            f"{mean(gap):+.1f} ({min(gap):+.1f} .. {max(gap):+.1f}) | "
+            f"{mean([g[2] for g in grown]) / 1e3:.1f} / {mean([f[2] for f in fixed]) / 1e3:.1f} | "
+            f"{mean([g[3] / f[3] for g, f in zip(grown, fixed, strict=True)]):.2f}x |"
+        )
+        report(rows[-1])
+    return rows
+
+
+def digits_experiment(out: str) -> None:
+    """The 64-8-10 digits experiment, into the results section "growth"."""
     lines = [
         "## Growth on digits (`benchmarks/bench_growth.py`)",
         "",
@@ -70,7 +187,35 @@ def main() -> None:
             f"{change} |"
         )
         print(lines[-1], flush=True)
-    write_section(args.out, "growth", "\n".join(lines))
+    write_section(out, "growth", "\n".join(lines))
+
+
+def main() -> None:
+    """Runs the experiments and writes their results sections."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiments", nargs="+", default=["digits", "widths"])
+    parser.add_argument("--datasets", nargs="+", default=["mnist1d", "digits"])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "RESULTS.md"))
+    args = parser.parse_args()
+    if "digits" in args.experiments:
+        digits_experiment(args.out)
+    if "widths" in args.experiments:
+        lines = [
+            "## Growth against the width it ends at (`benchmarks/bench_growth.py`)",
+            "",
+            f"Generated on {datetime.date.today()}, {torch.get_num_threads()} threads. "
+            f"Seeds 0-{args.seeds - 1}. " + SETUP,
+            "",
+            "| data | growth | final hidden widths per seed | grown accuracy | fixed accuracy | "
+            "grown - fixed, pt (range) | KB grown / fixed | training FLOPs grown / fixed |",
+            "|---|---|---|---:|---:|---|---|---:|",
+        ]
+        for name in args.datasets:
+            lines += widths_experiment(
+                name, range(args.seeds), lambda text: print(text, flush=True)
+            )
+        write_section(args.out, "growth-widths", "\n".join(lines))
     print(f"wrote {args.out}")
 
 

@@ -27,6 +27,7 @@ from spatium_torch.memory import LayerMemory, MemoryStats
 from spatium_torch.network import SpatialNetwork
 from spatium_torch.neurons import NeuronChange
 from spatium_torch.ops import built_with_cuda, morton_decode, morton_encode
+from spatium_torch.plateau import Plateau
 from spatium_torch.stats import LayerStats, NetworkStats, network_stats
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __all__ = [
     "LayerStats",
     "NetworkStats",
     "NeuronChange",
+    "Plateau",
     "TrainingHistory",
     "LayerMemory",
     "MemoryStats",

@@ -14,7 +14,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -252,9 +252,7 @@ def train(
     for epoch in range(epochs):
         start = time.perf_counter()
         total = 0.0
-        order = torch.randperm(len(data.x_train), generator=generator)
-        for i in range(0, len(order), BATCH):
-            batch = order[i : i + BATCH]
+        for batch in shuffled_batches(len(data.x_train), BATCH, generator):
             loss = F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
             optimizer.zero_grad()
             loss.backward()
@@ -263,7 +261,7 @@ def train(
             optimizer.step()
             total += loss.item() * len(batch)
         train_seconds += time.perf_counter() - start
-        losses.append(total / len(order))
+        losses.append(total / len(data.x_train))
         curve.append(accuracy(model, data.x_test, data.y_test))
         if on_epoch is not None:
             on_epoch(epoch, curve[-1])
@@ -286,6 +284,14 @@ def train(
         history=None if controller is None else controller.history,
         notes=[] if controller is None else [_widths(model)],
     )
+
+
+def shuffled_batches(count: int, size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """One epoch of minibatch indices: a permutation of ``range(count)`` in batches of ``size``
+    (the last one shorter)."""
+    order = torch.randperm(count, generator=generator)
+    for start in range(0, count, size):
+        yield order[start : start + size]
 
 
 def _growth_controller(

@@ -30,6 +30,7 @@ from spatium_torch.neurons import (
     parameter_like,
     place_children,
 )
+from spatium_torch.plateau import Plateau
 from spatium_torch.resize import SPLIT_MODES
 from spatium_torch.snapshot import Snapshot
 from spatium_torch.store import read_header
@@ -197,7 +198,7 @@ class GrowthController:
         grow_every, prune_every, rewire_every: period in optimizer steps (None: never).
         growth_threshold, prune_threshold, max_neurons, max_split_fraction, cooldown: override
             the layers' settings.
-        mode: ``"duplicate"`` or ``"partition"`` (see :meth:`SpatialLayer.grow`).
+        mode: ``"duplicate"``, ``"partition"`` or ``"fresh"`` (see :meth:`SpatialLayer.grow`).
         perturbation: noise between ``"duplicate"`` children.
         grow_ratio, drop_ratio: memory growth's thresholds (see :meth:`SpatialLayer.rewire`).
         closure: optional callable returning the loss on fixed data; it is evaluated (without
@@ -207,6 +208,13 @@ class GrowthController:
             given, :meth:`check_resizes` runs on it now, so a model whose layers cannot change
             width is refused here. Otherwise the check runs on the last training input at the
             first optimizer step (when growing or pruning) or before the first event.
+        grow_when: ``"saturated"``: every ``grow_every`` steps, split the neurons over
+            ``growth_threshold``. ``"plateau"`` or a :class:`Plateau`: every ``grow_every``
+            steps, ask the Plateau with the loss (``closure``'s if given, else the mean of the
+            losses given to :meth:`record_loss` since the last check); it grows only when
+            learning has stalled at this width, splitting up to ``max_split_fraction`` of each
+            layer (any neuron with blocks), and stops for good once a growth did not lower the
+            loss.
         seed: seeds the split perturbations (event by event), so that runs and ranks draw the
             same; None: the global generator, or under torch.distributed a seed rank 0 draws
             and shares.
@@ -239,6 +247,7 @@ class GrowthController:
         history_every: int = 10,
         example_input: torch.Tensor | tuple | None = None,
         seed: int | None = None,
+        grow_when: str | Plateau = "saturated",
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
@@ -290,6 +299,14 @@ class GrowthController:
             dist.broadcast_object_list(shared, src=0)
             seed = shared[0]
         self.seed = seed
+        if isinstance(grow_when, str) and grow_when == "plateau":
+            grow_when = Plateau()
+        if not isinstance(grow_when, Plateau) and grow_when != "saturated":
+            raise ValueError(
+                f"grow_when must be 'plateau', 'saturated' or a Plateau, got {grow_when!r}"
+            )
+        self.grow_when = grow_when
+        self._loss_sum, self._loss_count = 0.0, 0
         self._changed_since_wrap = False
         self.steps = 0
         self.last_loss: float | None = None
@@ -317,6 +334,8 @@ class GrowthController:
     def record_loss(self, loss: torch.Tensor | float) -> None:
         """Gives the controller the last training loss (for the history and the log)."""
         self.last_loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        self._loss_sum += self.last_loss
+        self._loss_count += 1
 
     def remove(self) -> None:
         """Detaches the controller from the optimizer and the model."""
@@ -418,7 +437,8 @@ class GrowthController:
         threshold = (
             layer.growth_threshold if self.growth_threshold is None else self.growth_threshold
         )
-        if self.mode == "duplicate" and bool((layer.saturation() > threshold).all()):
+        saturated = bool((layer.saturation() > threshold).all())
+        if self.grow_when == "saturated" and self.mode == "duplicate" and saturated:
             warnings.warn(
                 f"GrowthController: every neuron of SpatialLayer {link.name!r} is saturated "
                 f"(saturation > growth_threshold {threshold}): each growth event will split "
@@ -467,6 +487,23 @@ class GrowthController:
             settings["broadcast_buffers"] = ddp.broadcast_buffers
         return DistributedDataParallel(ddp.module, **settings)
 
+    def _plateau_allows_growth(self) -> bool:
+        """Whether a scheduled growth check grows (always, with ``grow_when="saturated"``)."""
+        if not isinstance(self.grow_when, Plateau):
+            return True
+        if self.closure is not None:
+            loss = self._loss()
+        elif self._loss_count:
+            loss = self._loss_sum / self._loss_count  # the mean since the last check
+        else:
+            raise ValueError(
+                "GrowthController: grow_when='plateau' decides from the loss: pass closure= "
+                "(a held-out loss, best) or call controller.record_loss(loss) every step; or "
+                "set grow_when='saturated' to split saturated neurons on schedule"
+            )
+        self._loss_sum, self._loss_count = 0.0, 0
+        return self.grow_when.should_grow(loss)
+
     def _check_once(self) -> None:
         if not self._resizes_checked and self._last_input is not None:
             self.check_resizes()
@@ -478,8 +515,8 @@ class GrowthController:
         step = self.steps
         if self.rewire_every and step % self.rewire_every == 0:
             self.rewire()
-        if self.grow_every and step % self.grow_every == 0:
-            self.grow()
+        if self.grow_every and step % self.grow_every == 0 and self._plateau_allows_growth():
+            self._event("grow", lambda link: self._grow_link(link, scheduled=True))
         if self.prune_every and step % self.prune_every == 0:
             self.prune()
         if self.rewire_every and (step + 1) % self.rewire_every == 0:
@@ -525,15 +562,17 @@ class GrowthController:
             for module, training in modes:
                 module.training = training
 
-    def _grow_link(self, link: Link) -> tuple[NeuronChange, int]:
+    def _grow_link(self, link: Link, scheduled: bool = False) -> tuple[NeuronChange, int]:
         generator = None
         if self.seed is not None:  # one stream per event and layer
             draw = self.seed + 1_000_003 * self.steps + self.links.index(link)
             generator = torch.Generator().manual_seed(draw % 2**63)
+        # A plateau decided that the model grows: any neuron with blocks may split.
+        plateau = scheduled and isinstance(self.grow_when, Plateau)
         change, stage = link.layer.plan_growth(
             self.mode,
             self.perturbation,
-            self.growth_threshold,
+            0.0 if plateau else self.growth_threshold,
             self.max_split_fraction,
             self.cooldown,
             self.max_neurons,
@@ -560,6 +599,8 @@ class GrowthController:
             stages += [_stage_tail_module(module, change) for _, module in link.tail]
             stages.append(_stage_consumer(link, change, self._folded_outputs(link, change)))
             replaced = [entry for stage in stages for entry in stage.replaced]
+            if change.fresh:
+                replaced = _fresh_state(replaced, change, link.consumer[1].weight)
             stages.append(_stage_optimizer(self.optimizer, replaced))
         changed = [link.layer, *(module for _, module in link.tail), link.consumer[1]]
         commit_all(stages, changed, self.optimizer)
@@ -706,6 +747,30 @@ def _consumer_positions(
     moved = torch.nonzero(change.moved).flatten()
     positions[moved] = place_children(positions, moved, None)
     return positions
+
+
+def _fresh_state(
+    replaced: list[tuple[nn.Parameter, nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]],
+    change: NeuronChange,
+    consumer_weight: nn.Parameter,
+) -> list[tuple[nn.Parameter, nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]]:
+    """The replaced Parameters with the fresh children's optimizer state zeroed: their rows of
+    the layer's and the norms' Parameters, their columns of the consumer's weight. A fresh
+    child that took its parent's momentum would move as its parent did."""
+    children = torch.nonzero(change.moved).flatten()
+    width = len(change.rows)
+
+    def zeroed(follow: Callable, dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda t: follow(t).index_fill(dim, children.to(t.device), 0.0)
+
+    entries = []
+    for old, new, follow in replaced:
+        if old is consumer_weight:
+            follow = zeroed(follow, 1)
+        elif new.dim() and new.shape[0] == width and new.shape != old.shape:
+            follow = zeroed(follow, 0)
+        entries.append((old, new, follow))
+    return entries
 
 
 def _stage_optimizer(

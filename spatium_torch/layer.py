@@ -397,7 +397,10 @@ class SpatialLayer(nn.Module):
         (the settings default to the layer's attributes; ``threshold`` to
         ``growth_threshold``). ``"duplicate"``: both children copy the parent's blocks and
         latent weights, plus and minus ``perturbation`` times the parent's weight RMS times
-        Gaussian noise (0: exact copies). ``"partition"``: the children take complementary
+        Gaussian noise (0: exact copies). ``"fresh"``: the first child is its parent; the second
+        starts as a new neuron in the parent's blocks (weights drawn as ``reset_parameters``
+        draws them, bias 0, and 0 for its weights in the consumer, so the function is unchanged;
+        the controller zeroes its optimizer state). ``"partition"``: the children take complementary
         halves of the parent's active blocks in Morton order (only neurons with at least two
         blocks split). The first child keeps the parent's position, the second takes the nearest
         free grid position; outputs stay in Morton order of positions.
@@ -495,15 +498,23 @@ class SpatialLayer(nn.Module):
         )
         change = NeuronChange(
             rows=rows,
-            consumer_scale=torch.where(is_child, 0.5 if mode == "duplicate" else 1.0, 1.0),
+            consumer_scale=_consumer_scale(mode, is_child, moved),
             moved=moved,
             positions=positions,
             split=len(parents),
+            fresh=mode == "fresh",
         )
         new_mask = region_mask[rows]
         weight = self.weight.detach()[rows]
+        bias = None
         if mode == "partition":
             new_mask = resize.partition_masks(new_mask, is_child, moved)
+        elif mode == "fresh":
+            columns = self._columns_of(new_mask[moved])
+            bound = 1.0 / math.sqrt(self.in_features)  # reset_parameters' range
+            resize.fresh_children(weight, moved, columns, bound, generator)
+            if self._parameters["bias"] is not None:
+                bias = self._parameters["bias"].detach()[rows].masked_fill(moved, 0.0)
         elif perturbation > 0:
             columns = self._columns_of(region_mask[parents])
             parent_weight = self.weight.detach()[parents]
@@ -515,6 +526,7 @@ class SpatialLayer(nn.Module):
             positions=positions,
             region_mask=new_mask,
             weight=weight,
+            bias=bias,
             cooldown=waiting[rows].masked_fill(is_child, cooldown),
         )
         return change, stage
@@ -676,11 +688,12 @@ class SpatialLayer(nn.Module):
         positions: torch.Tensor | None = None,
         region_mask: torch.Tensor | None = None,
         weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
         cooldown: torch.Tensor | None = None,
     ) -> Stage:
         """Builds this layer with neuron i continuing neuron rows[i]: memory, latent weight
-        (``weight`` when given), bias, activation map, statistics and positions follow;
-        ``region_mask`` sets the new neurons' active blocks."""
+        and bias (``weight``, ``bias`` when given), activation map, statistics and positions
+        follow; ``region_mask`` sets the new neurons' active blocks."""
         self._sync()
         memory = self.store.host().select_neurons(rows.cpu())
         if region_mask is not None:
@@ -691,7 +704,8 @@ class SpatialLayer(nn.Module):
         new_weight = None if weight is None else parameter_like(old_weight, weight.clone())
         new_bias = None
         if old_bias is not None:
-            new_bias = parameter_like(old_bias, old_bias.detach()[rows].clone())
+            bias = old_bias.detach()[rows] if bias is None else bias
+            new_bias = parameter_like(old_bias, bias.clone())
         new_map = None if self.activation_map is None else self.activation_map.select_neurons(rows)
         buffers = {
             "neuron_positions": self.neuron_positions[rows] if positions is None else positions,
@@ -1031,6 +1045,17 @@ def _checked_positions(
         return layouts.checked_positions(positions, count, name, grid_dims)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: {error}") from None
+
+
+def _consumer_scale(mode: str, is_child: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+    """The factor on the consumer's weights for each neuron after a split: halves for both
+    children of a duplicate (the sum is the parent's), 0 for a fresh child (it starts silent),
+    1 otherwise."""
+    if mode == "duplicate":
+        return torch.where(is_child, 0.5, 1.0)
+    if mode == "fresh":
+        return torch.where(moved, 0.0, 1.0)
+    return torch.ones(len(is_child))
 
 
 def _fraction(value: float, name: str) -> float:

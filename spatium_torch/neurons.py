@@ -37,6 +37,8 @@ class NeuronChange:
             the consumer's bias: exact (its bias) for a neuron with no active block and no
             activation map, else the mean of its recent outputs.
         removed_exact: ``[pruned]`` bool: which of ``removed_output`` are exact.
+        fresh: the second children (``moved``) start as new neurons (a ``"fresh"`` split):
+            their optimizer state starts at zero rather than as their parent's.
     """
 
     rows: torch.Tensor
@@ -47,6 +49,7 @@ class NeuronChange:
     removed: torch.Tensor = torch.zeros(0, dtype=torch.int64)
     removed_output: torch.Tensor = torch.zeros(0)
     removed_exact: torch.Tensor = torch.zeros(0, dtype=torch.bool)
+    fresh: bool = False
 
     @property
     def pruned(self) -> int:

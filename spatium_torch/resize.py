@@ -16,7 +16,7 @@ import torch
 from spatium_torch.neurons import place_children
 from spatium_torch.ops import morton_encode
 
-SPLIT_MODES = ("duplicate", "partition")
+SPLIT_MODES = ("duplicate", "partition", "fresh")
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -99,6 +99,21 @@ def perturb_children(
         pair = torch.nonzero(rows == parent).flatten()
         weight[pair[~moved[pair]]] += noise[i]
         weight[pair[moved[pair]]] -= noise[i]
+
+
+def fresh_children(
+    weight: torch.Tensor,
+    moved: torch.Tensor,
+    columns: torch.Tensor,
+    bound: float,
+    generator: torch.Generator | None = None,
+) -> None:
+    """Gives the second children (``moved`` rows of ``weight``) new weights, uniform in
+    +-``bound`` inside their parent's blocks (``columns``, one row per child), as a new neuron
+    would start; drawn from ``generator`` (default: the global one)."""
+    children = torch.nonzero(moved).flatten()
+    noise = torch.rand(len(children), weight.shape[1], generator=generator, dtype=weight.dtype)
+    weight[children] = (2.0 * noise - 1.0) * bound * columns
 
 
 def prune_rows(remove: torch.Tensor, saturation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

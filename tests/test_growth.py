@@ -105,13 +105,19 @@ def test_grow_splits_the_saturated_neurons_and_training_goes_on(mode):
         assert blocks[children].tolist() == [4, 4, 4, 4]  # 8 blocks split into halves
 
 
-@pytest.mark.parametrize("consumer", ["linear", "spatial"])
-def test_duplicate_split_without_perturbation_keeps_the_function(consumer):
+def splitting_model(consumer, *between):
+    """A sparse 64-8 layer whose neurons 0, 3 and 5 are saturated (2 split at the next event),
+    ``between`` modules, and a 4-output consumer: nn.Linear or an 8-bit SpatialLayer."""
     torch.manual_seed(0)
     layer = sparse_layer(growth_threshold=0.8)
     saturate(layer, [0, 3, 5])
     head = nn.Linear(8, 4) if consumer == "linear" else st.SpatialLayer(8, 4, bits=8)
-    model = nn.Sequential(layer, nn.Tanh(), head)
+    return layer, head, nn.Sequential(layer, *between, head)
+
+
+@pytest.mark.parametrize("consumer", ["linear", "spatial"])
+def test_duplicate_split_without_perturbation_keeps_the_function(consumer):
+    layer, head, model = splitting_model(consumer, nn.Tanh())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.rand(32, 64)
     with torch.no_grad():
@@ -212,6 +218,47 @@ OPTIMIZERS = {
     "sgd": (lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9), ("momentum_buffer",)),
     "rmsprop": (lambda p: torch.optim.RMSprop(p, lr=1e-2), ("square_avg",)),
 }
+
+
+@pytest.mark.parametrize("consumer", ["linear", "spatial"])
+def test_fresh_split_adds_silent_new_neurons_with_fresh_optimizer_state(consumer):
+    layer, head, model = splitting_model(consumer, nn.LayerNorm(8), nn.Tanh())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.rand(32, 64)
+    step(model, optimizer, x, torch.rand(32, 4))
+    model.eval()  # the LayerNorm mixes features: its statistics change with a new neuron
+    norm_free = nn.Sequential(model[0], model[2], model[3])
+    with torch.no_grad():
+        before = norm_free(x)
+    parent_weight = layer.weight.detach().clone()
+    mask = layer.block_mask()
+    controller = st.GrowthController(model, optimizer, mode="fresh")
+    (event,) = controller.grow()
+    change = event.change
+    children = torch.nonzero(change.moved).flatten()
+    parents = change.rows[children]
+    assert event.split == 2 and change.fresh
+    # New weights, drawn in the parent's blocks only; bias 0; silent in the consumer.
+    assert not torch.equal(layer.weight.detach()[children], parent_weight[parents])
+    assert torch.equal(layer.weight.detach()[children] != 0, mask[parents])
+    assert layer.weight.detach()[children].abs().max() <= 1 / 8  # +-1/sqrt(64)
+    assert torch.equal(layer.bias.detach()[children], torch.zeros(2))
+    consumer_weight = head.weight.detach()
+    assert torch.equal(consumer_weight[:, children], torch.zeros(4, 2))
+    with torch.no_grad():
+        after = nn.Sequential(model[0], model[2], model[3])(x)
+    # The function is unchanged; a SpatialLayer consumer quantizes its regrouped inputs again.
+    torch.testing.assert_close(after, before, rtol=0, atol=0 if consumer == "linear" else 5e-3)
+    # The children's optimizer state starts at zero; the others keep theirs.
+    for key in ("exp_avg", "exp_avg_sq"):
+        state = optimizer.state[layer.weight][key]
+        assert torch.equal(state[children], torch.zeros(2, 64))
+        assert state[change.rows[~change.moved]].abs().sum() > 0
+        assert torch.equal(optimizer.state[head.weight][key][:, children], torch.zeros(4, 2))
+        assert torch.equal(optimizer.state[model[1].weight][key][children], torch.zeros(2))
+    model.train()
+    step(model, optimizer, x, torch.rand(32, 4))
+    assert head.weight.detach()[:, children].abs().sum() > 0  # they start to learn
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
@@ -944,3 +991,46 @@ def test_a_seeded_controller_draws_the_same_perturbations_whatever_the_global_ge
 
     assert torch.equal(grown(1), grown(2))
     assert grown(1).shape == (10, 64)  # 2 of the 3 saturated split: a quarter of 8
+
+
+# --- growth when learning stalls ---------------------------------------------------------------
+def test_plateau_grows_when_learning_stalls_and_stops_when_growth_stops_paying():
+    plateau = st.Plateau(patience=2, tolerance=0.01, min_gain=0.05)
+    decisions = [
+        plateau.should_grow(loss)
+        # learning, stalled twice: grow; learning again, stalled twice: the growth paid (1.0 ->
+        # 0.8), grow; stalled at 0.78: under 5% below 0.8, so growing stopped paying
+        for loss in (2.0, 1.5, 1.0, 1.0, 1.2, 0.9, 0.8, 0.8, 0.85, 0.78, 0.79, 0.79, 0.5, 0.5)
+    ]
+    grew = [i for i, d in enumerate(decisions) if d]
+    assert grew == [4, 8] and plateau.stopped and plateau.best_at_growth == 0.8
+    for bad in (dict(patience=0), dict(patience=1.5), dict(tolerance=-0.1), dict(min_gain=1.0)):
+        with pytest.raises(ValueError):
+            st.Plateau(**bad)
+    with pytest.raises(ValueError, match="finite"):
+        st.Plateau().should_grow(float("nan"))
+
+
+def test_a_plateau_controller_grows_once_then_stops_on_a_flat_loss():
+    torch.manual_seed(0)
+    model = nn.Sequential(sparse_layer(), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    controller = st.GrowthController(
+        model, optimizer, grow_every=1, grow_when=st.Plateau(patience=1), max_split_fraction=0.5
+    )
+    x = torch.rand(4, 64)
+    for _ in range(6):
+        model(x).sum().backward()
+        controller.record_loss(1.0)
+        optimizer.step()
+    # check 1 sets the best, check 2 finds a plateau and grows (every neuron with blocks may
+    # split: none is saturated), check 3 finds the growth did not lower the loss and stops
+    assert [event.kind for event in controller.events] == ["grow"]
+    assert model[0].out_features == 12 and controller.grow_when.stopped
+    silent = st.GrowthController(model, optimizer, grow_every=1, grow_when="plateau")
+    model(x).sum().backward()
+    with pytest.raises(ValueError, match="record_loss"):
+        optimizer.step()
+    silent.remove()
+    with pytest.raises(ValueError, match="grow_when"):
+        st.GrowthController(model, optimizer, grow_when="sometimes")

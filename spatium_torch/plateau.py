@@ -1,0 +1,60 @@
+"""When to grow: a loss plateau, and a stop once growing stops paying."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class Plateau:
+    """Decides at each scheduled growth check whether the model should grow, from the loss.
+
+    It grows only once learning has stalled at the current width: the loss has not improved on
+    its best by more than ``tolerance`` (relative) for ``patience`` checks in a row. And it
+    stops for good when a growth did not pay: when, at the plateau after a growth, the best loss
+    is not ``min_gain`` (relative) below the best loss at the plateau before it. The width a
+    model ends at is thus the one where more width stopped lowering the loss.
+
+    Give it the loss that says whether width helps: a held-out loss (the controller's
+    ``closure``) measures that; the training loss keeps falling with width on data a model can
+    memorise, so with it growth stops later, or at ``max_neurons``.
+    """
+
+    patience: int = 2
+    tolerance: float = 0.01
+    min_gain: float = 0.01
+    best: float = math.inf
+    stalled: int = 0
+    best_at_growth: float | None = None
+    stopped: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int):
+            raise ValueError(f"patience must be a positive int, got {self.patience!r}")
+        if self.patience < 1:
+            raise ValueError(f"patience must be a positive int, got {self.patience!r}")
+        for name in ("tolerance", "min_gain"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+    def should_grow(self, loss: float) -> bool:
+        """Takes the loss measured at this check; True when the model should grow now."""
+        if not math.isfinite(loss):
+            raise ValueError(f"Plateau: the loss is {loss}; growth decisions need a finite loss")
+        if self.stopped:
+            return False
+        if loss < self.best - self.tolerance * abs(self.best) or math.isinf(self.best):
+            self.best, self.stalled = loss, 0  # still learning at this width
+            return False
+        self.stalled += 1
+        if self.stalled < self.patience:
+            return False
+        self.stalled = 0
+        previous = self.best_at_growth
+        if previous is not None and self.best > previous - self.min_gain * abs(previous):
+            self.stopped = True  # the last growth did not lower the plateau: width is enough
+            return False
+        self.best_at_growth = self.best
+        return True
