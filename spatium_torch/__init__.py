@@ -1,7 +1,8 @@
 """spatium_torch: quantized, block-sparse neural layers whose weights live in a 3D spatial
 memory addressed by Morton codes.
 
-``SpatialLayer`` replaces ``nn.Linear``; ``freeze`` drops its latent weights; ``load_state_dict``
+``SpatialLayer`` replaces ``nn.Linear`` (``SpatialLayer.from_linear``, or ``convert`` for a whole
+model); ``freeze`` drops its latent weights; ``load_state_dict``
 loads a whole model's state all or nothing; ``SpatialNetwork`` stacks layers;
 ``GrowthController`` grows, prunes and rewires layers between optimizer steps, and
 ``load_grown``/``match_widths`` load its checkpoints into freshly built models;
@@ -20,6 +21,7 @@ from spatium_torch import (
     layouts,
 )
 from spatium_torch.activation import ActivationMap
+from spatium_torch.convert import Conversion, convert, plan_conversion
 from spatium_torch.growth import GrowthController, load_grown, match_widths
 from spatium_torch.history import GrowthEvent, HistoryRecord, TrainingHistory
 from spatium_torch.layer import SpatialLayer, freeze, load_state_dict
@@ -34,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationMap",
+    "Conversion",
     "GrowthController",
     "GrowthEvent",
     "HistoryRecord",
@@ -48,6 +51,7 @@ __all__ = [
     "SpatialNetwork",
     "__version__",
     "built_with_cuda",
+    "convert",
     "freeze",
     "layouts",
     "load_grown",
@@ -56,6 +60,7 @@ __all__ = [
     "morton_decode",
     "morton_encode",
     "network_stats",
+    "plan_conversion",
 ]
 
 

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from spatium_torch import layouts
 from spatium_torch.activation import ActivationMap
+from spatium_torch.convert import weight_readers
 from spatium_torch.history import GrowthEvent, TrainingHistory
 from spatium_torch.layer import DEFAULT_PERTURBATION, SpatialLayer, load_state_dict
 from spatium_torch.neurons import (
@@ -62,9 +63,6 @@ ELEMENTWISE = (
     nn.Dropout,
     nn.AlphaDropout,
 )
-# Modules that read their children's weights directly instead of calling them: nothing inside
-# one can resize.
-WEIGHT_READERS = (nn.MultiheadAttention,)
 # Per-feature modules resized with the layer before them.
 NORMS = (nn.LayerNorm, nn.BatchNorm1d)
 CONSUMERS = (SpatialLayer, nn.Linear)
@@ -87,16 +85,9 @@ def link_layers(model: nn.Module) -> list[Link]:
     LayerNorm/BatchNorm1d. Raises ValueError naming any other module in between, and any module
     used at more than one place (its calls could not be told apart)."""
     places: dict[int, list[str]] = {}
-    readers: dict[str, nn.Module] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         places.setdefault(id(module), []).append(name)
-        if isinstance(module, WEIGHT_READERS):
-            readers.update(
-                {
-                    f"{name}.{child}" if name else child: module
-                    for child, _ in module.named_children()
-                }
-            )
+    readers = weight_readers(model)
     links: list[Link] = []
     for name, module in _leaves(model):
         reader = readers.get(name)

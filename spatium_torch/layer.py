@@ -204,6 +204,40 @@ class SpatialLayer(nn.Module):
         self._loads = 0
         self._sync()
         self.activation_map = None if activation_map is None else activation_map.to(device)
+        # torch's TransformerEncoderLayer, in eval without gradients, skips its submodules'
+        # forward and reads linear1/linear2's `weight` itself (its "fast path") unless one of
+        # its modules has hooks: it would compute with the latent fp32 weight (or fail on a
+        # frozen layer's None). This hook does nothing but keep this layer's forward in charge.
+        self.register_forward_pre_hook(_runs_own_forward)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **options: Any) -> SpatialLayer:
+        """A SpatialLayer with ``linear``'s shape, weight and bias (the weight as its latent
+        weight, quantized at the first forward), on ``linear``'s device and in its dtype, its
+        Parameters requiring gradients as ``linear``'s do. ``options`` are the constructor's
+        keyword arguments (``bits``, ``region_bits``, ``density``, ...); ``bias`` follows
+        ``linear``. Raises TypeError for anything but an nn.Linear."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        if "bias" in options:
+            raise TypeError("from_linear: bias follows the nn.Linear; do not pass it")
+        weight = linear.weight
+        if weight.device.type == "meta":
+            raise ValueError("from_linear: the nn.Linear is on the meta device (no weights)")
+        with torch.device(weight.device):
+            layer = cls(
+                linear.in_features, linear.out_features, bias=linear.bias is not None, **options
+            )
+        with torch.no_grad():
+            # Inactive blocks of a sparse layer hold zeros, as in a freshly built one.
+            layer.weight.copy_(weight.float() * layer.block_mask().to(weight.device))
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.float())
+        layer.to(weight.dtype)
+        layer.weight.requires_grad_(weight.requires_grad)
+        if linear.bias is not None:
+            layer.bias.requires_grad_(linear.bias.requires_grad)
+        return layer
 
     # --- set-up -----------------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -1045,6 +1079,10 @@ def _checked_positions(
         return layouts.checked_positions(positions, count, name, grid_dims)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: {error}") from None
+
+
+def _runs_own_forward(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that does nothing (see SpatialLayer.__init__)."""
 
 
 def _consumer_scale(mode: str, is_child: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import spatium_torch
 from spatium_torch import cli, compare
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -169,3 +170,11 @@ def test_module_entry_point_reports_bad_options():
     assert done.returncode == 2
     assert "usage: python -m spatium_torch.compare" in done.stderr
     assert "invalid choice: 16" in done.stderr
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"spatium-torch {spatium_torch.__version__} (torch {torch.__version__})")

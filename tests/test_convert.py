@@ -1,0 +1,141 @@
+"""Converting models: SpatialLayer.from_linear, st.plan_conversion and st.convert on an MLP,
+nn.TransformerEncoder and tiny Hugging Face Llama and Bert models built from configs."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import spatium_torch as st
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_linear_copies_weight_and_bias_and_computes_on_their_quantization(bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 12, bias=bias)
+    layer = st.SpatialLayer.from_linear(linear, bits=8, region_bits=4)
+    assert torch.equal(layer.weight.detach(), linear.weight.detach())
+    assert (layer.bias is None) == (not bias)
+    if bias:
+        assert torch.equal(layer.bias.detach(), linear.bias.detach())
+    x = torch.randn(5, 48)
+    expected = F.linear(x, layer.dequantized_weight(), layer.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), linear(x), rtol=0, atol=2e-2)  # 8-bit codes
+
+
+def test_from_linear_keeps_dtype_sparsity_and_frozen_parameters():
+    linear = nn.Linear(64, 8).to(torch.bfloat16).requires_grad_(False)
+    layer = st.SpatialLayer.from_linear(linear, region_bits=3, density=0.5)
+    assert layer.weight.dtype == torch.bfloat16 and not layer.weight.requires_grad
+    assert layer(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    outside = ~layer.block_mask()
+    assert outside.any() and not layer.weight.detach()[outside].any()
+    with pytest.raises(TypeError, match="nn.Linear"):
+        st.SpatialLayer.from_linear(nn.Conv1d(1, 1, 1))
+    with pytest.raises(TypeError, match="bias"):
+        st.SpatialLayer.from_linear(nn.Linear(4, 4), bias=False)
+    with pytest.raises(ValueError, match="meta"):
+        st.SpatialLayer.from_linear(nn.Linear(4, 4, device="meta"))
+
+
+def test_convert_an_mlp_keeps_the_head_and_reports(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
+    )
+    x = torch.randn(8, 16)
+    before = model(x)
+    with caplog.at_level(logging.INFO, logger="spatium_torch"):
+        assert st.convert(model, bits=8, region_bits=3) is model
+    assert [type(m).__name__ for m in model] == [
+        "SpatialLayer", "ReLU", "SpatialLayer", "ReLU", "Linear",
+    ]  # fmt: skip
+    assert "2 nn.Linear converted" in caplog.text and "kept 4: the output head" in caplog.text
+    torch.testing.assert_close(model(x), before, rtol=0, atol=5e-2)
+    assert [(c.name, c.converted) for c in st.plan_conversion(model, keep_output=False)] == [
+        ("4", True)
+    ]
+    again = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    plan = st.plan_conversion(again, include=["0", "2"], exclude=["2"], keep_output=False)
+    assert [(c.converted, c.reason) for c in plan] == [
+        (True, ""), (False, "not in include"), (False, "in exclude"),
+    ]  # fmt: skip
+
+
+def test_a_failed_convert_changes_nothing():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="bits"):
+        st.convert(model, bits=3)
+    assert all(type(m) is nn.Linear for m in model)
+
+
+def test_convert_a_transformer_encoder_then_freeze_and_run_in_eval():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2)
+    assert model.use_nested_tensor
+    plan = {c.name: c for c in st.plan_conversion(model, keep_output=False)}
+    assert plan["layers.0.self_attn.out_proj"].reason.startswith("its parent MultiheadAttention")
+    st.convert(model, bits=2, keep_output=False)
+    assert not model.use_nested_tensor  # its nested path reads the layers' weights
+    linear1 = model.layers[0].linear1
+    assert isinstance(linear1, st.SpatialLayer)
+    assert type(model.layers[0].self_attn.out_proj) is not st.SpatialLayer
+    x = torch.rand(2, 5, 32)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[1, 3:] = True
+    model.eval()
+    calls = []
+    linear1.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        eager = model(x, src_key_padding_mask=mask)
+    # torch's fast path would have read linear1.weight (the latent fp32 weight) instead.
+    assert len(calls) == 1
+    st.freeze(model)
+    with torch.no_grad():
+        frozen = model(x, src_key_padding_mask=mask)
+        torch.testing.assert_close(frozen, eager)
+        assert model(x).shape == x.shape
+
+
+def tiny(kind):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        )  # fmt: skip
+        return transformers.LlamaForCausalLM(config).eval()
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_labels=3,
+    )  # fmt: skip
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_convert_tiny_hugging_face_models(kind):
+    model = tiny(kind)
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        before = model(ids).logits
+    plan = {c.name: c for c in st.plan_conversion(model)}
+    st.convert(model, bits=8)
+    converted = [n for n, m in model.named_modules() if isinstance(m, st.SpatialLayer)]
+    assert converted == [n for n, c in plan.items() if c.converted] and len(converted) >= 12
+    if kind == "llama":
+        assert plan["lm_head"].reason == "its weight is tied to model.embed_tokens.weight"
+        assert type(model.lm_head) is nn.Linear
+    else:
+        assert plan["classifier"].reason.startswith("the output head")
+    with torch.no_grad():
+        after = model(ids).logits
+        torch.testing.assert_close(after, before, rtol=0, atol=0.05)  # 8-bit codes
+        st.freeze(model)
+        torch.testing.assert_close(model(ids).logits, after)
+    if kind == "llama":
+        assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 11)
