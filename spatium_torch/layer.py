@@ -213,10 +213,10 @@ class SpatialLayer(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, **options: Any) -> SpatialLayer:
         """A SpatialLayer with ``linear``'s shape, weight and bias (the weight as its latent
-        weight, quantized at the first forward), on ``linear``'s device and in its dtype, its
-        Parameters requiring gradients as ``linear``'s do. ``options`` are the constructor's
-        keyword arguments (``bits``, ``region_bits``, ``density``, ...); ``bias`` follows
-        ``linear``. Raises TypeError for anything but an nn.Linear."""
+        weight, quantized at the first forward), on ``linear``'s device and in its dtype, in
+        its training mode, its Parameters requiring gradients as ``linear``'s do. ``options``
+        are the constructor's keyword arguments (``bits``, ``region_bits``, ``density``, ...);
+        ``bias`` follows ``linear``. Raises TypeError for anything but an nn.Linear."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
         if "bias" in options:
@@ -234,6 +234,7 @@ class SpatialLayer(nn.Module):
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.float())
         layer.to(weight.dtype)
+        layer.train(linear.training)
         layer.weight.requires_grad_(weight.requires_grad)
         if linear.bias is not None:
             layer.bias.requires_grad_(linear.bias.requires_grad)
@@ -841,7 +842,9 @@ class SpatialLayer(nn.Module):
         if order is not None:
             flat = flat.index_select(1, order)
         if self._takes_int8_path(flat):
-            y = self._inference_pack(arrays).linear(flat, self._parameters["bias"])
+            bias = self._parameters["bias"]
+            bias = bias if bias is None else bias.float()  # the kernels add fp32 (a bf16 layer)
+            y = self._inference_pack(arrays).linear(flat, bias)
             if y is not None:  # None: NaN or Inf in the input, which the float path handles
                 return y, flat
         y = torch.ops.spatium.spatial_linear(

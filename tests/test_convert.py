@@ -27,9 +27,10 @@ def test_from_linear_copies_weight_and_bias_and_computes_on_their_quantization(b
 
 
 def test_from_linear_keeps_dtype_sparsity_and_frozen_parameters():
-    linear = nn.Linear(64, 8).to(torch.bfloat16).requires_grad_(False)
+    linear = nn.Linear(64, 8).to(torch.bfloat16).requires_grad_(False).eval()
     layer = st.SpatialLayer.from_linear(linear, region_bits=3, density=0.5)
     assert layer.weight.dtype == torch.bfloat16 and not layer.weight.requires_grad
+    assert not layer.training
     assert layer(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
     outside = ~layer.block_mask()
     assert outside.any() and not layer.weight.detach()[outside].any()
@@ -139,3 +140,38 @@ def test_convert_tiny_hugging_face_models(kind):
         torch.testing.assert_close(model(ids).logits, after)
     if kind == "llama":
         assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 11)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_converted_llama_round_trips_through_save_pretrained(frozen, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file, load_model, save_model
+
+    model = st.convert(tiny("llama"), bits=4)
+    if frozen:
+        st.freeze(model)
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    # A fresh process would do this: build from the saved config, convert alike, load.
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    fresh = st.convert(transformers.AutoModelForCausalLM.from_config(config), bits=4).eval()
+    # load_grown also freezes the layers saved frozen; the tied lm_head is saved once, as the
+    # embedding.
+    missing, _ = st.load_grown(fresh, load_file(tmp_path / "model.safetensors"), strict=False)
+    assert missing == ["lm_head.weight"]
+    assert all(m.frozen == frozen for m in fresh.modules() if isinstance(m, st.SpatialLayer))
+    saved, loaded = model.state_dict(), fresh.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, expected)
+    # safetensors' own save_model / load_model (shared tensors handled by safetensors).
+    save_model(model, tmp_path / "plain.safetensors")
+    again = st.convert(transformers.AutoModelForCausalLM.from_config(config), bits=4).eval()
+    if frozen:
+        st.freeze(again)
+    load_model(again, tmp_path / "plain.safetensors")
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, expected)
