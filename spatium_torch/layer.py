@@ -180,8 +180,8 @@ class SpatialLayer(nn.Module):
         self.register_buffer("neuron_positions", neurons.to(device))
         self._set_input_order(sorted_codes, order)
 
-        self.weight: nn.Parameter | None = TrackedParameter(
-            torch.empty(out_features, in_features, device=device)
+        self.register_parameter(
+            "weight", TrackedParameter(torch.empty(out_features, in_features, device=device))
         )
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, device=device))
@@ -245,8 +245,9 @@ class SpatialLayer(nn.Module):
         """nn.Linear's initialisation: uniform in +-1/sqrt(in_features)."""
         bound = 1.0 / math.sqrt(self.in_features)
         with torch.no_grad():
-            if self.weight is not None:
-                self.weight.uniform_(-bound, bound)
+            weight = self._parameters["weight"]
+            if weight is not None:
+                weight.uniform_(-bound, bound)
             if self.bias is not None:
                 self.bias.uniform_(-bound, bound)
 
@@ -292,7 +293,21 @@ class SpatialLayer(nn.Module):
     @property
     def frozen(self) -> bool:
         """Whether the latent weights were dropped (:func:`freeze`)."""
-        return self.weight is None
+        return self._parameters["weight"] is None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The latent weight ``[out, in]`` (a Parameter) while the layer trains. Once frozen,
+        the weight it computes with (:meth:`dequantized_weight`, in the bias's dtype), for code
+        that inspects ``.weight``: built at each read, so writing to it changes nothing."""
+        parameters = self.__dict__["_parameters"]
+        if "weight" not in parameters:  # during construction: nn.Module's checks ask
+            raise AttributeError("weight")
+        latent = parameters["weight"]
+        if latent is not None:
+            return latent
+        bias = parameters["bias"]
+        return self.dequantized_weight().to(torch.float32 if bias is None else bias.dtype)
 
     @property
     def memory(self) -> LayerMemory:
@@ -341,7 +356,7 @@ class SpatialLayer(nn.Module):
         was_active = host.contains(neuron, code) if 0 <= neuron < self.out_features else True
         host.write(neuron, code, value)  # raises for a bad neuron or a non-input
         self._install(host)
-        if self.weight is None:
+        if self.frozen:
             return
         column = int(torch.searchsorted(self._sorted_codes.cpu(), torch.tensor(code)))
         with torch.no_grad():
@@ -774,7 +789,7 @@ class SpatialLayer(nn.Module):
         (:meth:`ActivationMap.freeze`; ``keep_hits`` keeps its hit counts)."""
         if self.activation_map is not None:
             self.activation_map.freeze(keep_hits)
-        if self.weight is None:
+        if self.frozen:
             return
         self._sync()
         del self.weight

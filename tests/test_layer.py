@@ -191,8 +191,15 @@ def test_frozen_layer_runs_forward_and_input_backward():
     x = torch.randn(5, 100)
     expected = layer(x).detach()
     st.freeze(layer)
-    assert layer.frozen and layer.weight is None
+    assert layer.frozen and "weight" not in layer.state_dict()
     assert [n for n, _ in layer.named_parameters()] == ["bias"]
+    # `.weight` reads as the weight the layer computes with (code that inspects it works);
+    # writing to it changes nothing.
+    weight = layer.weight
+    assert type(weight) is torch.Tensor and not weight.requires_grad
+    assert torch.equal(weight, layer.dequantized_weight())
+    weight.zero_()
+    assert torch.equal(layer(x).detach(), expected)
     xg = x.clone().requires_grad_()
     y = layer(xg)
     assert torch.equal(y.detach(), expected)
