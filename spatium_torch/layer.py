@@ -800,6 +800,13 @@ class SpatialLayer(nn.Module):
 
     # --- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            raise NotImplementedError(
+                "SpatialLayer: ONNX export is not supported: the quantized store is read by a "
+                "custom op (spatium::spatial_linear) that has no ONNX form. torch.export works "
+                "(frozen models); for ONNX, export a copy with an nn.Linear holding "
+                "layer.dequantized_weight() in place of each SpatialLayer"
+            )
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"SpatialLayer: expected a tensor, got {type(x).__name__}")
         if x.dim() == 0:
@@ -911,6 +918,13 @@ class SpatialLayer(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"region_bits={self.region_bits}, density={self.density}, bias={self.bias is not None}"
             + (", frozen" if self.frozen else "")
+        )
+
+    def __prepare_scriptable__(self) -> SpatialLayer:
+        # torch.jit.script calls this on every submodule before compiling it.
+        raise NotImplementedError(
+            "SpatialLayer cannot be compiled by torch.jit.script (its forward is Python around "
+            "custom ops); use torch.jit.trace, torch.compile or torch.export"
         )
 
     # --- copying, moving and state_dict ---------------------------------------------------------

@@ -1,6 +1,7 @@
 """The store as tensors: never stale, on the layer's device, flat state, compile and export."""
 
 import copy
+import io
 import sys
 import threading
 import time
@@ -280,6 +281,20 @@ def test_export_of_a_frozen_model_equals_eager():
     x = torch.randn(5, 64)
     program = torch.export.export(model, (x,))
     torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=0)
+
+
+def test_onnx_export_and_torchscript_say_what_is_unsupported():
+    model = nn.Sequential(st.SpatialLayer(8, 4), nn.ReLU())
+    st.freeze(model).eval()
+    x = torch.randn(2, 8)
+    with pytest.raises(NotImplementedError, match="ONNX export is not supported.*spatial_linear"):
+        torch.onnx.export(model, (x,), io.BytesIO(), dynamo=False)
+    with pytest.raises(NotImplementedError, match="torch.jit.script"):
+        torch.jit.script(model)
+    with torch.no_grad():  # tracing takes the float path: the fp32 reference, not int8
+        traced = torch.jit.trace(model, x, check_trace=False)
+        model[0].inference_precision = "fp32"
+        assert torch.equal(traced(x), model(x))
 
 
 def test_a_data_edit_of_map_logits_reaches_the_next_forward():
