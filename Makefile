@@ -16,9 +16,9 @@ NVCC := $(shell command -v nvcc 2>/dev/null)
 EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 
-.PHONY: test demo bench bench-peers lint cpp-test cpp-sanitize py-test cuda-check gpu-check sanitize apt clean
+.PHONY: test demo bench bench-peers lint cpp-test cpp-sanitize py-test cuda-check gpu-check sanitize wheel-check apt clean
 
-test: lint cpp-test cpp-sanitize cuda-check py-test
+test: lint cpp-test cpp-sanitize cuda-check py-test wheel-check
 
 # nn.Linear against SpatialLayer on digits: a table, report.md and PNGs in ./spatium_report.
 demo: $(VENV)/.ext-built
@@ -57,6 +57,17 @@ $(CMAKE_BUILD)/build.ninja: CMakeLists.txt | apt
 	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release
 
 # --- tests -------------------------------------------------------------------------------------
+# The wheel, built as a user would build it, installed into a fresh venv with only its declared
+# dependencies (the pinned torch) and smoke-tested from outside the source tree.
+WHEEL_CHECK := build/wheel-check
+wheel-check: $(VENV)/.requirements-installed
+	rm -rf $(WHEEL_CHECK) && mkdir -p $(WHEEL_CHECK)
+	$(PY) -m build --wheel --no-isolation --outdir $(WHEEL_CHECK)/dist .
+	$(PYTHON) -m venv $(WHEEL_CHECK)/venv
+	$(WHEEL_CHECK)/venv/bin/python -m pip install -q $(WHEEL_CHECK)/dist/*.whl
+	cd $(WHEEL_CHECK) && venv/bin/python $(CURDIR)/tests/wheel_smoke.py
+	$(WHEEL_CHECK)/venv/bin/spatium-torch --version
+
 lint: $(VENV)/.requirements-installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -52,8 +52,12 @@ if with_cuda:
 else:
     extension = CppExtension("spatium_torch._C", extension_sources, **extension_kwargs)
 
+# The release only ("2.13.0" of "2.13.0+cpu"): any build of the torch this links against.
+TORCH_RELEASE = torch.__version__.split("+")[0]
+
 setup(
     packages=find_packages(include=["spatium_torch", "spatium_torch.*"]),
+    install_requires=[f"torch=={TORCH_RELEASE}", "numpy"],
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

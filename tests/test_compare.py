@@ -178,3 +178,15 @@ def test_version(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"spatium-torch {spatium_torch.__version__} (torch {torch.__version__})")
+
+
+def test_without_the_viz_extra_compare_says_what_to_install(monkeypatch, capsys):
+    for name in [n for n in sys.modules if n.split(".")[0] == "matplotlib"] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "spatium_torch.compare")
+    monkeypatch.delattr(spatium_torch, "compare")
+    assert cli.main(["compare", "--epochs", "2"]) == 1
+    assert "needs matplotlib: pip install 'spatium-torch[viz]'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
