@@ -379,8 +379,8 @@ class GrowthController:
 
     def _try_resize(self, link: Link, args: tuple, kwargs: dict) -> None:
         width = link.layer.out_features
+        # The snapshot puts back the modules' attributes too: their training modes.
         snapshot = Snapshot([self.model], values=True)
-        modes = [(m, m.training) for m in self.model.modules()]
         try:
             _resize_link(link, width - 1 if width > 1 else width + 1)
             self.model.eval()
@@ -395,8 +395,6 @@ class GrowthController:
             ) from error
         finally:
             snapshot.restore()
-            for module, training in modes:
-                module.training = training
 
     # --- events ---------------------------------------------------------------------------------
     def grow(self) -> list[GrowthEvent]:
@@ -914,4 +912,4 @@ def _saved_layers(
         if isinstance(module, SpatialLayer):
             prefix = f"{name}.store." if name else "store."
             held = any(key.startswith(prefix) for key in state_dict)
-            yield name, module, read_header(dict(state_dict), prefix) if held else None
+            yield name, module, read_header(state_dict, prefix) if held else None

@@ -18,6 +18,7 @@ have changed, so the store is re-quantized before the next forward and never goe
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -73,7 +74,7 @@ class StoreArrays(NamedTuple):
     codes: torch.Tensor
 
 
-def read_header(state: dict[str, Any], prefix: str) -> dict[str, int]:
+def read_header(state: Mapping[str, Any], prefix: str) -> dict[str, int]:
     """The header (HEADER's fields) of a saved store, keys ``prefix + name``, of this format or
     the second, whatever layer it is loaded into. Raises ValueError naming the problem
     (TypeError for an entry that is not a tensor)."""
@@ -311,7 +312,7 @@ class SpatialStore(nn.Module):
         )
 
 
-def check_tensor(state: dict[str, Any], key: str, where: str) -> None:
+def check_tensor(state: Mapping[str, Any], key: str, where: str) -> None:
     """Raises TypeError naming ``key`` unless ``state[key]`` is a tensor."""
     value = state[key]
     if not isinstance(value, torch.Tensor):
