@@ -30,7 +30,7 @@ bench: $(CMAKE_BUILD)/build.ninja $(VENV)/.ext-built
 
 # Frozen inference against torch int8/int4 and bitsandbytes / torchao (installed without deps).
 bench-peers: $(VENV)/.ext-built
-	$(PY) -m pip install -q --no-deps -r requirements-bench.txt
+	$(PY) -m pip install -q --no-deps -r requirements/bench.txt
 	$(PY) benchmarks/bench_peers.py
 
 # --- set-up ------------------------------------------------------------------------------------
@@ -44,9 +44,9 @@ apt:
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.requirements-installed: requirements.txt requirements-integrations.txt | $(PY)
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -r requirements-integrations.txt
+$(VENV)/.requirements-installed: $(wildcard requirements/*.txt) | $(PY)
+	$(PY) -m pip install -q -r requirements/dev.txt
+	$(PY) -m pip install -q --no-deps -r requirements/integrations.txt
 	touch $@
 
 $(VENV)/.ext-built: $(VENV)/.requirements-installed $(EXT_SOURCES)
