@@ -2,8 +2,9 @@
 memory addressed by Morton codes.
 
 ``SpatialLayer`` replaces ``nn.Linear`` (``SpatialLayer.from_linear``, or ``convert`` for a whole
-model); ``freeze`` drops its latent weights; ``load_state_dict``
-loads a whole model's state all or nothing; ``SpatialNetwork`` stacks layers;
+model; ``from_pretrained`` loads a converted Hugging Face model); ``freeze`` drops its latent
+weights; ``load_state_dict`` loads a whole model's state all or nothing; ``SpatialNetwork``
+stacks layers;
 ``GrowthController`` grows, prunes and rewires layers between optimizer steps, and
 ``load_grown``/``match_widths`` load its checkpoints into freshly built models;
 ``network_stats`` summarises them; ``morton_encode``/``morton_decode`` and ``layouts`` place
@@ -30,6 +31,7 @@ from spatium_torch.network import SpatialNetwork
 from spatium_torch.neurons import NeuronChange
 from spatium_torch.ops import built_with_cuda, morton_decode, morton_encode
 from spatium_torch.plateau import Plateau
+from spatium_torch.pretrained import from_pretrained
 from spatium_torch.stats import LayerStats, NetworkStats, network_stats
 
 __version__ = "0.1.0"
@@ -53,6 +55,7 @@ __all__ = [
     "built_with_cuda",
     "convert",
     "freeze",
+    "from_pretrained",
     "layouts",
     "load_grown",
     "load_state_dict",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +14,10 @@ from torch import nn
 from spatium_torch.layer import SpatialLayer
 
 logger = logging.getLogger("spatium_torch")
+
+# The attribute of a Hugging Face config where convert records what it did, so that
+# save_pretrained writes it to config.json and from_pretrained can do it again.
+CONVERSIONS_KEY = "spatium_conversions"
 
 # Modules that read their children's weights directly instead of calling them: a SpatialLayer
 # there would never run (MultiheadAttention's out_proj) or its weight would be used unquantized.
@@ -99,7 +104,9 @@ def convert(
     the ``"spatium_torch"`` logger. Every new layer is built before any is installed: an error
     (a bad option) leaves the model as it was. ``nn.TransformerEncoder`` modules get
     ``use_nested_tensor = False``: their nested-tensor fast path reads the layers' weights
-    directly."""
+    directly. On a model with a Hugging Face ``config``, the converted names, ``bits`` and
+    ``options`` are recorded there (``config.spatium_conversions``), so that ``save_pretrained``
+    saves them and :func:`~spatium_torch.from_pretrained` converts a fresh model alike."""
     plan = plan_conversion(model, include=include, exclude=exclude, keep_output=keep_output)
     built = {
         entry.name: SpatialLayer.from_linear(model.get_submodule(entry.name), bits=bits, **options)
@@ -112,6 +119,8 @@ def convert(
     for module in model.modules():
         if isinstance(module, nn.TransformerEncoder) and built:
             module.use_nested_tensor = False
+    if built:
+        _record(model, list(built), bits, options)
     skipped = [entry for entry in plan if not entry.converted]
     logger.info(
         "convert: %d nn.Linear converted to %d-bit SpatialLayers, %d kept%s",
@@ -121,3 +130,21 @@ def convert(
         "".join(f"\n  kept {entry.name}: {entry.reason}" for entry in skipped),
     )
     return model
+
+
+def _record(model: nn.Module, names: list[str], bits: int, options: dict[str, Any]) -> None:
+    """Appends this conversion to the model's Hugging Face config, if it has one."""
+    config = getattr(model, "config", None)
+    if not hasattr(config, "to_json_string"):
+        return
+    entry = {"layers": names, "bits": bits, **options}
+    try:
+        json.dumps(entry)
+    except TypeError:
+        logger.warning(
+            "convert: options %s are not JSON values, so config.json cannot record them and "
+            "from_pretrained cannot convert a fresh model alike",
+            sorted(options),
+        )
+        return
+    setattr(config, CONVERSIONS_KEY, [*getattr(config, CONVERSIONS_KEY, []), entry])

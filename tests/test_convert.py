@@ -148,33 +148,81 @@ def test_convert_tiny_hugging_face_models(kind):
 @pytest.mark.parametrize("frozen", [False, True])
 def test_a_converted_llama_round_trips_through_save_pretrained(frozen, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from safetensors.torch import load_file, load_model, save_model
+    from safetensors.torch import load_model, save_model
 
-    model = st.convert(tiny("llama"), bits=4)
+    # Two conversions with their own settings: both are recorded in the config.
+    model = st.convert(tiny("llama"), bits=4, include=["*.mlp.*"])
+    st.convert(model, bits=8, region_bits=4, include=["*.self_attn.*"])
+    assert [(len(c["layers"]), c["bits"]) for c in model.config.spatium_conversions] == [
+        (6, 4),
+        (8, 8),
+    ]
     if frozen:
         st.freeze(model)
     ids = torch.randint(0, 64, (2, 8))
     with torch.no_grad():
         expected = model(ids).logits
     model.save_pretrained(tmp_path)
-    # A fresh process would do this: build from the saved config, convert alike, load.
-    config = transformers.AutoConfig.from_pretrained(tmp_path)
-    fresh = st.convert(transformers.AutoModelForCausalLM.from_config(config), bits=4).eval()
-    # load_grown also freezes the layers saved frozen; the tied lm_head is saved once, as the
-    # embedding.
-    missing, _ = st.load_grown(fresh, load_file(tmp_path / "model.safetensors"), strict=False)
-    assert missing == ["lm_head.weight"]
+    fresh = st.from_pretrained(transformers.AutoModelForCausalLM, tmp_path)
+    assert not fresh.training
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight  # tied again
+    assert fresh.model.layers[0].self_attn.q_proj.region_bits == 4
+    assert fresh.config.spatium_conversions == model.config.spatium_conversions
     assert all(m.frozen == frozen for m in fresh.modules() if isinstance(m, st.SpatialLayer))
     saved, loaded = model.state_dict(), fresh.state_dict()
     assert saved.keys() == loaded.keys()
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, expected)
-    # safetensors' own save_model / load_model (shared tensors handled by safetensors).
+    # The concrete class works as well as the auto class.
+    concrete = st.from_pretrained(transformers.LlamaForCausalLM, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(concrete(ids).logits, expected)
+    # safetensors' own save_model / load_model (shared tensors handled by safetensors) into a
+    # model converted alike by hand.
     save_model(model, tmp_path / "plain.safetensors")
-    again = st.convert(transformers.AutoModelForCausalLM.from_config(config), bits=4).eval()
+    again = st.convert(tiny("llama"), bits=4, include=["*.mlp.*"])
+    st.convert(again, bits=8, region_bits=4, include=["*.self_attn.*"])
     if frozen:
         st.freeze(again)
     load_model(again, tmp_path / "plain.safetensors")
     with torch.no_grad():
         assert torch.equal(again(ids).logits, expected)
+
+
+def test_from_pretrained_explains_what_it_cannot_load(tmp_path, caplog):
+    transformers = pytest.importorskip("transformers")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        st.from_pretrained(transformers.AutoModelForCausalLM, tmp_path)
+    plain = tiny("llama")
+    plain.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="records no spatium_torch conversion"):
+        st.from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "plain")
+    converted = st.convert(tiny("llama"), bits=4)
+    converted.save_pretrained(tmp_path / "converted", safe_serialization=False)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        st.from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "converted")
+    # Options that JSON cannot hold are not recorded, and convert says so.
+    model = tiny("llama")
+    with caplog.at_level(logging.WARNING, logger="spatium_torch"):
+        st.convert(
+            model, include=["*.mlp.down_proj"], input_positions=torch.arange(192).view(64, 3)
+        )
+    assert "cannot record" in caplog.text
+    assert not getattr(model.config, "spatium_conversions", None)
+
+
+def test_from_pretrained_refuses_weights_that_do_not_fit(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    model = st.convert(tiny("llama"), bits=4)
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.norm.weight"]
+    state["extra"] = torch.zeros(1)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError, match=r"missing \['model.norm.weight'\], unexpected \['extra'\]"
+    ):
+        st.from_pretrained(transformers.AutoModelForCausalLM, tmp_path)
