@@ -13,12 +13,14 @@ SMALL = {
     "01_quickstart.ipynb": "EPOCHS = 2",
     "02_growth_and_pruning.ipynb": "EPOCHS = 4",
     "03_inside_the_memory.ipynb": "EPOCHS = 2",
+    "04_convert_a_hugging_face_model.ipynb": "STEPS = 30",
 }
 # Pictures each notebook shows (display outputs with a PNG).
 PICTURES = {
     "01_quickstart.ipynb": 2,
     "02_growth_and_pruning.ipynb": 2,
     "03_inside_the_memory.ipynb": 6,
+    "04_convert_a_hugging_face_model.ipynb": 1,
 }
 LIMIT_S = 120
 
