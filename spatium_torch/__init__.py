@@ -3,7 +3,8 @@ memory addressed by Morton codes.
 
 ``SpatialLayer`` replaces ``nn.Linear`` (``SpatialLayer.from_linear``, or ``convert`` for a whole
 model; ``from_pretrained`` loads a converted Hugging Face model); ``freeze`` drops its latent
-weights; ``load_state_dict`` loads a whole model's state all or nothing; ``SpatialNetwork``
+weights; ``portable`` / ``export_onnx`` give the same model in standard ops (ONNX);
+``load_state_dict`` loads a whole model's state all or nothing; ``SpatialNetwork``
 stacks layers;
 ``GrowthController`` grows, prunes and rewires layers between optimizer steps, and
 ``load_grown``/``match_widths`` load its checkpoints into freshly built models;
@@ -31,6 +32,7 @@ from spatium_torch.network import SpatialNetwork
 from spatium_torch.neurons import NeuronChange
 from spatium_torch.ops import built_with_cuda, morton_decode, morton_encode
 from spatium_torch.plateau import Plateau
+from spatium_torch.portable import PortableLinear, export_onnx, portable
 from spatium_torch.pretrained import from_pretrained
 from spatium_torch.stats import LayerStats, NetworkStats, network_stats
 
@@ -46,6 +48,7 @@ __all__ = [
     "NetworkStats",
     "NeuronChange",
     "Plateau",
+    "PortableLinear",
     "TrainingHistory",
     "LayerMemory",
     "MemoryStats",
@@ -54,6 +57,7 @@ __all__ = [
     "__version__",
     "built_with_cuda",
     "convert",
+    "export_onnx",
     "freeze",
     "from_pretrained",
     "layouts",
@@ -64,6 +68,7 @@ __all__ = [
     "morton_encode",
     "network_stats",
     "plan_conversion",
+    "portable",
 ]
 
 

@@ -39,6 +39,11 @@ CONNECTIVITIES = ("local", "random")
 INFERENCE_PRECISIONS = ("int8", "fp32")
 # Whether this CPU runs the int8 inference kernels (AVX-512 VNNI).
 INT8_KERNELS: bool = torch.classes.spatium.InferencePack.supported()
+try:
+    from torch.onnx._internal.exporter import _flags as _onnx_flags
+except ImportError:  # a torch that moved it: is_in_onnx_export() alone
+    _onnx_flags = None
+
 # Growth statistics: float32 whatever the layer's dtype (.half() must not round them).
 _STATISTICS = ("activity", "output_mean")
 # What only growth and pruning read: dropped at freeze (a frozen layer cannot change shape).
@@ -800,12 +805,11 @@ class SpatialLayer(nn.Module):
 
     # --- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():
+        if _exporting_to_onnx():
             raise NotImplementedError(
-                "SpatialLayer: ONNX export is not supported: the quantized store is read by a "
-                "custom op (spatium::spatial_linear) that has no ONNX form. torch.export works "
-                "(frozen models); for ONNX, export a copy with an nn.Linear holding "
-                "layer.dequantized_weight() in place of each SpatialLayer"
+                "SpatialLayer: the quantized store is read by a custom op "
+                "(spatium::spatial_linear) that has no ONNX form: export st.portable(model), the "
+                "same weights in standard ops, or call st.export_onnx(model, args, f), which does"
             )
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"SpatialLayer: expected a tensor, got {type(x).__name__}")
@@ -1132,6 +1136,13 @@ def _fraction(value: float, name: str) -> float:
     if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     return float(value)
+
+
+def _exporting_to_onnx() -> bool:
+    """Whether an ONNX export is tracing the model. The dynamo exporter's strict capture folds
+    ``torch.onnx.is_in_onnx_export()`` to False, so its own (private) flag is read as well."""
+    flag = _onnx_flags is not None and getattr(_onnx_flags, "_is_onnx_exporting", False)
+    return torch.onnx.is_in_onnx_export() or bool(flag)
 
 
 def _check_growth_settings(

@@ -122,6 +122,19 @@ def block_layout(
     return BlockLayout(blocks, block_of_slot, region, active, block, byte, (within // q) * bits)
 
 
+def stored_codes(layout: BlockLayout, codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Every weight's stored (unsigned) code, int32 ``[out, in]`` in Morton order of the
+    inputs; 0 outside active blocks."""
+    packed = _padded(codes).index_select(0, layout.byte.flatten()).view_as(layout.byte)
+    return (packed.to(torch.int32) >> layout.shift.to(torch.int32)) & ((1 << bits) - 1)
+
+
+def block_scales(layout: BlockLayout, scales: torch.Tensor) -> torch.Tensor:
+    """Every block's scale, float32 ``[out, regions]``; 0 for an inactive block."""
+    index = layout.block_of_slot.flatten()
+    return _padded(_scale_values(scales)).index_select(0, index).view_as(layout.block_of_slot)
+
+
 def _exclusive_cumsum(t: torch.Tensor) -> torch.Tensor:
     flat = t.flatten()
     return flat.cumsum(0) - flat
@@ -191,8 +204,7 @@ def dequantize(
         region_begin, bitmap, block_begin, code_begin, scales, codes, bits, in_features,
         out_features,
     )  # fmt: skip
-    packed = _padded(codes).index_select(0, layout.byte.flatten()).view_as(layout.byte)
-    stored = (packed.to(torch.int32) >> layout.shift.to(torch.int32)) & ((1 << bits) - 1)
+    stored = stored_codes(layout, codes, bits)
     code = 2 * stored - 1 if bits == 1 else stored - code_offset(bits)
     scale = _padded(_scale_values(scales)).index_select(0, layout.block.flatten())
     weight = scale.view_as(layout.block) * code.to(torch.float32)
