@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -351,6 +351,70 @@ class GrowthController:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._handle = self.optimizer.register_step_post_hook(self._after_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to go on where this one stopped: the optimizer steps taken
+        (the schedule counts them), the losses recorded since the last check, the plateau's
+        state, the seed, the history and the layers' activity as this controller measured it
+        (a new controller starts measuring over). Plain values and tensors only, so it can sit
+        in a checkpoint read with ``torch.load(weights_only=True)``. The layers' own state
+        (widths, weights, cooldowns) is in the model's state_dict: load that first
+        (:func:`load_grown`), then build the optimizer and the controller, then load their
+        states."""
+        return {
+            "steps": self.steps,
+            "loss_sum": self._loss_sum,
+            "loss_count": self._loss_count,
+            "last_loss": self.last_loss,
+            "resizes_checked": self._resizes_checked,
+            "seed": self.seed,
+            "plateau": asdict(self.grow_when) if isinstance(self.grow_when, Plateau) else None,
+            "history": self.history.state_dict(),
+            # Measured through this controller's probes; a new controller starts them over.
+            "activity": {link.name: link.layer.activity.clone() for link in self.links},
+            "output_mean": {link.name: link.layer.output_mean.clone() for link in self.links},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continues from a :meth:`state_dict`: build the controller as before on the resumed
+        model and optimizer, then load. All or nothing: a state that does not fit (missing
+        keys, a plateau state where this controller grows on saturation or the other way
+        round) raises ValueError and changes nothing."""
+        missing = sorted(set(self.state_dict()) - set(state))
+        if missing:
+            raise ValueError(f"GrowthController.load_state_dict: the state lacks {missing}")
+        saved_plateau = state["plateau"]
+        if (saved_plateau is None) != (not isinstance(self.grow_when, Plateau)):
+            raise ValueError(
+                "GrowthController.load_state_dict: the state was saved by a controller with "
+                f"grow_when={'a Plateau' if saved_plateau is not None else 'saturated'}, this "
+                f"one has grow_when={self.grow_when!r}"
+            )
+        for key in ("activity", "output_mean"):
+            widths = {link.name: (link.layer.out_features,) for link in self.links}
+            saved = {name: tuple(t.shape) for name, t in state[key].items()}
+            if saved != widths:
+                raise ValueError(
+                    f"GrowthController.load_state_dict: {key} of widths {saved} does not fit "
+                    f"the layers, {widths}: load the model's state first (st.load_grown)"
+                )
+        plateau = None if saved_plateau is None else Plateau(**saved_plateau)
+        history = TrainingHistory.from_state_dict(state["history"])
+        with torch.no_grad():
+            for link in self.links:
+                link.layer.activity.copy_(state["activity"][link.name])
+                link.layer.output_mean.copy_(state["output_mean"][link.name])
+        self.steps = int(state["steps"])
+        self._loss_sum, self._loss_count = float(state["loss_sum"]), int(state["loss_count"])
+        self.last_loss = state["last_loss"]
+        self._resizes_checked = bool(state["resizes_checked"])
+        self.seed = state["seed"]
+        if plateau is not None:
+            self.grow_when = plateau
+        self.history = history
+        # Gradients for the next rewire are collected over the step before it.
+        if self.rewire_every and (self.steps + 1) % self.rewire_every == 0:
+            self._collect_gradients(True)
 
     def _record_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._last_input = (args, kwargs)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from torch import nn
 
@@ -78,3 +79,32 @@ class TrainingHistory:
         )
         self.records.append(entry)
         return entry
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history as plain values (``torch.load(weights_only=True)`` reads them). Events
+        are saved without their ``change`` (index maps that only mattered at the event)."""
+        return {
+            "layer_names": list(self.layer_names),
+            "records": [asdict(record) for record in self.records],
+            "events": [
+                {f.name: getattr(event, f.name) for f in fields(event) if f.name != "change"}
+                for event in self.events
+            ],
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> TrainingHistory:
+        """The history :meth:`state_dict` saved."""
+        return cls(
+            layer_names=tuple(state["layer_names"]),
+            records=[
+                HistoryRecord(
+                    step=r["step"],
+                    loss=r["loss"],
+                    widths=tuple(r["widths"]),
+                    saturation=tuple(r["saturation"]),
+                )
+                for r in state["records"]
+            ],
+            events=[GrowthEvent(**{**e, "widths": tuple(e["widths"])}) for e in state["events"]],
+        )

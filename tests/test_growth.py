@@ -1,5 +1,6 @@
 """Growth, pruning, memory growth, the GrowthController and the stats."""
 
+import io
 import statistics
 import warnings
 
@@ -1034,3 +1035,81 @@ def test_a_plateau_controller_grows_once_then_stops_on_a_flat_loss():
     silent.remove()
     with pytest.raises(ValueError, match="grow_when"):
         st.GrowthController(model, optimizer, grow_when="sometimes")
+
+
+def controller_run(steps, resume_at=None, plateau=False):
+    """Trains a small growing model `steps` steps (growth, pruning and rewiring on schedule);
+    with `resume_at`, saves model, optimizer and controller there, loads them into freshly
+    built ones (through torch.save / torch.load(weights_only=True)) and goes on."""
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            st.SpatialLayer(20, 6, region_bits=2, density=0.5), nn.ReLU(),
+            st.SpatialLayer(6, 5, region_bits=1), nn.Tanh(), nn.Linear(5, 3),
+        )  # fmt: skip
+        return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def control(model, optimizer):
+        when = st.Plateau(patience=1, tolerance=0.0, min_gain=0.0) if plateau else "saturated"
+        return st.GrowthController(
+            model, optimizer, grow_every=4, prune_every=7, rewire_every=3, seed=5,
+            growth_threshold=0.0, prune_threshold=0.3, max_neurons=12, grow_when=when,
+        )  # fmt: skip
+
+    model, optimizer = build()
+    controller = control(model, optimizer)
+    data = torch.Generator().manual_seed(1)
+    x, target = torch.rand(16, 20, generator=data), torch.rand(16, 3, generator=data)
+    for index in range(steps):
+        if index == resume_at:
+            saved = io.BytesIO()
+            states = (model.state_dict(), optimizer.state_dict(), controller.state_dict())
+            torch.save(states, saved)
+            saved.seek(0)
+            model_state, optimizer_state, controller_state = torch.load(saved, weights_only=True)
+            model, optimizer = build()
+            st.load_grown(model, model_state)
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+            optimizer.load_state_dict(optimizer_state)
+            controller = control(model, optimizer)
+            controller.load_state_dict(controller_state)
+        controller.record_loss(step(model, optimizer, x, target))
+    return model, controller
+
+
+@pytest.mark.parametrize("plateau", [False, True])
+def test_a_resumed_controller_makes_the_same_events_as_an_uninterrupted_one(plateau):
+    straight, straight_controller = controller_run(30, plateau=plateau)
+    resumed, resumed_controller = controller_run(30, resume_at=11, plateau=plateau)
+
+    def log(controller):
+        return [
+            (e.step, e.layer, e.kind, e.split, e.pruned, e.rewired, e.widths)
+            for e in controller.events
+        ]
+
+    assert {e.kind for e in straight_controller.events} == {"grow", "prune", "rewire"}
+    assert any(e.step > 11 and e.kind == "grow" for e in straight_controller.events)
+    assert log(resumed_controller) == log(straight_controller)
+    assert resumed_controller.history.records == straight_controller.history.records
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_controller_state_that_does_not_fit_is_refused_whole():
+    model = nn.Sequential(st.SpatialLayer(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    controller = st.GrowthController(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    state = controller.state_dict()
+    plateau = st.GrowthController(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), grow_when="plateau"
+    )
+    with pytest.raises(ValueError, match="grow_when"):
+        plateau.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"lacks \['steps'\]"):
+        controller.load_state_dict({k: v for k, v in state.items() if k != "steps"})
+    wider = {**state, "activity": {"0": torch.zeros(5)}}
+    with pytest.raises(ValueError, match="load the model's state first"):
+        controller.load_state_dict(wider)
+    assert plateau.steps == 0 and controller.steps == 0
+    assert torch.equal(model[0].activity, torch.ones(4))
