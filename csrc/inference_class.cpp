@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <string>
 
 #include "core/inference_pack.h"
 #include "cpu/store_view.h"
@@ -61,7 +62,8 @@ c10::intrusive_ptr<PackHolder> build(const at::Tensor& region_begin, const at::T
                                      const at::Tensor& scales, const at::Tensor& codes,
                                      int64_t bits, int64_t in_features, int64_t out_features) {
   TORCH_CHECK(InferencePack::cpu_supported(),
-              "InferencePack: this CPU lacks AVX-512 VNNI; the float kernels serve it");
+              "InferencePack: this CPU has neither AVX-512 VNNI nor AVX2 with FMA and F16C; the "
+              "float kernels serve it");
   const PackedView v = cpu::view_of(
       StoreArrays{region_begin, bitmap, block_begin, code_begin, scales, codes}, bits, in_features,
       out_features);
@@ -74,6 +76,8 @@ TORCH_LIBRARY_FRAGMENT(spatium, m) {
   m.class_<PackHolder>("InferencePack")
       .def(torch::init(&build))
       .def_static("supported", [] { return InferencePack::cpu_supported(); })
+      .def_static("isa",
+                  [] { return std::string(InferencePack::isa_name(InferencePack::best_isa())); })
       .def("linear", &PackHolder::linear)
       .def("nbytes", [](const c10::intrusive_ptr<PackHolder>& self) { return self->pack.bytes(); });
 }

@@ -37,7 +37,7 @@ ACTIVITY_EMA = 0.05
 DEFAULT_PERTURBATION = 0.2
 CONNECTIVITIES = ("local", "random")
 INFERENCE_PRECISIONS = ("int8", "fp32")
-# Whether this CPU runs the int8 inference kernels (AVX-512 VNNI).
+# Whether this CPU runs the int8 inference kernels (AVX-512 VNNI, or AVX2 with FMA and F16C).
 INT8_KERNELS: bool = torch.classes.spatium.InferencePack.supported()
 try:
     from torch.onnx._internal.exporter import _flags as _onnx_flags
@@ -81,7 +81,8 @@ class SpatialLayer(nn.Module):
         grid_dims: ``(X, Y, Z)`` grid the neurons fill in Morton order (default: neuron j at
             ``morton_decode(j)``).
         inference_precision: ``"int8"`` or ``"fp32"``: how an eval-mode forward that needs no
-            gradient computes on a CPU with AVX-512 VNNI (see :attr:`inference_precision`).
+            gradient computes on a CPU with AVX-512 VNNI or AVX2 (see
+            :attr:`inference_precision`).
 
     Inputs ``[..., in_features]`` of float32 or float64 (bf16/fp16 are computed in fp32 and
     returned in their dtype) give ``[..., out_features]``. NaN/Inf in the input propagate as in
@@ -272,11 +273,12 @@ class SpatialLayer(nn.Module):
     def inference_precision(self) -> str:
         """How an eval-mode forward that needs no gradient (``torch.no_grad()``,
         ``torch.inference_mode()``, or nothing requiring grad) computes on a CPU with AVX-512
-        VNNI, for float32, bf16 and fp16 inputs:
+        VNNI or AVX2 (with FMA and F16C), for float32, bf16 and fp16 inputs:
 
         - ``"int8"`` (default): each row's activations are quantized to int8 per region (scale
           max|x| / 127) and multiplied with the codes in integer dot products (``vpdpbusd``;
-          AMX tiles for batches of 8 rows or more where the CPU has AMX-INT8). The
+          AMX tiles for batches of 8 rows or more where the CPU has AMX-INT8; ``vpmaddubsw``
+          with AVX2, the same sums). The
           outputs' relative error against the float32 product (a batch's outputs together) is
           about 5e-3 for Gaussian activations, tested <= 1e-2; a single output's varies more.
           The layer keeps its store re-laid for these kernels next to it (about the store's
@@ -284,7 +286,7 @@ class SpatialLayer(nn.Module):
         - ``"fp32"``: the float32 product with the dequantized weights, as in training.
 
         Training-mode forwards, anything autograd records, float64 inputs, NaN/Inf inputs and
-        CPUs without VNNI always take the float path."""
+        CPUs without either instruction set always take the float path."""
         return self._inference_precision
 
     @inference_precision.setter

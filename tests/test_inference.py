@@ -1,10 +1,13 @@
 """The int8 inference path: an eval forward that needs no gradient runs on integer dot products
-(AVX-512 VNNI) with activations quantized to int8 per region. Its output is bounded against the
-float32 product with the dequantized weights, and every case it does not serve takes the float
-path unchanged."""
+(AVX-512 VNNI, or AVX2) with activations quantized to int8 per region. Its output is bounded
+against the float32 product with the dequantized weights, and every case it does not serve
+takes the float path unchanged."""
 
 import copy
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,7 +18,8 @@ from torch import nn
 import spatium_torch as st
 
 pytestmark = pytest.mark.skipif(
-    not st.layer.INT8_KERNELS, reason="this CPU has no AVX-512 VNNI: the float path serves it"
+    not st.layer.INT8_KERNELS,
+    reason="this CPU has neither AVX-512 VNNI nor AVX2: the float path serves it",
 )
 BOUND = 1e-2  # the documented relative error bound against the float32 product
 
@@ -191,3 +195,42 @@ def test_inference_mode_and_half_inputs_take_the_int8_path():
         y16 = layer(x.bfloat16())
     assert y16.dtype == torch.bfloat16
     assert relative_error(y16.float(), float_reference(layer, x.bfloat16().float())) <= BOUND
+
+
+AVX2_OUTPUTS = """
+import sys, torch, spatium_torch as st
+assert torch.classes.spatium.InferencePack.isa() == "avx2"
+outputs = []
+for bits in (1, 2, 4, 8):
+    torch.manual_seed(bits)
+    layer = st.SpatialLayer(300, 37, bits=bits, region_bits=4, density=0.5).eval()
+    st.freeze(layer)
+    with torch.no_grad():
+        outputs += [layer(torch.randn(batch, 300)) for batch in (1, 3, 4, 21)]
+torch.save(outputs, sys.argv[1])
+"""
+
+
+def test_the_avx2_kernels_give_the_same_outputs_as_the_best(tmp_path):
+    # SPATIUM_INFERENCE_ISA=avx2 restricts a process to the AVX2 kernels (read once, at the
+    # first use). Their int32 sums are exact and their float steps the same, so the outputs
+    # equal the AVX-512 kernels' (VNNI and AMX) bit for bit.
+    env = {**os.environ, "SPATIUM_INFERENCE_ISA": "avx2"}
+    path = tmp_path / "avx2.pt"
+    subprocess.run([sys.executable, "-c", AVX2_OUTPUTS, str(path)], env=env, check=True)
+    outputs = torch.load(path)
+    expected, references = [], []
+    for bits in (1, 2, 4, 8):
+        torch.manual_seed(bits)
+        layer = st.SpatialLayer(300, 37, bits=bits, region_bits=4, density=0.5).eval()
+        st.freeze(layer)
+        for batch in (1, 3, 4, 21):
+            x = torch.randn(batch, 300)
+            with torch.no_grad():
+                expected.append(layer(x))
+            references.append(float_reference(layer, x))
+    assert len(outputs) == len(expected)
+    for got, want, reference in zip(outputs, expected, references, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        if len(got) > 1:  # the bound holds over a batch
+            assert relative_error(got, reference) <= BOUND

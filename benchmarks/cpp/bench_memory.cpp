@@ -7,6 +7,7 @@
 #include <random>
 #include <vector>
 
+#include "core/cpu_features.h"
 #include "core/inference_pack.h"
 #include "core/spatial_memory.h"
 
@@ -51,11 +52,13 @@ void BM_Forward(benchmark::State& state) {
   report_calls(state, out * in);
 }
 
-// The integer kernels (AVX-512 VNNI), activations quantized inside the loop. Args: bits,
-// neurons, inputs, batch.
-void BM_IntegerForward(benchmark::State& state) {
-  if (!InferencePack::cpu_supported()) {
-    state.SkipWithError("no AVX-512 VNNI on this CPU");
+// The integer kernels on `isa` (the best this CPU runs, or AVX2), activations quantized
+// inside the loop. Args: bits, neurons, inputs, batch.
+void BM_IntegerForward(benchmark::State& state, InferencePack::Isa isa) {
+  const cpu::Features& f = cpu::features();
+  const bool runs = isa == InferencePack::Isa::kAvx2 ? f.avx2 && f.fma_f16c : f.avx512_vnni;
+  if (!runs) {
+    state.SkipWithError("this CPU does not run these kernels");
     return;
   }
   const int bits = static_cast<int>(state.range(0));
@@ -65,8 +68,8 @@ void BM_IntegerForward(benchmark::State& state) {
   std::vector<float> x(static_cast<size_t>(batch * in), 0.5f), y(static_cast<size_t>(batch * out));
   InferencePack::Rows rows;
   for (auto _ : state) {
-    pack.quantize(x.data(), batch, in, rows);
-    pack.linear_groups(0, pack.groups(), rows, y.data(), out);
+    pack.quantize(x.data(), batch, in, rows, isa);
+    pack.linear_groups(0, pack.groups(), rows, y.data(), out, isa);
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
@@ -93,12 +96,18 @@ BENCHMARK(BM_Forward)->Name("neuron_forward_128")->Apply([](auto* b) { bit_width
 BENCHMARK(BM_Forward)->Name("layer_forward_1024x1024_batch1")->Apply([](auto* b) {
   bit_widths(b, 1024, 1024);
 });
-BENCHMARK(BM_IntegerForward)->Name("integer_forward_1024x1024_batch1")->Apply([](auto* b) {
-  for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 1});
-});
-BENCHMARK(BM_IntegerForward)->Name("integer_forward_1024x1024_batch32")->Apply([](auto* b) {
-  for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 32});
-});
+BENCHMARK_CAPTURE(BM_IntegerForward, vnni, InferencePack::Isa::kAvx512Vnni)
+    ->Name("integer_forward_1024x1024_batch1")
+    ->Apply([](auto* b) { for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 1}); });
+BENCHMARK_CAPTURE(BM_IntegerForward, vnni, InferencePack::Isa::kAvx512Vnni)
+    ->Name("integer_forward_1024x1024_batch32")
+    ->Apply([](auto* b) { for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 32}); });
+BENCHMARK_CAPTURE(BM_IntegerForward, avx2, InferencePack::Isa::kAvx2)
+    ->Name("integer_forward_avx2_1024x1024_batch1")
+    ->Apply([](auto* b) { for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 1}); });
+BENCHMARK_CAPTURE(BM_IntegerForward, avx2, InferencePack::Isa::kAvx2)
+    ->Name("integer_forward_avx2_1024x1024_batch32")
+    ->Apply([](auto* b) { for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 32}); });
 BENCHMARK(BM_Requantize)->Name("requantize_1024x1024")->Apply([](auto* b) {
   bit_widths(b, 1024, 1024);
 });

@@ -24,6 +24,9 @@ Features detect() {
   __builtin_cpu_init();
   Features f;
   f.avx2 = __builtin_cpu_supports("avx2");
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  const bool leaf1 = __get_cpuid(1, &eax, &ebx, &ecx, &edx);
+  f.fma_f16c = leaf1 && ((ecx >> 12) & 1u) && ((ecx >> 29) & 1u);  // CPUID.1:ECX FMA, F16C
   f.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   f.avx512_vnni = f.avx512 && __builtin_cpu_supports("avx512vnni");

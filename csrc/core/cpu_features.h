@@ -5,6 +5,7 @@ namespace spatium::cpu {
 
 struct Features {
   bool avx2 = false;
+  bool fma_f16c = false;   // FMA3 and F16C, which the AVX2 integer inference kernels also use
   bool avx512 = false;     // AVX-512 F + BW + VL + DQ: what the 512-bit kernels use
   bool avx512_vnni = false;  // and VNNI (vpdpbusd): the integer inference kernels
   bool bmi2 = false;

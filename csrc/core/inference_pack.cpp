@@ -1,9 +1,12 @@
 #include "inference_pack.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "cpu_features.h"
@@ -178,24 +181,32 @@ SPATIUM_VNNI void group_rows(const Panels& p, int64_t g, const InferencePack::Ro
   for (int b = 0; b < R; ++b) _mm512_mask_storeu_ps(y + (b0 + b) * ldy + n0, mask, acc[b]);
 }
 
+// run(std::integral_constant<int, R>, b) for rows [b, b + R) of a batch: whole tiles of
+// TileRows rows, then one tile of the rows left (R fixed at compile time for the registers).
+template <int TileRows, int R = TileRows - 1, class Run>
+inline void last_rows(int64_t left, int64_t b, Run& run) {
+  if constexpr (R > 0) {
+    if (left == R) {
+      run(std::integral_constant<int, R>{}, b);
+    } else {
+      last_rows<TileRows, R - 1>(left, b, run);
+    }
+  }
+}
+template <int TileRows, class Run>
+inline void by_row_tiles(int64_t batch, Run&& run) {
+  int64_t b = 0;
+  for (; b + TileRows <= batch; b += TileRows) run(std::integral_constant<int, TileRows>{}, b);
+  last_rows<TileRows>(batch - b, b, run);
+}
+
 template <int Bits>
 void vnni_groups(const Panels& p, int64_t g0, int64_t g1, const InferencePack::Rows& rows,
                  float* y, int64_t ldy) {
   for (int64_t g = g0; g < g1; ++g) {
-    int64_t b = 0;
-    for (; b + kTileRows <= rows.batch; b += kTileRows) {
-      group_rows<Bits, kTileRows>(p, g, rows, b, y, ldy);
-    }
-    switch (rows.batch - b) {
-      case 1: group_rows<Bits, 1>(p, g, rows, b, y, ldy); break;
-      case 2: group_rows<Bits, 2>(p, g, rows, b, y, ldy); break;
-      case 3: group_rows<Bits, 3>(p, g, rows, b, y, ldy); break;
-      case 4: group_rows<Bits, 4>(p, g, rows, b, y, ldy); break;
-      case 5: group_rows<Bits, 5>(p, g, rows, b, y, ldy); break;
-      case 6: group_rows<Bits, 6>(p, g, rows, b, y, ldy); break;
-      case 7: group_rows<Bits, 7>(p, g, rows, b, y, ldy); break;
-      default: break;
-    }
+    by_row_tiles<kTileRows>(rows.batch, [&](auto tile, int64_t b) {
+      group_rows<Bits, decltype(tile)::value>(p, g, rows, b, y, ldy);
+    });
   }
 }
 
@@ -323,12 +334,203 @@ SPATIUM_AMX void amx_groups(const Panels& p, int64_t g0, int64_t g1,
   }
   _tile_release();
 }
+
+// --- AVX2 ---------------------------------------------------------------------------------------
+#define SPATIUM_AVX2 [[gnu::target("avx2,fma,f16c")]]
+// Rows the AVX2 register tile holds: per row two int32 sums and two float accumulators.
+constexpr int kAvx2TileRows = 4;
+
+SPATIUM_AVX2 inline float max_lane(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+// quantize_rows with AVX2: the same products and rounding (to nearest even, the default mode),
+// so the same rows.
+SPATIUM_AVX2 void quantize_rows_avx2(const float* x, int64_t batch, int64_t ldx,
+                                     const int64_t* begin, const int64_t* padded_begin,
+                                     int64_t regions, float mult, float offset,
+                                     InferencePack::Rows& rows) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* xb = x + b * ldx;
+    for (int64_t r = 0; r < regions; ++r) {
+      const float* xr = xb + begin[r];
+      const int64_t size = begin[r + 1] - begin[r];
+      __m256 largest = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 8 <= size; i += 8) {
+        largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + i)));
+      }
+      float top = max_lane(largest);
+      for (; i < size; ++i) top = std::max(top, std::fabs(xr[i]));
+      const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
+      int8_t* q = rows.q.data() + b * rows.stride + padded_begin[r];
+      __m256i sum = _mm256_setzero_si256();
+      alignas(32) int32_t rounded[8];
+      for (i = 0; i + 8 <= size; i += 8) {
+        const __m256i lanes =
+            _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + i), _mm256_set1_ps(inverse)));
+        sum = _mm256_add_epi32(sum, lanes);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(rounded), lanes);
+        for (int k = 0; k < 8; ++k) q[i + k] = static_cast<int8_t>(rounded[k]);
+      }
+      _mm256_store_si256(reinterpret_cast<__m256i*>(rounded), sum);
+      int32_t total = 0;
+      for (const int32_t lane : rounded) total += lane;
+      for (; i < size; ++i) {
+        const auto lane = static_cast<int32_t>(std::nearbyint(xr[i] * inverse));
+        q[i] = static_cast<int8_t>(lane);
+        total += lane;
+      }
+      const float scale = top / 127.0f;
+      rows.multiplier[b * regions + r] = scale * mult;
+      rows.correction[b * regions + r] = scale * offset * static_cast<float>(total);
+    }
+  }
+}
+
+// sums + the products of 32 code bytes with 4 activation bytes repeated, summed per int32
+// lane, each pair's sum weighted by `weight` (int16 lanes).
+SPATIUM_AVX2 inline __m256i dot4(__m256i sums, __m256i codes, __m256i activations,
+                                 __m256i weight) {
+  return _mm256_add_epi32(sums,
+                          _mm256_madd_epi16(_mm256_maddubs_epi16(codes, activations), weight));
+}
+
+// sums[b][h] += plane Plane of the chunk's half h . (4 activation bytes of row b at q[b] + at
+// + 4 Plane). An 8-bit code is 16 x its high nibble + its low nibble: vpmaddubsw's int16
+// pair sums hold 2 x 15 x 127, not 2 x 255 x 127.
+template <int Bits, int R, int Plane>
+SPATIUM_AVX2 inline void dot_plane_avx2(const __m256i* halves, const int8_t* const* q,
+                                        int64_t at, __m256i (*sums)[2]) {
+  const __m256i ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
+  const __m256i nibble = _mm256_set1_epi8(0x0f);
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << (Bits == 8 ? 4 : Bits)) - 1));
+  __m256i codes[2], high[2];
+  for (int h = 0; h < 2; ++h) {
+    if constexpr (Bits == 8) {
+      codes[h] = _mm256_and_si256(halves[h], nibble);
+      high[h] = _mm256_and_si256(_mm256_srli_epi16(halves[h], 4), nibble);
+    } else {
+      // A 16-bit shift carries the next byte's low bits into each byte's top: masked off.
+      codes[h] = _mm256_and_si256(_mm256_srli_epi16(halves[h], Plane * Bits), mask);
+    }
+  }
+  for (int b = 0; b < R; ++b) {
+    int32_t four;
+    std::memcpy(&four, q[b] + at + 4 * Plane, sizeof four);
+    const __m256i activations = _mm256_set1_epi32(four);
+    for (int h = 0; h < 2; ++h) {
+      sums[b][h] = dot4(sums[b][h], codes[h], activations, ones);
+      if constexpr (Bits == 8) sums[b][h] = dot4(sums[b][h], high[h], activations, sixteen);
+    }
+  }
+}
+
+template <int Bits, int R, int... Planes>
+SPATIUM_AVX2 inline void dot_chunk_avx2(const uint8_t* w, const int8_t* const* q, int64_t at,
+                                        __m256i (*sums)[2], std::integer_sequence<int, Planes...>) {
+  const __m256i halves[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)),
+                             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32))};
+  (dot_plane_avx2<Bits, R, Planes>(halves, q, at, sums), ...);
+}
+
+// group_rows with AVX2: lanes 0-7 and 8-15 of the group in two registers each.
+template <int Bits, int R>
+SPATIUM_AVX2 void group_rows_avx2(const Panels& p, int64_t g, const InferencePack::Rows& rows,
+                                  int64_t b0, float* y, int64_t ldy) {
+  constexpr int64_t chunk = InferencePack::chunk_inputs(Bits);
+  const int8_t* q[R];
+  for (int b = 0; b < R; ++b) q[b] = rows.q.data() + (b0 + b) * rows.stride;
+  __m256 acc[R][2];
+  for (auto& row : acc) row[0] = row[1] = _mm256_setzero_ps();
+  for (int64_t panel = p.group_begin[g]; panel < p.group_begin[g + 1]; ++panel) {
+    const int64_t r = p.panel_region[panel];
+    const uint8_t* w = p.codes + p.panel_chunks[panel] * InferencePack::kChunkBytes;
+    const int64_t chunks = p.panel_chunks[panel + 1] - p.panel_chunks[panel];
+    __m256i sums[R][2];
+    for (auto& row : sums) row[0] = row[1] = _mm256_setzero_si256();
+    int64_t at = p.padded_begin[r];
+    // 8-bit chunks have one plane, taken apart into nibbles.
+    constexpr int planes = Bits == 8 ? 1 : 8 / Bits;
+    for (int64_t c = 0; c < chunks; ++c, w += InferencePack::kChunkBytes, at += chunk) {
+      dot_chunk_avx2<Bits, R>(w, q, at, sums, std::make_integer_sequence<int, planes>{});
+    }
+    const uint16_t* scales = p.scales + panel * InferencePack::kGroup;
+    for (int h = 0; h < 2; ++h) {
+      const __m256 scale =
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 8 * h)));
+      for (int b = 0; b < R; ++b) {
+        const int64_t cell = (b0 + b) * p.regions + r;
+        const __m256 sum = _mm256_fmsub_ps(_mm256_cvtepi32_ps(sums[b][h]),
+                                           _mm256_set1_ps(rows.multiplier[cell]),
+                                           _mm256_set1_ps(rows.correction[cell]));
+        acc[b][h] = _mm256_fmadd_ps(scale, sum, acc[b][h]);
+      }
+    }
+  }
+  const int64_t n0 = g * InferencePack::kGroup;
+  const int64_t lanes = std::min<int64_t>(InferencePack::kGroup, p.out_features - n0);
+  for (int b = 0; b < R; ++b) {
+    alignas(32) float out[InferencePack::kGroup];
+    _mm256_store_ps(out, acc[b][0]);
+    _mm256_store_ps(out + 8, acc[b][1]);
+    std::memcpy(y + (b0 + b) * ldy + n0, out, static_cast<size_t>(lanes) * sizeof(float));
+  }
+}
+
+template <int Bits>
+void avx2_groups(const Panels& p, int64_t g0, int64_t g1, const InferencePack::Rows& rows,
+                 float* y, int64_t ldy) {
+  for (int64_t g = g0; g < g1; ++g) {
+    by_row_tiles<kAvx2TileRows>(rows.batch, [&](auto tile, int64_t b) {
+      group_rows_avx2<Bits, decltype(tile)::value>(p, g, rows, b, y, ldy);
+    });
+  }
+}
 #pragma GCC diagnostic pop
 #endif
 
 }  // namespace
 
-bool InferencePack::cpu_supported() { return cpu::features().avx512_vnni; }
+InferencePack::Isa InferencePack::best_isa() {
+  static const Isa isa = [] {
+    const cpu::Features& f = cpu::features();
+    const bool avx2 = f.avx2 && f.fma_f16c;
+    const char* forced = std::getenv("SPATIUM_INFERENCE_ISA");
+    if (forced != nullptr && std::string(forced) == "avx2") return avx2 ? Isa::kAvx2 : Isa::kNone;
+    if (f.avx512_vnni) return Isa::kAvx512Vnni;
+    return avx2 ? Isa::kAvx2 : Isa::kNone;
+  }();
+  return isa;
+}
+
+const char* InferencePack::isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512Vnni: return "avx512_vnni";
+    case Isa::kAvx2: return "avx2";
+    default: return "none";
+  }
+}
+
+bool InferencePack::cpu_supported() { return best_isa() != Isa::kNone; }
+
+namespace {
+// Refuses an instruction set this CPU lacks (a caller's explicit choice).
+void check_isa(InferencePack::Isa isa) {
+  const cpu::Features& f = cpu::features();
+  const bool runs = isa == InferencePack::Isa::kAvx512Vnni ? f.avx512_vnni
+                    : isa == InferencePack::Isa::kAvx2     ? f.avx2 && f.fma_f16c
+                                                           : false;
+  if (!runs) {
+    throw std::invalid_argument(std::string("InferencePack: this CPU does not run the ") +
+                                InferencePack::isa_name(isa) + " kernels");
+  }
+}
+}  // namespace
 
 InferencePack::InferencePack(const PackedView& v)
     : bits_(v.bits), in_features_(v.in_features), out_features_(v.out_features) {
@@ -392,8 +594,10 @@ int64_t InferencePack::bytes() const {
                                   sizeof(int64_t));
 }
 
-void InferencePack::quantize(const float* x, int64_t batch, int64_t ldx, Rows& rows) const {
+void InferencePack::quantize(const float* x, int64_t batch, int64_t ldx, Rows& rows,
+                             Isa isa) const {
 #if defined(__x86_64__)
+  check_isa(isa);
   const int64_t regions = static_cast<int64_t>(region_begin_.size()) - 1;
   const int64_t padded = padded_begin_.back();
   // Whole AMX tiles of rows, and one tile row past the end: tile loads read 16 rows of 64
@@ -407,20 +611,30 @@ void InferencePack::quantize(const float* x, int64_t batch, int64_t ldx, Rows& r
   rows.q.assign(static_cast<size_t>(held * rows.stride + kChunkBytes), 0);
   rows.multiplier.assign(static_cast<size_t>(held * regions), 0.0f);
   rows.correction.assign(static_cast<size_t>(held * regions), 0.0f);
-  quantize_rows(x, batch, ldx, region_begin_.data(), padded_begin_.data(), regions,
-                bits_ == 1 ? 2.0f : 1.0f, static_cast<float>(stored_offset(bits_)), rows);
+  const float mult = bits_ == 1 ? 2.0f : 1.0f, offset = static_cast<float>(stored_offset(bits_));
+  (isa == Isa::kAvx2 ? quantize_rows_avx2 : quantize_rows)(
+      x, batch, ldx, region_begin_.data(), padded_begin_.data(), regions, mult, offset, rows);
 #else
-  (void)x, (void)batch, (void)ldx, (void)rows;
-  throw std::logic_error("InferencePack: the kernels need x86-64 with AVX-512 VNNI");
+  (void)x, (void)batch, (void)ldx, (void)rows, (void)isa;
+  throw std::logic_error("InferencePack: the kernels need x86-64 with AVX2 or AVX-512 VNNI");
 #endif
 }
 
 void InferencePack::linear_groups(int64_t g0, int64_t g1, const Rows& rows, float* y,
-                                  int64_t ldy) const {
+                                  int64_t ldy, Isa isa) const {
 #if defined(__x86_64__)
+  check_isa(isa);
   const Panels p{padded_begin_.data(),  group_begin_.data(), panel_region_.data(),
                  scales_.data(),        panel_chunks_.data(), codes_.data(),
                  out_features_,         static_cast<int64_t>(region_begin_.size()) - 1};
+  if (isa == Isa::kAvx2) {
+    switch (bits_) {
+      case 1: avx2_groups<1>(p, g0, g1, rows, y, ldy); return;
+      case 2: avx2_groups<2>(p, g0, g1, rows, y, ldy); return;
+      case 4: avx2_groups<4>(p, g0, g1, rows, y, ldy); return;
+      default: avx2_groups<8>(p, g0, g1, rows, y, ldy); return;
+    }
+  }
   if (rows.batch >= kAmxMinBatch && amx_usable()) {
     switch (bits_) {
       case 1: amx_groups<1>(p, g0, g1, rows, y, ldy); return;
@@ -436,8 +650,8 @@ void InferencePack::linear_groups(int64_t g0, int64_t g1, const Rows& rows, floa
     default: vnni_groups<8>(p, g0, g1, rows, y, ldy); return;
   }
 #else
-  (void)g0, (void)g1, (void)rows, (void)y, (void)ldy;
-  throw std::logic_error("InferencePack: the kernels need x86-64 with AVX-512 VNNI");
+  (void)g0, (void)g1, (void)rows, (void)y, (void)ldy, (void)isa;
+  throw std::logic_error("InferencePack: the kernels need x86-64 with AVX2 or AVX-512 VNNI");
 #endif
 }
 

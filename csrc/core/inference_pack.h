@@ -1,5 +1,6 @@
 // A layer's quantized weights re-laid for integer dot products, for inference on CPUs with
-// AVX-512 VNNI (vpdpbusd: 64 unsigned-byte x signed-byte products into 16 int32 sums).
+// AVX-512 VNNI (vpdpbusd: 64 unsigned-byte x signed-byte products into 16 int32 sums), or
+// with AVX2 (see Isa).
 //
 // Neurons go in groups of 16, one int32 lane each. A group keeps one panel per region that any
 // of its neurons holds (the union of their blocks; a neuron without the block gets scale 0).
@@ -20,6 +21,7 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
 #include <vector>
 
 #include "packed_view.h"
@@ -34,7 +36,17 @@ class InferencePack {
   // Inputs one chunk spans at `bits` bits a code.
   static constexpr int64_t chunk_inputs(int bits) { return 4 * (8 / bits); }
 
-  // Whether this CPU runs the kernels (AVX-512 F/BW/VNNI).
+  // The instruction sets the kernels come in. AVX-512 VNNI: vpdpbusd on a whole chunk, and
+  // AMX-INT8 for batches where the CPU and OS allow it. AVX2 (with FMA and F16C): each half of
+  // a chunk through vpmaddubsw (unsigned codes x signed activations, pairs summed in int16:
+  // at most 2 x 15 x 127, so 8-bit codes go in as two nibbles) and vpmaddwd into int32 sums.
+  // Both give the same int32 sums, hence the same outputs up to float rounding.
+  enum class Isa { kNone, kAvx2, kAvx512Vnni };
+  // The best this CPU runs; the environment variable SPATIUM_INFERENCE_ISA=avx2 (read once)
+  // restricts it to AVX2, which is how the tests check that path on an AVX-512 machine.
+  static Isa best_isa();
+  static const char* isa_name(Isa isa);
+  // Whether this CPU runs the kernels: best_isa() is not kNone.
   static bool cpu_supported();
 
   // Re-lays the memory `v` views (a copy: the view's arrays may go away after). Throws
@@ -60,12 +72,16 @@ class InferencePack {
     std::vector<float> multiplier;
     std::vector<float> correction;
   };
-  // Quantizes rows x[b * ldx + i] (all finite) for linear_groups. Needs cpu_supported().
-  void quantize(const float* x, int64_t batch, int64_t ldx, Rows& rows) const;
+  // Quantizes rows x[b * ldx + i] (all finite) for linear_groups, with `isa`'s instructions
+  // (the same rows either way). Throws std::invalid_argument for an isa this CPU lacks.
+  void quantize(const float* x, int64_t batch, int64_t ldx, Rows& rows,
+                Isa isa = best_isa()) const;
   // y[b * ldy + n] = sum_i w[n][i] x[b][i] for the neurons of groups [g0, g1), every row: the
-  // sums of products with the quantized rows: AMX tiles for batches of 8 rows or more where
-  // the CPU and OS allow AMX-INT8, AVX-512 VNNI otherwise. Needs cpu_supported().
-  void linear_groups(int64_t g0, int64_t g1, const Rows& rows, float* y, int64_t ldy) const;
+  // sums of products with the quantized rows. With kAvx512Vnni: AMX tiles for batches of 8
+  // rows or more where the CPU and OS allow AMX-INT8, VNNI otherwise. Throws
+  // std::invalid_argument for an isa this CPU lacks.
+  void linear_groups(int64_t g0, int64_t g1, const Rows& rows, float* y, int64_t ldy,
+                     Isa isa = best_isa()) const;
 
  private:
   int bits_ = 0;

@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "core/cpu_features.h"
 #include "core/inference_pack.h"
 #include "core/spatial_memory.h"
 #include "random_memory.h"
@@ -18,9 +19,21 @@ namespace {
 
 using test_support::random_memory;
 
-// Batches under 8 rows take the AVX-512 VNNI kernel, others AMX where the CPU has it.
+// The instruction sets this CPU runs: the best, and AVX2 as well where the best is AVX-512.
+std::vector<InferencePack::Isa> isas() {
+  std::vector<InferencePack::Isa> found;
+  if (InferencePack::best_isa() == InferencePack::Isa::kAvx512Vnni) {
+    found.push_back(InferencePack::Isa::kAvx512Vnni);
+  }
+  const cpu::Features& f = cpu::features();
+  if (f.avx2 && f.fma_f16c) found.push_back(InferencePack::Isa::kAvx2);
+  return found;
+}
+
+// With AVX-512, batches under 8 rows take the VNNI kernel, others AMX where the CPU has it.
 TEST(InferencePack, SumsOfIntegerProductsAreExact) {
-  if (!InferencePack::cpu_supported()) GTEST_SKIP() << "no AVX-512 VNNI on this CPU";
+  if (!InferencePack::cpu_supported()) GTEST_SKIP() << "no AVX2 or AVX-512 VNNI on this CPU";
+  for (const InferencePack::Isa isa : isas()) {
   for (int bits : {1, 2, 4, 8}) {
     for (int region_bits : {0, 3, 6, 7}) {
      for (int64_t batch : {3, 11, 40}) {
@@ -33,9 +46,9 @@ TEST(InferencePack, SumsOfIntegerProductsAreExact) {
       std::vector<float> x(static_cast<size_t>(batch * in));
       for (auto& v : x) v = normal(rng);
       InferencePack::Rows rows;
-      pack.quantize(x.data(), batch, in, rows);
+      pack.quantize(x.data(), batch, in, rows, isa);
       std::vector<float> y(static_cast<size_t>(batch * out), -1.0f);
-      pack.linear_groups(0, pack.groups(), rows, y.data(), out);
+      pack.linear_groups(0, pack.groups(), rows, y.data(), out, isa);
       // Expected: the dequantized weights times the rounded activations, in double.
       std::vector<float> dense(static_cast<size_t>(out * in));
       view.dequantize_rows(0, out, dense.data(), in);
@@ -60,12 +73,14 @@ TEST(InferencePack, SumsOfIntegerProductsAreExact) {
           }
           // float32 scale products and accumulation across blocks
           ASSERT_NEAR(y[b * out + n], expected, 1e-5 * magnitude + 1e-7)
-              << "bits " << bits << " region_bits " << region_bits << " batch " << batch
+              << InferencePack::isa_name(isa) << " bits " << bits << " region_bits "
+              << region_bits << " batch " << batch
               << " row " << b << " neuron " << n;
         }
       }
      }
     }
+  }
   }
 }
 
