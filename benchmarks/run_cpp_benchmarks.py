@@ -58,6 +58,10 @@ NOTES = """\
   block active: `neuron_forward_128/b` is one neuron over 128 inputs at b bits (the seed's
   unit), `layer_forward_1024x1024_batch1/b` a whole 1024 x 1024 layer, `requantize_1024x1024/b`
   re-quantizing it from fp32 latent weights (once per optimizer step); ns per call.
+- Integer inference (`csrc/core/inference_pack.cpp`), activations quantized to int8 inside the
+  loop: `integer_forward_*` on the best kernels this CPU runs (AVX-512 VNNI; AMX-INT8 from 8
+  rows where allowed), `integer_forward_avx2_*` on the AVX2 kernels that CPUs without VNNI run
+  (same outputs); ns per call, the float kernels' batch-1 figure is `layer_forward_1024x1024`.
 - Bloom: `4096` = a filter sized for 4 Ki keys (5 KiB, in L1/L2); `67108864` = sized for 64 Mi
   keys (84 MiB, far out of cache, on 2 MiB pages where the kernel grants them). Kernel `avx2` is
   what the library uses where the CPU has AVX2; `portable` is the fallback.

@@ -420,8 +420,9 @@ def _spatial_linear_backward(ctx: object, grad_y: torch.Tensor) -> tuple:
     in_features = x.shape[1]
     grad_x = grad_weight = grad_bias = None
     differentiable = torch.is_grad_enabled()
+    blockwise = ctx.needs_input_grad[1] and _blockwise(x, store, ctx.out_features, differentiable)
     mask = None
-    if ctx.needs_input_grad[1] or (ctx.needs_input_grad[0] and differentiable):
+    if (ctx.needs_input_grad[1] and not blockwise) or (ctx.needs_input_grad[0] and differentiable):
         regions = store[0].shape[0] - 1
         # None when every block is active (nothing to mask)
         mask = (
@@ -443,15 +444,63 @@ def _spatial_linear_backward(ctx: object, grad_y: torch.Tensor) -> tuple:
                 grad_y, *store, ctx.bits, in_features
             )
     if ctx.needs_input_grad[1]:
-        grad_weight = _masked(grad_y.t() @ x, mask).to(weight.dtype)
+        grad_weight = (
+            _blockwise_weight_grad(grad_y, x, store[0], store[1], ctx.out_features)
+            if blockwise
+            else _masked(grad_y.t() @ x, mask, in_place=True)
+        ).to(weight.dtype)
     if ctx.needs_input_grad[2]:
         grad_bias = grad_y.sum(0).to(ctx.bias_dtype)
     return grad_x, grad_weight, grad_bias, *([None] * len(store)), None, None
 
 
-def _masked(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """t with zeros outside the active blocks (a select, not a product: 0 x NaN stays 0)."""
-    return t if mask is None else t.masked_fill(~mask, 0)
+# A sparse layer's latent-weight gradient is computed block by block (one product per region,
+# over the neurons active there) where that beats the dense product and a mask: on the CPU,
+# in eager first-order backward, with at most half the blocks active and at least this many
+# weights (measured at density 0.25: 2x faster at 4096 x 4096, slower at 1024 x 1024, where
+# the per-region calls cost more than the products they save).
+BLOCKWISE_MIN_WEIGHTS = 1 << 22
+
+
+def _blockwise(x: torch.Tensor, store: list, out_features: int, differentiable: bool) -> bool:
+    regions = store[0].shape[0] - 1
+    return (
+        x.device.type == "cpu"
+        and not differentiable
+        and not torch.compiler.is_compiling()
+        and out_features * x.shape[1] >= BLOCKWISE_MIN_WEIGHTS
+        and 2 * store[4].shape[0] <= out_features * regions
+    )
+
+
+def _blockwise_weight_grad(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    region_begin: torch.Tensor,
+    bitmap: torch.Tensor,
+    out_features: int,
+) -> torch.Tensor:
+    """``grad_y^T x`` inside the active blocks, zero elsewhere: per region, the product of the
+    active neurons' output gradients with the region's inputs."""
+    bounds = region_begin.tolist()
+    active = reference.active_blocks(bitmap, out_features, len(bounds) - 1)
+    grad = x.new_zeros(out_features, x.shape[1])
+    grad_t = grad_y.t()
+    for r, neurons in enumerate(active.t().contiguous()):
+        rows = neurons.nonzero().squeeze(1)
+        if rows.numel():
+            begin, end = bounds[r], bounds[r + 1]
+            product = grad_t.index_select(0, rows) @ x[:, begin:end]
+            grad[:, begin:end].index_copy_(0, rows, product)
+    return grad
+
+
+def _masked(t: torch.Tensor, mask: torch.Tensor | None, in_place: bool = False) -> torch.Tensor:
+    """t with zeros outside the active blocks (a select, not a product: 0 x NaN stays 0); in
+    place for a tensor nothing else holds (a fresh product: a second [out, in] pass saved)."""
+    if mask is None:
+        return t
+    return t.masked_fill_(~mask, 0) if in_place else t.masked_fill(~mask, 0)
 
 
 def _activation_setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:

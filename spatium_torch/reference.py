@@ -103,9 +103,7 @@ def block_layout(
             f"{regions} regions"
         )
     device = region_begin.device
-    slot = torch.arange(out_features * regions, device=device)
-    words = bitmap.to(torch.int64).index_select(0, slot >> 6)
-    blocks = ((words >> (slot & 63)) & 1).bool().view(out_features, regions)
+    blocks = active_blocks(bitmap, out_features, regions)
     taken = blocks.to(torch.int64)
     region_bytes = (region_begin.diff() * bits + 7) // 8  # [regions]
     block_of_slot = _exclusive_cumsum(taken).view(out_features, regions)
@@ -120,6 +118,13 @@ def block_layout(
     byte = torch.where(active, offset_of_slot.index_select(1, region) + within % q, num_bytes)
     block = block_of_slot.index_select(1, region)
     return BlockLayout(blocks, block_of_slot, region, active, block, byte, (within // q) * bits)
+
+
+def active_blocks(bitmap: torch.Tensor, out_features: int, regions: int) -> torch.Tensor:
+    """``[out, regions]`` bool: the bitmap's bit ``n * regions + r``, block (n, r) active."""
+    slot = torch.arange(out_features * regions, device=bitmap.device)
+    words = bitmap.to(torch.int64).index_select(0, slot >> 6)
+    return ((words >> (slot & 63)) & 1).bool().view(out_features, regions)
 
 
 def stored_codes(layout: BlockLayout, codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -90,12 +90,23 @@ def test_input_gradient_gradcheck_float64():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("density", [1.0, 0.25])
-def test_latent_weight_gradient_is_straight_through(density, device):
+@pytest.mark.parametrize("blockwise", [False, True])
+def test_latent_weight_gradient_is_straight_through(density, device, blockwise, monkeypatch):
+    # blockwise: the sparse layer's gradient computed region by region (large layers only by
+    # default; here at any size).
+    calls = []
+    if blockwise:
+        monkeypatch.setattr(st.ops, "BLOCKWISE_MIN_WEIGHTS", 0)
+        per_region = st.ops._blockwise_weight_grad
+        monkeypatch.setattr(
+            st.ops, "_blockwise_weight_grad", lambda *a: calls.append(1) or per_region(*a)
+        )
     layer = make_layer(
         bits=2, density=density, input_positions=st.layouts.grid(10, 10), device=device
     )
     x = torch.randn(9, 100, device=device)
     layer(x).square().sum().backward()
+    assert len(calls) == (blockwise and density < 0.5 and torch.device(device).type == "cpu")
     w = layer.weight.detach().clone().requires_grad_()
     b = layer.bias.detach().clone().requires_grad_()
     mask = layer.block_mask()
