@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 _PARAMETER_DATA = nn.Parameter.data  # the tensor's own `.data` descriptor
 
@@ -56,7 +57,8 @@ class TrackedParameter(nn.Parameter):
         aliases = tracker.stamp() if tracker is not None else ()
         # A new storage (a move, a cast, `.data = t`) changes the data pointer; on the meta
         # device, where it is 0, moves go through the `.data` setter, which the aliases note.
-        return (id(self), self._version, self.data_ptr(), aliases)
+        steps = self.__dict__.get("_optimizer_steps", 0)
+        return (id(self), self._version, self.data_ptr(), aliases, steps)
 
     def __getstate__(self) -> dict:
         return {}  # the alias tracker is not part of the weight
@@ -95,6 +97,21 @@ class _AliasTracker:
     def stamp(self) -> tuple:
         versions = tuple(a._version for ref in self.aliases if (a := ref()) is not None)
         return (self.deaths, len(self.aliases), versions)
+
+
+def _note_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """After any optimizer's step: each TrackedParameter it holds with a gradient counts as
+    possibly changed. Fused optimizers (``Adam(fused=True)`` and the like on the CPU) update
+    parameters in kernels that leave their version counters as they were."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            if isinstance(parameter, TrackedParameter) and parameter.grad is not None:
+                parameter.__dict__["_optimizer_steps"] = (
+                    parameter.__dict__.get("_optimizer_steps", 0) + 1
+                )
+
+
+register_optimizer_step_post_hook(_note_optimizer_step)
 
 
 def is_stale(parameter: torch.Tensor, stamp: tuple | None) -> bool:

@@ -118,9 +118,10 @@ def test_hit_counts_sum_to_samples_times_neurons_and_reset():
     assert amap.hits.sum() == 0 and amap.dead_cells().all()
 
 
-def test_softmax_is_computed_once_per_optimizer_step():
+@pytest.mark.parametrize("fused", [False, True])
+def test_softmax_is_computed_once_per_optimizer_step(fused):
     amap = st.ActivationMap(4, 6, learnable=True)
-    optimizer = torch.optim.SGD(amap.parameters(), lr=0.1)
+    optimizer = torch.optim.Adam(amap.parameters(), lr=0.1, fused=fused)
     pre, x = torch.randn(16, 4, requires_grad=True), torch.randn(16, 6)
     for step in range(3):
         for _ in range(4):  # several forwards and backwards (gradient accumulation) per step

@@ -151,10 +151,23 @@ def test_codes_in_range_and_nearest_for_their_scale(bits):
     assert (w_q[~mask] == 0).all()
 
 
-def test_requantizes_after_optimizer_step_and_only_then():
+# Fused optimizers update parameters without bumping their version counters: the layer
+# learns of their steps from a global optimizer step hook.
+OPTIMIZERS = {
+    "SGD": lambda p: torch.optim.SGD(p, lr=0.5),
+    "SGD fused": lambda p: torch.optim.SGD(p, lr=0.5, fused=True),
+    "Adam foreach": lambda p: torch.optim.Adam(p, lr=0.1, foreach=True),
+    "Adam fused": lambda p: torch.optim.Adam(p, lr=0.1, fused=True),
+    "AdamW fused": lambda p: torch.optim.AdamW(p, lr=0.1, fused=True),
+    "Adagrad fused": lambda p: torch.optim.Adagrad(p, lr=0.5, fused=True),
+}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_requantizes_after_optimizer_step_and_only_then(name):
     layer = make_layer()
     before = layer.dequantized_weight()
-    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    optimizer = OPTIMIZERS[name](layer.parameters())
     layer(torch.randn(4, 100)).sum().backward()
     optimizer.step()
     after = layer.dequantized_weight()
