@@ -390,8 +390,8 @@ class GrowthController:
                 f"grow_when={'a Plateau' if saved_plateau is not None else 'saturated'}, this "
                 f"one has grow_when={self.grow_when!r}"
             )
+        widths = {link.name: (link.layer.out_features,) for link in self.links}
         for key in ("activity", "output_mean"):
-            widths = {link.name: (link.layer.out_features,) for link in self.links}
             saved = {name: tuple(t.shape) for name, t in state[key].items()}
             if saved != widths:
                 raise ValueError(

@@ -22,8 +22,8 @@ class PortableLinear(nn.Module):
     order, packed along the row (plane ``p`` of a byte holds columns ``p * width`` onward, as
     the store packs a block); ``scales`` float16 ``[out, regions]``, each block's scale (0 for
     an inactive block); ``region`` int64 ``[in]``, each input's region. The forward unpacks the
-    codes with float divisions and floors, multiplies by the gathered scales (float32, as the store
-    dequantizes) and calls ``F.linear``: its weight equals ``layer.dequantized_weight()``
+    codes with float divisions and floors, multiplies by the gathered scales (float32, as the
+    store dequantizes) and calls ``F.linear``: its weight equals ``layer.dequantized_weight()``
     exactly, and every op has an ONNX form (Div, Floor, Gather, MatMul)."""
 
     def __init__(self, layer: SpatialLayer) -> None:
@@ -64,8 +64,8 @@ class PortableLinear(nn.Module):
             levels = float(1 << self.bits)
             planes = shifted - torch.floor(shifted / levels) * levels
             stored = planes.reshape(self.out_features, -1)[:, : self.in_features]
-        code = 2 * stored - 1 if self.bits == 1 else stored - reference.code_offset(self.bits)
-        return code * self.scales.to(torch.float32).index_select(1, self.region)
+        scales = self.scales.to(torch.float32).index_select(1, self.region)
+        return reference.signed_codes(stored, self.bits) * scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32

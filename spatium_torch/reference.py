@@ -134,6 +134,11 @@ def stored_codes(layout: BlockLayout, codes: torch.Tensor, bits: int) -> torch.T
     return (packed.to(torch.int32) >> layout.shift.to(torch.int32)) & ((1 << bits) - 1)
 
 
+def signed_codes(stored: torch.Tensor, bits: int) -> torch.Tensor:
+    """The codes that stored values stand for: +-1 for 1 bit, ``stored - offset`` otherwise."""
+    return 2 * stored - 1 if bits == 1 else stored - code_offset(bits)
+
+
 def block_scales(layout: BlockLayout, scales: torch.Tensor) -> torch.Tensor:
     """Every block's scale, float32 ``[out, regions]``; 0 for an inactive block."""
     index = layout.block_of_slot.flatten()
@@ -209,8 +214,7 @@ def dequantize(
         region_begin, bitmap, block_begin, code_begin, scales, codes, bits, in_features,
         out_features,
     )  # fmt: skip
-    stored = stored_codes(layout, codes, bits)
-    code = 2 * stored - 1 if bits == 1 else stored - code_offset(bits)
+    code = signed_codes(stored_codes(layout, codes, bits), bits)
     scale = _padded(_scale_values(scales)).index_select(0, layout.block.flatten())
     weight = scale.view_as(layout.block) * code.to(torch.float32)
     return torch.where(layout.active, weight, 0.0)
