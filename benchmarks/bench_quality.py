@@ -49,8 +49,9 @@ def mlp(layer: Callable[[int, int, bool], nn.Module], relu: bool = True) -> comp
 
 
 def specs() -> list[compare.Spec]:
-    """nn.Linear, SpatialLayer at 8/4/2/1 bits, 4-bit at density 0.25 with local (the default)
-    and random connectivity, 4-bit with a learnable activation map on its hidden layers."""
+    """nn.Linear, SpatialLayer at 8/4/2/1 bits and 4-bit nf4, 4-bit at density 0.25 with local
+    (the default) and random connectivity, 4-bit with a learnable activation map on its hidden
+    layers."""
 
     def spatial(**options) -> Callable[[int, int, bool], nn.Module]:
         return lambda n_in, n_out, hidden: st.SpatialLayer(n_in, n_out, **options)
@@ -63,6 +64,7 @@ def specs() -> list[compare.Spec]:
     return [
         compare.Spec("nn.Linear", mlp(lambda n_in, n_out, hidden: nn.Linear(n_in, n_out))),
         *(compare.Spec(f"{b}-bit", mlp(spatial(bits=b))) for b in (8, 4, 2, 1)),
+        compare.Spec("4-bit nf4", mlp(spatial(bits=4, codebook="nf4"))),
         *(
             compare.Spec(
                 f"4-bit, density 0.25, {connectivity} connectivity",

@@ -28,11 +28,11 @@ at::Tensor spatial_linear(const at::Tensor& x, const std::optional<at::Tensor>& 
                           const std::optional<at::Tensor>& bias, const at::Tensor& region_begin,
                           const at::Tensor& bitmap, const at::Tensor& block_begin,
                           const at::Tensor& code_begin, const at::Tensor& scales,
-                          const at::Tensor& codes, int64_t bits, int64_t out_features);
+                          const at::Tensor& codes, int64_t format, int64_t out_features);
 at::Tensor spatial_linear_backward_input(const at::Tensor& grad_y, const at::Tensor& region_begin,
                                          const at::Tensor& bitmap, const at::Tensor& block_begin,
                                          const at::Tensor& code_begin, const at::Tensor& scales,
-                                         const at::Tensor& codes, int64_t bits,
+                                         const at::Tensor& codes, int64_t format,
                                          int64_t in_features);
 at::Tensor active_mask(const at::Tensor& region_begin, const at::Tensor& bitmap,
                        const at::Tensor& block_begin, const at::Tensor& code_begin,
@@ -40,11 +40,11 @@ at::Tensor active_mask(const at::Tensor& region_begin, const at::Tensor& bitmap,
                        int64_t out_features);
 at::Tensor dequantize(const at::Tensor& region_begin, const at::Tensor& bitmap,
                       const at::Tensor& block_begin, const at::Tensor& code_begin,
-                      const at::Tensor& scales, const at::Tensor& codes, int64_t bits,
+                      const at::Tensor& scales, const at::Tensor& codes, int64_t format,
                       int64_t in_features, int64_t out_features);
 void requantize(const at::Tensor& latent, const at::Tensor& region_begin, const at::Tensor& bitmap,
                 const at::Tensor& block_begin, const at::Tensor& code_begin, at::Tensor& scales,
-                at::Tensor& codes, int64_t bits);
+                at::Tensor& codes, int64_t format);
 
 // The activation-map ops.
 at::Tensor activation(const at::Tensor& x, int64_t fn);
@@ -77,11 +77,11 @@ at::Tensor spatial_linear(const at::Tensor& x, const std::optional<at::Tensor>& 
                           const std::optional<at::Tensor>& bias, const at::Tensor& region_begin,
                           const at::Tensor& bitmap, const at::Tensor& block_begin,
                           const at::Tensor& code_begin, const at::Tensor& scales,
-                          const at::Tensor& codes, int64_t bits, int64_t out_features);
+                          const at::Tensor& codes, int64_t format, int64_t out_features);
 at::Tensor spatial_linear_backward_input(const at::Tensor& grad_y, const at::Tensor& region_begin,
                                          const at::Tensor& bitmap, const at::Tensor& block_begin,
                                          const at::Tensor& code_begin, const at::Tensor& scales,
-                                         const at::Tensor& codes, int64_t bits,
+                                         const at::Tensor& codes, int64_t format,
                                          int64_t in_features);
 at::Tensor active_mask(const at::Tensor& region_begin, const at::Tensor& bitmap,
                        const at::Tensor& block_begin, const at::Tensor& code_begin,
@@ -89,7 +89,7 @@ at::Tensor active_mask(const at::Tensor& region_begin, const at::Tensor& bitmap,
                        int64_t out_features);
 at::Tensor dequantize(const at::Tensor& region_begin, const at::Tensor& bitmap,
                       const at::Tensor& block_begin, const at::Tensor& code_begin,
-                      const at::Tensor& scales, const at::Tensor& codes, int64_t bits,
+                      const at::Tensor& scales, const at::Tensor& codes, int64_t format,
                       int64_t in_features, int64_t out_features);
 
 }  // namespace cuda

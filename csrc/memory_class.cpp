@@ -35,11 +35,12 @@ at::Tensor copy_of(const std::vector<T>& values, at::ScalarType dtype) {
   return out;
 }
 
-Holder make(int64_t out_features, const at::Tensor& input_codes, int64_t bits, int64_t region_bits) {
+Holder make(int64_t out_features, const at::Tensor& input_codes, int64_t format,
+            int64_t region_bits) {
   auto codes = to_vector<uint64_t>(input_codes, at::kLong, "input_codes");
   return with_python_errors([&] {
     return c10::make_intrusive<MemoryHolder>(SpatialMemory(
-        out_features, std::move(codes), static_cast<int>(bits), static_cast<int>(region_bits)));
+        out_features, std::move(codes), static_cast<int>(format), static_cast<int>(region_bits)));
   });
 }
 
@@ -69,7 +70,7 @@ const at::Tensor& part(const Parts& p, const std::string& name) {
   return found->value();
 }
 
-Holder from_parts(int64_t out_features, int64_t in_features, int64_t bits, int64_t region_bits,
+Holder from_parts(int64_t out_features, int64_t in_features, int64_t format, int64_t region_bits,
                   const Parts& p) {
   auto input = to_vector<uint64_t>(part(p, "input_codes"), at::kLong, "input_codes");
   auto bitmap = to_vector<uint64_t>(part(p, "bitmap"), at::kLong, "bitmap");
@@ -77,7 +78,7 @@ Holder from_parts(int64_t out_features, int64_t in_features, int64_t bits, int64
   auto codes = to_vector<uint8_t>(part(p, "codes"), at::kByte, "codes");
   auto holder = with_python_errors([&] {
     return c10::make_intrusive<MemoryHolder>(SpatialMemory::from_parts(
-        out_features, in_features, std::move(input), static_cast<int>(bits),
+        out_features, in_features, std::move(input), static_cast<int>(format),
         static_cast<int>(region_bits), std::move(bitmap), std::move(scales), std::move(codes)));
   });
   const Parts rebuilt = parts(holder);
@@ -144,7 +145,7 @@ TORCH_LIBRARY_FRAGMENT(spatium, m) {
       .def_static("from_parts", &from_parts)
       .def("out_features", [](const Holder& self) { return self->memory.out_features(); })
       .def("in_features", [](const Holder& self) { return self->memory.in_features(); })
-      .def("bits", [](const Holder& self) { return int64_t{self->memory.bits()}; })
+      .def("format", [](const Holder& self) { return int64_t{self->memory.format()}; })
       .def("region_bits", [](const Holder& self) { return int64_t{self->memory.region_bits()}; })
       .def("num_regions", [](const Holder& self) { return self->memory.num_regions(); })
       .def("active_blocks", [](const Holder& self) { return self->memory.active_blocks(); })
@@ -181,12 +182,12 @@ TORCH_LIBRARY_FRAGMENT(spatium, m) {
       .def_pickle(
           [](const Holder& self) {
             const SpatialMemory& mem = self->memory;
-            return std::make_tuple(mem.out_features(), mem.in_features(), int64_t{mem.bits()},
+            return std::make_tuple(mem.out_features(), mem.in_features(), int64_t{mem.format()},
                                    int64_t{mem.region_bits()}, parts(self));
           },
           [](std::tuple<int64_t, int64_t, int64_t, int64_t, Parts> state) {
-            const auto& [out, in, bits, region_bits, p] = state;
-            return from_parts(out, in, bits, region_bits, p);
+            const auto& [out, in, format, region_bits, p] = state;
+            return from_parts(out, in, format, region_bits, p);
           });
 }
 

@@ -24,10 +24,12 @@ void check_part(const at::Tensor& t, at::ScalarType dtype, const char* name,
 
 }  // namespace
 
-int checked_bits(int64_t bits) {
-  TORCH_CHECK_VALUE(0 < bits && bits <= 8 && quant::valid_bits(static_cast<int>(bits)),
-                    "spatium: bits must be 1, 2, 4 or 8, got ", bits);
-  return static_cast<int>(bits);
+int checked_format(int64_t format) {
+  TORCH_CHECK_VALUE(0 < format && format <= quant::kNf4 &&
+                        quant::valid_format(static_cast<int>(format)),
+                    "spatium: the code format must be a width 1, 2, 4 or 8, or ", quant::kNf4,
+                    " (nf4), got ", format);
+  return static_cast<int>(format);
 }
 
 void check_store(const StoreArrays& s, int64_t out_features, const c10::Device& device) {
@@ -47,10 +49,10 @@ void check_rows(const at::Tensor& t, const char* op, const char* name) {
                    name, " must be float32 or float64, got ", t.scalar_type());
 }
 
-PackedView validated_view(const StoreArrays& s, const IndexArrays& host, int bits,
+PackedView validated_view(const StoreArrays& s, const IndexArrays& host, int format,
                           int64_t in_features, int64_t out_features) {
   PackedView v;
-  v.bits = bits;
+  v.format = format;
   v.num_regions = s.region_begin.numel() - 1;
   v.out_features = out_features;
   v.in_features = in_features;

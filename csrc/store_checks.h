@@ -27,8 +27,9 @@ struct IndexArrays {
   const int64_t* code_begin = nullptr;
 };
 
-// `bits` as an op that reads the codes takes it: 1, 2, 4 or 8 (ValueError otherwise).
-int checked_bits(int64_t bits);
+// `format` as an op that reads the codes takes it: a code width 1, 2, 4 or 8, or quant::kNf4
+// (ValueError otherwise).
+int checked_format(int64_t format);
 
 // out_features >= 1, then each array's dtype, and that it is a contiguous 1-D tensor on
 // `device`.
@@ -41,7 +42,7 @@ void check_rows(const at::Tensor& t, const char* op, const char* name);
 // width (PackedView::layout_error with the arrays' real lengths: every walk then stays inside
 // them) and returns the view onto `host` with full_region_bits set; scales and codes are left
 // to the caller. Bits PackedView::kCodesUnread only for a caller that never reads the codes.
-PackedView validated_view(const StoreArrays& s, const IndexArrays& host, int bits,
+PackedView validated_view(const StoreArrays& s, const IndexArrays& host, int format,
                           int64_t in_features, int64_t out_features);
 
 }  // namespace spatium

@@ -21,6 +21,7 @@ from spatium_torch.neurons import (
     parameter_like,
 )
 from spatium_torch.ops import CODE_BITS, VALID_BITS
+from spatium_torch.reference import code_format
 from spatium_torch.snapshot import Snapshot
 from spatium_torch.store import (
     STATE_LOCK,
@@ -36,6 +37,7 @@ ACTIVITY_EMA = 0.05
 # Children of a "duplicate" split differ by this much noise (relative to the parent's RMS weight).
 DEFAULT_PERTURBATION = 0.2
 CONNECTIVITIES = ("local", "random")
+CODEBOOKS = ("int", "nf4")
 INFERENCE_PRECISIONS = ("int8", "fp32")
 # Whether this CPU runs the int8 inference kernels (AVX-512 VNNI, or AVX2 with FMA and F16C).
 INT8_KERNELS: bool = torch.classes.spatium.InferencePack.supported()
@@ -68,6 +70,11 @@ class SpatialLayer(nn.Module):
         in_features: size of each input sample.
         out_features: size of each output sample (number of neurons).
         bits: code width, one of 1, 2, 4, 8.
+        codebook: what a code stands for: ``"int"`` (default), an integer times its block's
+            scale (integer kernels for inference); or ``"nf4"`` (``bits=4`` only), one of the 16
+            NormalFloat levels, denser near 0, times the scale: lower error on bell-shaped and
+            heavy-tailed weights (pretrained models), at the cost of the float32 inference path
+            and a re-quantization about 3x as long.
         region_bits: a region (block) spans ``2**region_bits`` positions of Morton order.
         density: fraction of each neuron's regions active at the start, in (0, 1].
         connectivity: which regions start active when ``density < 1``: ``"local"`` (nearest to
@@ -95,6 +102,7 @@ class SpatialLayer(nn.Module):
         out_features: int,
         *,
         bits: int = 4,
+        codebook: str = "int",
         region_bits: int = 6,
         density: float = 1.0,
         connectivity: str = "local",
@@ -117,6 +125,10 @@ class SpatialLayer(nn.Module):
         layouts.check_count(out_features, "out_features")
         if isinstance(bits, bool) or bits not in VALID_BITS:
             raise ValueError(f"bits must be one of {VALID_BITS}, got {bits!r}")
+        if codebook not in CODEBOOKS:
+            raise ValueError(f"codebook must be one of {CODEBOOKS}, got {codebook!r}")
+        if codebook == "nf4" and bits != 4:
+            raise ValueError(f"codebook='nf4' takes bits=4, got bits={bits}")
         if isinstance(region_bits, bool) or not isinstance(region_bits, int):
             raise ValueError(f"region_bits must be an int in [0, {CODE_BITS}], got {region_bits!r}")
         if not 0 <= region_bits <= CODE_BITS:
@@ -133,6 +145,7 @@ class SpatialLayer(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
+        self.codebook = codebook
         self.region_bits = region_bits
         self.density = float(density)
         self.connectivity = connectivity
@@ -161,7 +174,7 @@ class SpatialLayer(nn.Module):
             sorted_codes, order = layouts.morton_order(positions)
             neurons = layouts.neuron_grid(out_features, grid_dims)
             memory = torch.classes.spatium.SpatialMemory(
-                out_features, sorted_codes, bits, region_bits
+                out_features, sorted_codes, self.code_format, region_bits
             )
             memory.set_active(
                 layouts.initial_mask(
@@ -270,6 +283,12 @@ class SpatialLayer(nn.Module):
 
     # --- the store ----------------------------------------------------------------------------
     @property
+    def code_format(self) -> int:
+        """The store's code format, as the ops take it: the width for integer codes,
+        ``reference.NF4_FORMAT`` for nf4."""
+        return code_format(self.bits, self.codebook)
+
+    @property
     def inference_precision(self) -> str:
         """How an eval-mode forward that needs no gradient (``torch.no_grad()``,
         ``torch.inference_mode()``, or nothing requiring grad) computes on a CPU with AVX-512
@@ -285,8 +304,8 @@ class SpatialLayer(nn.Module):
           bytes again), rebuilt when the store changes.
         - ``"fp32"``: the float32 product with the dequantized weights, as in training.
 
-        Training-mode forwards, anything autograd records, float64 inputs, NaN/Inf inputs and
-        CPUs without either instruction set always take the float path."""
+        Training-mode forwards, anything autograd records, float64 inputs, NaN/Inf inputs,
+        nf4 layers and CPUs without either instruction set always take the float path."""
         return self._inference_precision
 
     @inference_precision.setter
@@ -348,7 +367,7 @@ class SpatialLayer(nn.Module):
         with torch.no_grad():
             torch.ops.spatium.requantize_(
                 self._sorted_latent().detach(), region_begin, bitmap, block_begin, code_begin,
-                scales, codes, self.bits,
+                scales, codes, self.code_format,
             )  # fmt: skip
 
     def _install(self, memory: torch.ScriptObject) -> None:
@@ -383,7 +402,7 @@ class SpatialLayer(nn.Module):
         blocks), columns in the order of the inputs."""
         self._sync()
         dense = torch.ops.spatium.dequantize(
-            *self.store.arrays(), self.bits, self.in_features, self.out_features
+            *self.store.arrays(), self.code_format, self.in_features, self.out_features
         )
         return layouts.to_input_order(dense, self._order)
 
@@ -690,7 +709,7 @@ class SpatialLayer(nn.Module):
         weight = self.weight.detach()[:, columns] * scale
         sorted_codes, order = layouts.morton_order(positions)
         memory = torch.classes.spatium.SpatialMemory(
-            self.out_features, sorted_codes, self.bits, self.region_bits
+            self.out_features, sorted_codes, self.code_format, self.region_bits
         )
         region = layouts.region_of(memory.parts()["region_begin"], len(columns))
         sorted_inherited = inherited if order is None else inherited[:, order]
@@ -880,7 +899,7 @@ class SpatialLayer(nn.Module):
             self._sorted_latent(),
             self._parameters["bias"],
             *arrays,
-            self.bits,
+            self.code_format,
             self.out_features,
         )
         return y, flat
@@ -889,6 +908,8 @@ class SpatialLayer(nn.Module):
         """Whether this forward runs on the int8 kernels (see :attr:`inference_precision`)."""
         if self._inference_precision != "int8" or self.training or not INT8_KERNELS:
             return False
+        if self.codebook != "int":
+            return False  # the integer kernels multiply integer codes
         if flat.dtype != torch.float32 or flat.device.type != "cpu":
             return False
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
@@ -922,7 +943,9 @@ class SpatialLayer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"region_bits={self.region_bits}, density={self.density}, bias={self.bias is not None}"
+            + (f"codebook={self.codebook!r}, " if self.codebook != "int" else "")
+            + f"region_bits={self.region_bits}, density={self.density}, "
+            + f"bias={self.bias is not None}"
             + (", frozen" if self.frozen else "")
         )
 
@@ -939,6 +962,7 @@ class SpatialLayer(nn.Module):
         return {**state, "_pack": None}  # a cache; copies and pickles rebuild it
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("codebook", "int")  # pickled before codebooks existed
         super().__setstate__(state)
         self._synced = None  # a copy's latent weight is a new tensor: quantize it again
         self._loads = 0
@@ -1035,7 +1059,9 @@ class SpatialLayer(nn.Module):
             )
         sorted_codes = layouts.morton_order(positions)[0]
         memory = self.store.check_state(state_dict, store_prefix, sorted_codes)
-        layout = torch.classes.spatium.SpatialMemory(1, sorted_codes, self.bits, self.region_bits)
+        layout = torch.classes.spatium.SpatialMemory(
+            1, sorted_codes, self.code_format, self.region_bits
+        )
         if not torch.equal(memory.parts()["input_codes"], layout.parts()["input_codes"]):
             raise ValueError(f"{where}: the store's input positions differ from the layer's")
         return positions, memory

@@ -92,16 +92,17 @@ SCHEMAS = {
     "morton_decode": "(Tensor codes) -> Tensor",
     "_threads_used_by_parallel_for": "(int work_items) -> int",
     "spatial_linear": (
-        f"(Tensor x, Tensor? weight, Tensor? bias, {_STORE}, int bits, int out_features) -> Tensor"
+        f"(Tensor x, Tensor? weight, Tensor? bias, {_STORE}, int code_format, "
+        "int out_features) -> Tensor"
     ),
     "spatial_linear_backward_input": (
-        f"(Tensor grad_y, {_STORE}, int bits, int in_features) -> Tensor"
+        f"(Tensor grad_y, {_STORE}, int code_format, int in_features) -> Tensor"
     ),
     "active_mask": f"({_STORE}, int in_features, int out_features) -> Tensor",
-    "dequantize": f"({_STORE}, int bits, int in_features, int out_features) -> Tensor",
+    "dequantize": f"({_STORE}, int code_format, int in_features, int out_features) -> Tensor",
     "requantize_": (
         "(Tensor latent, Tensor region_begin, Tensor bitmap, Tensor block_begin, "
-        "Tensor code_begin, Tensor(a!) scales, Tensor(b!) codes, int bits) -> ()"
+        "Tensor code_begin, Tensor(a!) scales, Tensor(b!) codes, int code_format) -> ()"
     ),
     "activation": "(Tensor x, int fn) -> Tensor",
     "activation_backward": "(Tensor grad, Tensor x, int fn) -> Tensor",
@@ -151,7 +152,12 @@ _STORE_NAMES = ("region_begin", "bitmap", "block_begin", "code_begin", "scales",
 
 
 def _check_store(
-    op: str, like: torch.Tensor, store: tuple, bits: int, in_features: int, out_features: int
+    op: str,
+    like: torch.Tensor,
+    store: tuple,
+    code_format: int,
+    in_features: int,
+    out_features: int,
 ) -> None:
     """The store's arrays: 1-D, their dtypes, ``like``'s device, sizes that fit
     ``out_features`` neurons (the kernels also check the values)."""
@@ -161,8 +167,11 @@ def _check_store(
         if t.dim() != 1:
             raise ValueError(f"spatium: memory {name} must be 1-D, got {t.dim()}-D")
     _check_same_device(op, like, *store)
-    if bits not in VALID_BITS:
-        raise ValueError(f"spatium: bits must be 1, 2, 4 or 8, got {bits}")
+    if code_format not in reference.VALID_FORMATS:
+        raise ValueError(
+            "spatium: the code format must be a width 1, 2, 4 or 8, or "
+            f"{reference.NF4_FORMAT} (nf4), got {code_format}"
+        )
     region_begin, bitmap, block_begin, code_begin = store[:4]
     regions = region_begin.shape[0] - 1
     if regions < 1 or out_features < 1:
@@ -210,11 +219,11 @@ def _spatial_linear_fake(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    *store_bits_out: object,
+    *store_format_out: object,
 ) -> torch.Tensor:
-    *store, bits, out_features = store_bits_out
+    *store, code_format, out_features = store_format_out
     _check_rows("spatial_linear", x, "x")
-    _check_store("spatial_linear", x, tuple(store), bits, x.shape[1], out_features)
+    _check_store("spatial_linear", x, tuple(store), code_format, x.shape[1], out_features)
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_features):
         raise ValueError(f"spatial_linear: bias must be [{out_features}], got {list(bias.shape)}")
     return x.new_empty((x.shape[0], out_features))
@@ -222,12 +231,17 @@ def _spatial_linear_fake(
 
 @torch.library.register_fake("spatium::spatial_linear_backward_input")
 def _spatial_linear_backward_input_fake(
-    grad_y: torch.Tensor, *store_bits_in: object
+    grad_y: torch.Tensor, *store_format_in: object
 ) -> torch.Tensor:
-    *store, bits, in_features = store_bits_in
+    *store, code_format, in_features = store_format_in
     _check_rows("spatial_linear_backward_input", grad_y, "grad_y")
     _check_store(
-        "spatial_linear_backward_input", grad_y, tuple(store), bits, in_features, grad_y.shape[1]
+        "spatial_linear_backward_input",
+        grad_y,
+        tuple(store),
+        code_format,
+        in_features,
+        grad_y.shape[1],
     )
     return grad_y.new_empty((grad_y.shape[0], in_features))
 
@@ -240,20 +254,20 @@ def _active_mask_fake(*store_in_out: object) -> torch.Tensor:
 
 
 @torch.library.register_fake("spatium::dequantize")
-def _dequantize_fake(*store_bits_in_out: object) -> torch.Tensor:
-    *store, bits, in_features, out_features = store_bits_in_out
-    _check_store("dequantize", store[0], tuple(store), bits, in_features, out_features)
+def _dequantize_fake(*store_format_in_out: object) -> torch.Tensor:
+    *store, code_format, in_features, out_features = store_format_in_out
+    _check_store("dequantize", store[0], tuple(store), code_format, in_features, out_features)
     return store[0].new_empty((out_features, in_features), dtype=torch.float32)
 
 
 @torch.library.register_fake("spatium::requantize_")
-def _requantize_fake(latent: torch.Tensor, *store_bits: object) -> None:
-    *store, bits = store_bits
+def _requantize_fake(latent: torch.Tensor, *store_format: object) -> None:
+    *store, code_format = store_format
     if latent.dim() != 2:
         raise ValueError(f"requantize_: latent must be 2-D [out, in], got {list(latent.shape)}")
     if not latent.dtype.is_floating_point:
         raise TypeError(f"requantize_: latent must be floating point, got {latent.dtype}")
-    _check_store("requantize_", latent, tuple(store), bits, latent.shape[1], latent.shape[0])
+    _check_store("requantize_", latent, tuple(store), code_format, latent.shape[1], latent.shape[0])
 
 
 @torch.library.register_fake("spatium::activation")
@@ -400,12 +414,12 @@ _STORE_ARGS = slice(3, 9)  # where spatial_linear's arguments hold the six store
 
 def _spatial_linear_setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
     x, weight, bias = inputs[:3]
-    bits, out_features = inputs[9:]
+    code_format, out_features = inputs[9:]
     ctx.save_for_backward(x, *inputs[_STORE_ARGS])
     # Only the weight's identity and dtype are used (a graph outlives in-place edits of the
     # weight, such as a layout change), so it is kept without save_for_backward's version check.
     ctx.weight = weight
-    ctx.bits = bits
+    ctx.code_format = code_format
     ctx.out_features = out_features
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
@@ -434,14 +448,16 @@ def _spatial_linear_backward(ctx: object, grad_y: torch.Tensor) -> tuple:
         if differentiable:
             # The dequantized weight is a constant whose gradient goes straight through to the
             # latent weight inside active blocks, as in the first-order formula below.
-            dense = torch.ops.spatium.dequantize(*store, ctx.bits, in_features, ctx.out_features)
+            dense = torch.ops.spatium.dequantize(
+                *store, ctx.code_format, in_features, ctx.out_features
+            )
             dense = dense.to(grad_y.dtype)
             if weight is not None and weight.requires_grad:
                 dense = dense + _masked(weight - weight.detach(), mask).to(grad_y.dtype)
             grad_x = grad_y @ dense
         else:
             grad_x = torch.ops.spatium.spatial_linear_backward_input(
-                grad_y, *store, ctx.bits, in_features
+                grad_y, *store, ctx.code_format, in_features
             )
     if ctx.needs_input_grad[1]:
         grad_weight = (

@@ -22,8 +22,9 @@ class PortableLinear(nn.Module):
     order, packed along the row (plane ``p`` of a byte holds columns ``p * width`` onward, as
     the store packs a block); ``scales`` float16 ``[out, regions]``, each block's scale (0 for
     an inactive block); ``region`` int64 ``[in]``, each input's region. The forward unpacks the
-    codes with float divisions and floors, multiplies by the gathered scales (float32, as the
-    store dequantizes) and calls ``F.linear``: its weight equals ``layer.dequantized_weight()``
+    codes with float divisions and floors, turns them into their levels (integer codes, or nf4's
+    table through a Gather), multiplies by the gathered scales (float32, as the store
+    dequantizes) and calls ``F.linear``: its weight equals ``layer.dequantized_weight()``
     exactly, and every op has an ONNX form (Div, Floor, Gather, MatMul)."""
 
     def __init__(self, layer: SpatialLayer) -> None:
@@ -33,11 +34,8 @@ class PortableLinear(nn.Module):
                 "PortableLinear: a SpatialLayer with an activation map has no standard-op form "
                 "yet (its SimHash cells and per-cell functions are custom ops)"
             )
-        self.in_features, self.out_features, self.bits = (
-            layer.in_features,
-            layer.out_features,
-            layer.bits,
-        )
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.bits, self.code_format = layer.bits, layer.code_format
         with torch.no_grad():
             stored, scales, region = _dense_codes(layer)
         per_byte = 8 // self.bits
@@ -54,7 +52,7 @@ class PortableLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
 
     def weight(self) -> torch.Tensor:
-        """The dense ``[out, in]`` float32 weight: ``scale * code``, zero outside active
+        """The dense ``[out, in]`` float32 weight: ``scale * level``, zero outside active
         blocks."""
         stored = self.codes.to(torch.float32)  # bytes are exact in float32
         if self.bits != 8:
@@ -65,7 +63,7 @@ class PortableLinear(nn.Module):
             planes = shifted - torch.floor(shifted / levels) * levels
             stored = planes.reshape(self.out_features, -1)[:, : self.in_features]
         scales = self.scales.to(torch.float32).index_select(1, self.region)
-        return reference.signed_codes(stored, self.bits) * scales
+        return reference.levels(stored, self.code_format) * scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -73,7 +71,8 @@ class PortableLinear(nn.Module):
         return F.linear(x.to(dtype), self.weight().to(dtype), bias).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+        codes = reference.describe(self.code_format)
+        return f"in_features={self.in_features}, out_features={self.out_features}, codes={codes}"
 
 
 def _dense_codes(layer: SpatialLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,10 +81,11 @@ def _dense_codes(layer: SpatialLayer) -> tuple[torch.Tensor, torch.Tensor, torch
     layer.dequantized_weight()  # brings the store up to date with the latent weight
     arrays = layer.store.arrays()
     layout = reference.block_layout(
-        arrays.region_begin, arrays.bitmap, layer.bits, layer.in_features, layer.out_features,
+        arrays.region_begin, arrays.bitmap, layer.code_format, layer.in_features,
+        layer.out_features,
         arrays.scales.numel(), arrays.codes.numel(),
     )  # fmt: skip
-    stored = reference.stored_codes(layout, arrays.codes, layer.bits)
+    stored = reference.stored_codes(layout, arrays.codes, layer.code_format)
     region = layouts.to_input_order(layout.region.unsqueeze(0), layer._order).squeeze(0)
     return (
         layouts.to_input_order(stored, layer._order).to(torch.uint8),

@@ -23,6 +23,9 @@ The store arrays and their layout are those of ``csrc/core/spatial_memory.h``:
   ``(j // q) * bits``, stored as ``code + offset`` (``offset`` 1, 7, 127 for 2, 4, 8 bits, so
   codes run -1..2, -7..8, -127..128; for 1 bit, stored 1 is +1 and 0 is -1).
 
+The ops take a *code format*: a width (1, 2, 4, 8) for integer codes, or :data:`NF4_FORMAT`:
+4-bit codes that index :data:`NF4_LEVELS` (a weight is ``scale * NF4_LEVELS[stored]``).
+
 Inputs and weight columns are in Morton-sorted order, as the ops take them.
 """
 
@@ -35,6 +38,21 @@ import torch
 import torch.nn.functional as F
 
 VALID_BITS = (1, 2, 4, 8)
+#: The code format of 4-bit indices into NF4_LEVELS (the C++ ``quant::kNf4``).
+NF4_FORMAT = 0x14
+VALID_FORMATS = (*VALID_BITS, NF4_FORMAT)
+#: NormalFloat4 levels (Dettmers et al., QLoRA, 2023): 7 negative, 0, 8 positive.
+NF4_LEVELS = torch.tensor(
+    [
+        -1.0, -0.6961928010, -0.5250730515, -0.3949174881, -0.2844413817, -0.1847734302,
+        -0.0910500363, 0.0, 0.0795802996, 0.1609302014, 0.2461123019, 0.3379152417,
+        0.4407098293, 0.5626170039, 0.7229568362, 1.0,
+    ],
+    dtype=torch.float32,
+)  # fmt: skip
+#: Midpoints between consecutive levels, in float32: a value's index is the number below it.
+NF4_MIDPOINTS = (NF4_LEVELS[:-1] + NF4_LEVELS[1:]) * 0.5
+NF4_ZERO = 7  # the stored index of level 0
 HALF_MAX_BITS = 0x7BFF  # 65504, the largest finite fp16
 HALF_NAN_BITS = 0x7E00  # the scale of a block with a non-finite weight
 HALF_SIGN_BITS = -0x8000  # the sign bit of fp16 bits held in int16
@@ -56,14 +74,32 @@ def code_range(bits: int) -> tuple[int, int]:
     return (-1, 1) if bits == 1 else (-code_offset(bits), code_offset(bits) + 1)
 
 
-#: Per width: the clipping ratio (of absmax / largest code) the scale search starts from and
+#: Per format: the clipping ratio (of absmax / largest level) the scale search starts from and
 #: the Lloyd steps that refine it (the C++ ``scale_search``).
-SCALE_SEARCH = {2: (0.8, 0), 4: (0.95, 1), 8: (1.0, 0)}
+SCALE_SEARCH = {2: (0.8, 0), 4: (0.95, 1), 8: (1.0, 0), NF4_FORMAT: (1.0, 1)}
 
 
-def _check_bits(bits: int) -> None:
-    if bits not in VALID_BITS:
-        raise ValueError(f"bits must be 1, 2, 4 or 8, got {bits}")
+def code_format(bits: int, codebook: str) -> int:
+    """The code format of ``bits``-wide codes from ``codebook`` (``"int"`` or ``"nf4"``)."""
+    return NF4_FORMAT if codebook == "nf4" else bits
+
+
+def width(code_format: int) -> int:
+    """Bits per code of a format."""
+    return 4 if code_format == NF4_FORMAT else code_format
+
+
+def describe(code_format: int) -> str:
+    """A format in words: ``"4-bit"``, ``"nf4"``."""
+    return "nf4" if code_format == NF4_FORMAT else f"{code_format}-bit"
+
+
+def _check_format(code_format: int) -> None:
+    if code_format not in VALID_FORMATS:
+        raise ValueError(
+            f"the code format must be a width 1, 2, 4 or 8, or {NF4_FORMAT} (nf4), got "
+            f"{code_format}"
+        )
 
 
 class BlockLayout(NamedTuple):
@@ -84,7 +120,7 @@ class BlockLayout(NamedTuple):
 def block_layout(
     region_begin: torch.Tensor,
     bitmap: torch.Tensor,
-    bits: int,
+    code_format: int,
     in_features: int,
     out_features: int,
     num_blocks: int,
@@ -93,7 +129,8 @@ def block_layout(
     """Decodes the bitmap into every weight's block, code byte and bit shift (see
     :class:`BlockLayout`). Blocks and their bytes follow in (neuron, region) order, so a block's
     index and byte offset are prefix sums over the active blocks before it."""
-    _check_bits(bits)
+    _check_format(code_format)
+    bits = width(code_format)
     regions = region_begin.numel() - 1
     if regions < 1 or out_features < 1:
         raise ValueError("spatium: empty memory")
@@ -127,16 +164,21 @@ def active_blocks(bitmap: torch.Tensor, out_features: int, regions: int) -> torc
     return ((words >> (slot & 63)) & 1).bool().view(out_features, regions)
 
 
-def stored_codes(layout: BlockLayout, codes: torch.Tensor, bits: int) -> torch.Tensor:
+def stored_codes(layout: BlockLayout, codes: torch.Tensor, code_format: int) -> torch.Tensor:
     """Every weight's stored (unsigned) code, int32 ``[out, in]`` in Morton order of the
     inputs; 0 outside active blocks."""
     packed = _padded(codes).index_select(0, layout.byte.flatten()).view_as(layout.byte)
-    return (packed.to(torch.int32) >> layout.shift.to(torch.int32)) & ((1 << bits) - 1)
+    mask = (1 << width(code_format)) - 1
+    return (packed.to(torch.int32) >> layout.shift.to(torch.int32)) & mask
 
 
-def signed_codes(stored: torch.Tensor, bits: int) -> torch.Tensor:
-    """The codes that stored values stand for: +-1 for 1 bit, ``stored - offset`` otherwise."""
-    return 2 * stored - 1 if bits == 1 else stored - code_offset(bits)
+def levels(stored: torch.Tensor, code_format: int) -> torch.Tensor:
+    """The values that stored codes stand for before their block's scale, float32: +-1 for 1
+    bit, ``stored - offset`` for wider integer codes, ``NF4_LEVELS[stored]`` for nf4."""
+    if code_format == NF4_FORMAT:
+        return NF4_LEVELS.to(stored.device).index_select(0, stored.flatten().long()).view_as(stored)
+    bits = code_format
+    return (2 * stored - 1 if bits == 1 else stored - code_offset(bits)).to(torch.float32)
 
 
 def block_scales(layout: BlockLayout, scales: torch.Tensor) -> torch.Tensor:
@@ -157,7 +199,7 @@ def _layout_of(
     code_begin: torch.Tensor,
     scales: torch.Tensor,
     codes: torch.Tensor,
-    bits: int,
+    code_format: int,
     in_features: int,
     out_features: int,
 ) -> BlockLayout:
@@ -168,8 +210,9 @@ def _layout_of(
             f"fit {out_features} neurons"
         )
     return block_layout(
-        region_begin, bitmap, bits, in_features, out_features, scales.numel(), codes.numel()
-    )
+        region_begin, bitmap, code_format, in_features, out_features, scales.numel(),
+        codes.numel(),
+    )  # fmt: skip
 
 
 def _padded(t: torch.Tensor) -> torch.Tensor:
@@ -204,19 +247,19 @@ def dequantize(
     code_begin: torch.Tensor,
     scales: torch.Tensor,
     codes: torch.Tensor,
-    bits: int,
+    code_format: int,
     in_features: int,
     out_features: int,
 ) -> torch.Tensor:
-    """The dense ``[out, in]`` float32 weight the store holds: ``scale * code`` in active
+    """The dense ``[out, in]`` float32 weight the store holds: ``scale * level`` in active
     blocks (computed in float32), +0 elsewhere. A NaN scale makes its whole block NaN."""
     layout = _layout_of(
-        region_begin, bitmap, block_begin, code_begin, scales, codes, bits, in_features,
+        region_begin, bitmap, block_begin, code_begin, scales, codes, code_format, in_features,
         out_features,
     )  # fmt: skip
-    code = signed_codes(stored_codes(layout, codes, bits), bits)
+    level = levels(stored_codes(layout, codes, code_format), code_format)
     scale = _padded(_scale_values(scales)).index_select(0, layout.block.flatten())
-    weight = scale.view_as(layout.block) * code.to(torch.float32)
+    weight = scale.view_as(layout.block) * level
     return torch.where(layout.active, weight, 0.0)
 
 
@@ -247,13 +290,13 @@ def requantize_(
     code_begin: torch.Tensor,
     scales: torch.Tensor,
     codes: torch.Tensor,
-    bits: int,
+    code_format: int,
 ) -> None:
     """Quantizes the active blocks of ``latent`` ``[out, in]`` (any floating dtype, rounded to
     float32 first; columns in sorted order) into ``scales`` and ``codes`` in place.
 
-    Per block, for ``bits >= 2``: the scale's sign is that of the weight of largest magnitude
-    (ties positive), so the extra top code lands on that side. The scale starts at
+    Per block, for integer codes of ``bits >= 2``: the scale's sign is that of the weight of
+    largest magnitude (ties positive), so the extra top code lands on that side. The scale starts at
     ``sign * ratio * absmax / max_code`` and takes the Lloyd steps of :data:`SCALE_SEARCH`:
     codes ``round_half_even(w * (1 / scale))`` clamped to the code range, then the scale
     ``sum(w * q) / sum(q * q)``, all in float64. It is rounded to the nearest fp16 (through
@@ -263,11 +306,18 @@ def requantize_(
     ``w >= 0`` (zeros included), -1 below. A block holding NaN or +-Inf gets the NaN scale
     (fp16 bits 0x7E00) and the codes of 0 (stored 0, i.e. -1, for 1 bit), so it dequantizes
     to NaN.
+
+    nf4 follows the same steps with its levels in place of the codes: the scale starts at
+    ``sign * absmax`` (the positive side has the extra level); a weight's level is the one
+    whose index counts the float32 midpoints below ``w / scale`` (ties to the lower level); the
+    Lloyd step's sums are formed per midpoint (see :func:`_nf4_refit`). Zeros and non-finite
+    blocks store index 7 (level 0).
     """
-    _check_bits(bits)
+    _check_format(code_format)
+    nf4 = code_format == NF4_FORMAT
     out_features, in_features = latent.shape
     layout = _layout_of(
-        region_begin, bitmap, block_begin, code_begin, scales, codes, bits, in_features,
+        region_begin, bitmap, block_begin, code_begin, scales, codes, code_format, in_features,
         out_features,
     )  # fmt: skip
     regions = layout.blocks.shape[1]
@@ -280,7 +330,7 @@ def requantize_(
         return out.scatter_reduce_(0, slot, values.flatten(), reduce).view(out_features, regions)
 
     not_finite = per_block((~torch.isfinite(w)).to(torch.float32), "sum") > 0
-    if bits == 1:
+    if code_format == 1:
         # mean |w|: the sum in float64, then float32 sum / count as the C++ computes it.
         abs_sum = per_block(w.abs().to(torch.float64), "sum").to(torch.float32)
         count = region_begin.diff().to(torch.float32)
@@ -288,22 +338,31 @@ def requantize_(
         stored = (w >= 0).to(torch.int64)
         stored_if_not_finite = 0
     else:
-        lo, hi = code_range(bits)
+        lo, hi = code_range(width(code_format))
         absmax = per_block(w.abs(), "amax")
         sign = torch.where(per_block(w, "amax") >= -per_block(w, "amin"), 1.0, -1.0)
-        ratio, steps = SCALE_SEARCH[bits]
-        scale = sign.double() * ratio * absmax.double() / hi
+        ratio, steps = SCALE_SEARCH[code_format]
+        scale = sign.double() * ratio * absmax.double() / (1.0 if nf4 else hi)
         w64 = w.double()
         for _ in range(steps):
             inverse = (1.0 / scale).index_select(1, layout.region)
-            q = torch.round(w64 * inverse).clamp(lo, hi)
-            scale = per_block(w64 * q, "sum") / per_block(q * q, "sum")
+            if nf4:
+                count = region_begin.diff().double().expand(out_features, regions)
+                scale = _nf4_refit(w64, w64 * inverse, count, per_block)
+            else:
+                q = torch.round(w64 * inverse).clamp(lo, hi)
+                scale = per_block(w64 * q, "sum") / per_block(q * q, "sum")
         slot_bits = _scale_bits(scale)
         slot_bits = torch.where(absmax > 0, slot_bits, 0)
         scale = slot_bits.view(torch.float16).to(torch.float32).index_select(1, layout.region)
-        q = torch.round(w / scale).clamp(lo, hi)  # torch.round: half to even
-        stored = torch.where(scale != 0, q + code_offset(bits), code_offset(bits))
-        stored_if_not_finite = code_offset(bits)
+        zero = NF4_ZERO if nf4 else code_offset(code_format)
+        if nf4:
+            # The number of midpoints strictly below w / scale (bucketize, right=False).
+            stored = torch.bucketize(w / scale, NF4_MIDPOINTS.to(w.device))
+        else:
+            stored = torch.round(w / scale).clamp(lo, hi) + zero  # torch.round: half to even
+        stored = torch.where(scale != 0, stored, zero)
+        stored_if_not_finite = zero
     slot_bits = torch.where(not_finite, HALF_NAN_BITS, slot_bits)
     stored = torch.where(not_finite.index_select(1, layout.region), stored_if_not_finite, stored)
     stored = torch.where(layout.active, stored, 0).to(torch.int64)
@@ -318,13 +377,35 @@ def requantize_(
     target.copy_(new_scales[:-1])
 
 
+def _nf4_refit(
+    w64: torch.Tensor,
+    t: torch.Tensor,
+    count: torch.Tensor,
+    per_block: Callable[[torch.Tensor, str], torch.Tensor],
+) -> torch.Tensor:
+    """nf4's least-squares scale for the levels nearest ``t = w / scale`` (float64), per block.
+    A weight's level is ``l[0]`` plus the steps ``l[k + 1] - l[k]`` of the midpoints below
+    it, so the sums are formed from per-midpoint sums of weights and counts, which are exact,
+    combined in the C++'s fixed order: the same bits whatever order torch sums in."""
+    level = NF4_LEVELS.tolist()
+    wq = level[0] * per_block(w64, "sum")
+    qq = level[0] * level[0] * count
+    for k, mid in enumerate(NF4_MIDPOINTS.tolist()):
+        above = t > mid
+        step = level[k + 1] - level[k]
+        square_step = level[k + 1] * level[k + 1] - level[k] * level[k]
+        wq = wq + step * per_block(torch.where(above, w64, 0.0), "sum")
+        qq = qq + square_step * per_block(above.double(), "sum")
+    return wq / qq
+
+
 def quantize(
     latent: torch.Tensor,
     region_begin: torch.Tensor,
     bitmap: torch.Tensor,
     block_begin: torch.Tensor,
     code_begin: torch.Tensor,
-    bits: int,
+    code_format: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``(scales, codes)`` that :func:`requantize_` writes, newly allocated: scales
     float16 (fp16 bits as the store holds them), codes uint8, sized by the directory's
@@ -332,7 +413,7 @@ def quantize(
     num_blocks, num_bytes = int(block_begin[-1]), int(code_begin[-1])
     scales = torch.zeros(num_blocks, dtype=torch.float16, device=region_begin.device)
     codes = torch.zeros(num_bytes, dtype=torch.uint8, device=region_begin.device)
-    requantize_(latent, region_begin, bitmap, block_begin, code_begin, scales, codes, bits)
+    requantize_(latent, region_begin, bitmap, block_begin, code_begin, scales, codes, code_format)
     return scales, codes
 
 
@@ -346,13 +427,13 @@ def spatial_linear(
     code_begin: torch.Tensor,
     scales: torch.Tensor,
     codes: torch.Tensor,
-    bits: int,
+    code_format: int,
     out_features: int,
 ) -> torch.Tensor:
     """``x [batch, in] @ W_q^T + bias`` with the dequantized weight cast to x's dtype (``x``
     in sorted input order). ``weight`` (the latent weight, there for autograd) is not read."""
     dense = dequantize(
-        region_begin, bitmap, block_begin, code_begin, scales, codes, bits, x.shape[1],
+        region_begin, bitmap, block_begin, code_begin, scales, codes, code_format, x.shape[1],
         out_features,
     )  # fmt: skip
     return F.linear(x, dense.to(x.dtype), None if bias is None else bias.to(x.dtype))
@@ -366,12 +447,12 @@ def spatial_linear_backward_input(
     code_begin: torch.Tensor,
     scales: torch.Tensor,
     codes: torch.Tensor,
-    bits: int,
+    code_format: int,
     in_features: int,
 ) -> torch.Tensor:
     """``grad_y [batch, out] @ W_q``: the input gradient of :func:`spatial_linear`."""
     dense = dequantize(
-        region_begin, bitmap, block_begin, code_begin, scales, codes, bits, in_features,
+        region_begin, bitmap, block_begin, code_begin, scales, codes, code_format, in_features,
         grad_y.shape[1],
     )  # fmt: skip
     return grad_y @ dense.to(grad_y.dtype)

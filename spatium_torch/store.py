@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from spatium_torch.reference import describe
+
 # Held while a load swaps a layer's state (the store's arrays, the latent weight and bias, the
 # store's stamp) and while a forward takes its references to it, so that a forward running in
 # another thread sees one state or the other. One lock for every layer: a module holding a lock
@@ -52,7 +54,7 @@ ARRAYS = (
 _DTYPES = dict(
     zip(ARRAYS, (torch.int64,) * 6 + (torch.float16, torch.uint8, torch.uint8), strict=True)
 )
-# What the packed arrays mean.
+# What the packed arrays mean; "bits" holds the code format (the width, or nf4's format).
 HEADER = ("format", "in_features", "out_features", "bits", "region_bits", "frozen", "checksum")
 _HEADER_BYTES = 8 * len(HEADER)
 # What the packed state holds after its header; the rest of ARRAYS is derived on load.
@@ -112,7 +114,7 @@ class SpatialStore(nn.Module):
         super().__init__()
         self.in_features = memory.in_features()
         self.out_features = memory.out_features()
-        self.bits = memory.bits()
+        self.code_format = memory.format()
         self.region_bits = memory.region_bits()
         self.frozen = False
         self._host: tuple[tuple, torch.ScriptObject] | None = None
@@ -164,7 +166,7 @@ class SpatialStore(nn.Module):
         return memory
 
     def install(self, memory: torch.ScriptObject, device: torch.device | str | None = None) -> None:
-        """Makes the arrays those of ``memory`` (a host store with this store's bits and
+        """Makes the arrays those of ``memory`` (a host store with this store's code format and
         region_bits; its sizes may differ), on ``device`` (default: where they are now)."""
         device = self.device if device is None else torch.device(device)
         parts = memory.parts()
@@ -203,7 +205,7 @@ class SpatialStore(nn.Module):
             size = _HEADER_BYTES + sum(t.numel() * t.element_size() for t in arrays)
             return torch.empty(size, dtype=torch.uint8, device="meta")
         header = [
-            STATE_FORMAT, self.in_features, self.out_features, self.bits, self.region_bits,
+            STATE_FORMAT, self.in_features, self.out_features, self.code_format, self.region_bits,
             int(self.frozen), self.host().checksum(),
         ]  # fmt: skip
         parts = [torch.tensor(header, dtype=torch.int64), *(t.detach().cpu() for t in arrays)]
@@ -218,12 +220,17 @@ class SpatialStore(nn.Module):
         naming the problem (TypeError for an entry that is not a tensor)."""
         where = f"SpatialLayer state at {prefix!r}"
         saved = read_header(state, prefix)
-        for key in ("in_features", "out_features", "bits", "region_bits"):
+        for key in ("in_features", "out_features", "region_bits"):
             if saved[key] != getattr(self, key):
                 raise ValueError(
                     f"{where}: {key} is {saved[key]} in the state but {getattr(self, key)} in "
                     "this layer"
                 )
+        if saved["bits"] != self.code_format:
+            raise ValueError(
+                f"{where}: the codes are {describe(saved['bits'])} in the state but "
+                f"{describe(self.code_format)} in this layer"
+            )
         return saved
 
     def check_state(
@@ -257,7 +264,7 @@ class SpatialStore(nn.Module):
         """The arrays of a packed state (host bytes, header included): its bitmap, scales and
         codes, the rest derived from them and the inputs' layout."""
         layout = torch.classes.spatium.SpatialMemory(
-            self.out_features, sorted_codes, self.bits, self.region_bits
+            self.out_features, sorted_codes, self.code_format, self.region_bits
         )
         data = packed[_HEADER_BYTES:]
         bitmap_bytes = 8 * len(layout.parts()["bitmap"])
@@ -307,7 +314,7 @@ class SpatialStore(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"{self.out_features}x{self.in_features}, bits={self.bits}, "
+            f"{self.out_features}x{self.in_features}, codes={describe(self.code_format)}, "
             f"region_bits={self.region_bits}"
         )
 
@@ -343,7 +350,7 @@ def build_host(
         return torch.classes.spatium.SpatialMemory.from_parts(
             store.out_features,
             store.in_features,
-            store.bits,
+            store.code_format,
             store.region_bits,
             {name: arrays[name].detach().cpu() for name in ARRAYS},
         )

@@ -151,7 +151,7 @@ def test_a_converted_llama_round_trips_through_save_pretrained(frozen, tmp_path)
     from safetensors.torch import load_model, save_model
 
     # Two conversions with their own settings: both are recorded in the config.
-    model = st.convert(tiny("llama"), bits=4, include=["*.mlp.*"])
+    model = st.convert(tiny("llama"), bits=4, codebook="nf4", include=["*.mlp.*"])
     st.convert(model, bits=8, region_bits=4, include=["*.self_attn.*"])
     assert [(len(c["layers"]), c["bits"]) for c in model.config.spatium_conversions] == [
         (6, 4),
@@ -167,6 +167,7 @@ def test_a_converted_llama_round_trips_through_save_pretrained(frozen, tmp_path)
     assert not fresh.training
     assert fresh.lm_head.weight is fresh.model.embed_tokens.weight  # tied again
     assert fresh.model.layers[0].self_attn.q_proj.region_bits == 4
+    assert fresh.model.layers[0].mlp.up_proj.codebook == "nf4"
     assert fresh.config.spatium_conversions == model.config.spatium_conversions
     assert all(m.frozen == frozen for m in fresh.modules() if isinstance(m, st.SpatialLayer))
     saved, loaded = model.state_dict(), fresh.state_dict()
@@ -181,7 +182,7 @@ def test_a_converted_llama_round_trips_through_save_pretrained(frozen, tmp_path)
     # safetensors' own save_model / load_model (shared tensors handled by safetensors) into a
     # model converted alike by hand.
     save_model(model, tmp_path / "plain.safetensors")
-    again = st.convert(tiny("llama"), bits=4, include=["*.mlp.*"])
+    again = st.convert(tiny("llama"), bits=4, codebook="nf4", include=["*.mlp.*"])
     st.convert(again, bits=8, region_bits=4, include=["*.self_attn.*"])
     if frozen:
         st.freeze(again)

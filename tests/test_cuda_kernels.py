@@ -1,6 +1,6 @@
 """The CUDA kernels of the store ops (spatial_linear, its input gradient, dequantize,
 active_mask) against the reference impl on the same CUDA tensors and against the CPU kernels on
-CPU copies: every code width, dense, sparse and irregular layouts, the fused batches (1 to 16)
+CPU copies: every code format, dense, sparse and irregular layouts, the fused batches (1 to 16)
 and the dense ones, NaN and inf inputs, damaged layouts (the CPU's errors) and a SpatialLayer
 trained a step on either device."""
 
@@ -34,13 +34,15 @@ CONFIGS = {
     ),
     "one-input-regions": dict(in_features=20, out_features=5, region_bits=0, density=0.5),
 }
-BITS = (1, 2, 4, 8)
+# Every code format: the integer widths and nf4.
+FORMATS = {"1": 1, "2": 2, "4": 4, "8": 8, "nf4": ref.NF4_FORMAT}
 BATCHES = (0, 1, 5, 16, 17, 300)  # up to 16: the fused kernel; above: dequantize + cuBLAS
 
 
-def make_layer(config, bits):
+def make_layer(config, code_format):
     torch.manual_seed(0)
-    return st.SpatialLayer(bits=bits, **CONFIGS[config])
+    codebook = "nf4" if code_format == ref.NF4_FORMAT else "int"
+    return st.SpatialLayer(bits=ref.width(code_format), codebook=codebook, **CONFIGS[config])
 
 
 def memories(layer):
@@ -70,19 +72,19 @@ def test_the_store_ops_have_cuda_kernels():
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("bits", BITS)
-def test_dequantize_and_active_mask_bit_for_bit(config, bits):
-    layer = make_layer(config, bits)
+@pytest.mark.parametrize("code_format", FORMATS.values(), ids=FORMATS.keys())
+def test_dequantize_and_active_mask_bit_for_bit(config, code_format):
+    layer = make_layer(config, code_format)
     cpu, gpu = memories(layer)
     sizes = (layer.in_features, layer.out_features)
-    dense = ops.dequantize(*gpu, bits, *sizes)
+    dense = ops.dequantize(*gpu, code_format, *sizes)
     assert dense.is_cuda and dense.dtype == torch.float32
     expected = ref.dequantize(
-        **store_kwargs(gpu), bits=bits, in_features=sizes[0], out_features=sizes[1]
+        **store_kwargs(gpu), code_format=code_format, in_features=sizes[0], out_features=sizes[1]
     )
     assert torch.equal(dense.view(torch.int32), expected.view(torch.int32))
     assert torch.equal(
-        dense.cpu().view(torch.int32), ops.dequantize(*cpu, bits, *sizes).view(torch.int32)
+        dense.cpu().view(torch.int32), ops.dequantize(*cpu, code_format, *sizes).view(torch.int32)
     )
     mask = ops.active_mask(*gpu, *sizes)
     assert mask.is_cuda and mask.dtype == torch.bool
@@ -93,37 +95,39 @@ def test_dequantize_and_active_mask_bit_for_bit(config, bits):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("code_format", FORMATS.values(), ids=FORMATS.keys())
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_spatial_linear_and_input_gradient(config, bits, batch, dtype):
-    layer = make_layer(config, bits)
+def test_spatial_linear_and_input_gradient(config, code_format, batch, dtype):
+    layer = make_layer(config, code_format)
     cpu, gpu = memories(layer)
     x = torch.randn(batch, layer.in_features, dtype=dtype)
     grad_y = torch.randn(batch, layer.out_features, dtype=dtype)
     weight, bias = layer.weight.detach(), layer.bias.detach()
     for b in (bias, None):
         b_gpu = None if b is None else b.cuda()
-        y = ops.spatial_linear(x.cuda(), weight.cuda(), b_gpu, *gpu, bits, layer.out_features)
+        y = ops.spatial_linear(
+            x.cuda(), weight.cuda(), b_gpu, *gpu, code_format, layer.out_features
+        )
         assert y.is_cuda and y.dtype == dtype and y.shape == (batch, layer.out_features)
         expected = ref.spatial_linear(
             x.cuda(),
             weight.cuda(),
             b_gpu,
             **store_kwargs(gpu),
-            bits=bits,
+            code_format=code_format,
             out_features=layer.out_features,
         )
         torch.testing.assert_close(y, expected, **tolerance(dtype))
-        on_cpu = ops.spatial_linear(x, weight, b, *cpu, bits, layer.out_features)
+        on_cpu = ops.spatial_linear(x, weight, b, *cpu, code_format, layer.out_features)
         torch.testing.assert_close(y.cpu(), on_cpu, **tolerance(dtype))
-    grad_x = ops.spatial_linear_backward_input(grad_y.cuda(), *gpu, bits, layer.in_features)
+    grad_x = ops.spatial_linear_backward_input(grad_y.cuda(), *gpu, code_format, layer.in_features)
     assert grad_x.is_cuda and grad_x.dtype == dtype
     expected = ref.spatial_linear_backward_input(
-        grad_y.cuda(), **store_kwargs(gpu), bits=bits, in_features=layer.in_features
+        grad_y.cuda(), **store_kwargs(gpu), code_format=code_format, in_features=layer.in_features
     )
     torch.testing.assert_close(grad_x, expected, **tolerance(dtype))
-    on_cpu = ops.spatial_linear_backward_input(grad_y, *cpu, bits, layer.in_features)
+    on_cpu = ops.spatial_linear_backward_input(grad_y, *cpu, code_format, layer.in_features)
     torch.testing.assert_close(grad_x.cpu(), on_cpu, **tolerance(dtype))
 
 
@@ -154,7 +158,7 @@ def test_nan_and_inf_propagate_as_in_a_dense_product(batch):
             None,
             None,
             **store_kwargs(memory),
-            bits=4,
+            code_format=4,
             out_features=layer.out_features,
         )
         assert torch.equal(y.isnan(), expected.isnan()), device
@@ -255,11 +259,11 @@ def test_a_damaged_layout_raises_the_cpus_error(damage):
 
 
 @pytest.mark.parametrize("config", ["dense-r6", "quarter-r6", "grid-half-r4"])
-@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("code_format", FORMATS.values(), ids=FORMATS.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("batch", [1, 16, 17])
-def test_a_layer_forward_and_backward_on_cuda_equal_the_cpus(config, bits, dtype, batch):
-    layer = make_layer(config, bits)
+def test_a_layer_forward_and_backward_on_cuda_equal_the_cpus(config, code_format, dtype, batch):
+    layer = make_layer(config, code_format)
     layer_gpu = copy.deepcopy(layer).cuda()
     x = torch.randn(batch, layer.in_features).to(dtype)
     grad = torch.randn(batch, layer.out_features).to(dtype)

@@ -8,6 +8,7 @@ from helpers import train_digits_mlp
 from torch import nn
 
 import spatium_torch as st
+from spatium_torch.reference import NF4_LEVELS
 
 CODE_RANGE = {1: (-1, 1), 2: (-1, 2), 4: (-7, 8), 8: (-127, 128)}
 
@@ -192,16 +193,50 @@ def test_determinism_and_thread_count_independence():
     assert torch.equal(first, single)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_identity_task_learns(bits):
+@pytest.mark.parametrize("codes", [dict(bits=8), dict(bits=4), dict(bits=4, codebook="nf4")])
+def test_identity_task_learns(codes):
     torch.manual_seed(0)
-    net = st.SpatialNetwork([4, 16, 4], bits=bits, lr=1e-2)
+    net = st.SpatialNetwork([4, 16, 4], lr=1e-2, **codes)
     generator = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(1000):
         x = torch.rand(32, 4, generator=generator)
         losses.append(net.train_batch(x, x))
     assert sum(losses[-20:]) / 20 < 0.05
+
+
+def test_codebook_is_checked():
+    with pytest.raises(ValueError, match="codebook must be one of"):
+        st.SpatialLayer(8, 4, codebook="fp4")
+    with pytest.raises(ValueError, match="takes bits=4"):
+        st.SpatialLayer(8, 4, bits=2, codebook="nf4")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("density", [1.0, 0.25])
+def test_nf4_weights_are_levels_times_scales_and_every_path_uses_them(density, device):
+    layer = make_layer(4, density, device=device, codebook="nf4")
+    assert "codebook='nf4'" in repr(layer)
+    w_q = layer.dequantized_weight()
+    scale = per_weight_scale(layer.cpu()).to(device)
+    active = scale != 0
+    levels = NF4_LEVELS.to(device)
+    candidates = scale[active].unsqueeze(1) * levels  # [weights, 16], as the store computes
+    is_level = w_q[active].unsqueeze(1) == candidates
+    assert is_level.any(1).all()  # every weight is its scale times a level, exactly
+    # and the level nearest the latent weight
+    distance = (layer.weight.detach()[active].unsqueeze(1) - candidates).abs()
+    chosen = distance[is_level.cumsum(1).eq(1) & is_level]
+    assert (chosen <= distance.amin(1) * (1 + 1e-6)).all()
+    x = torch.randn(7, 100, device=device, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, reference(layer, x.detach()), rtol=1e-5, atol=1e-6)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, torch.ones(7, 12, device=device) @ w_q)
+    # eval without gradients computes in float32 (no int8 kernels for nf4): the same outputs
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-5, atol=1e-6)
 
 
 def test_digits_within_two_points_of_nn_linear():

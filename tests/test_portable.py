@@ -11,20 +11,27 @@ from torch import nn
 import spatium_torch as st
 
 
-def sparse_mlp(bits: int) -> nn.Sequential:
-    torch.manual_seed(bits)
+def codes(kind: int | str) -> dict:
+    """A code width, or "nf4", as SpatialLayer's keyword arguments."""
+    return dict(bits=4, codebook="nf4") if kind == "nf4" else dict(bits=kind)
+
+
+def sparse_mlp(kind: int | str) -> nn.Sequential:
+    torch.manual_seed(codes(kind)["bits"])
     positions = torch.randint(0, 50, (37, 3))  # inputs out of Morton order
     return nn.Sequential(
-        st.SpatialLayer(37, 19, bits=bits, region_bits=3, density=0.5, input_positions=positions),
+        st.SpatialLayer(
+            37, 19, region_bits=3, density=0.5, input_positions=positions, **codes(kind)
+        ),
         nn.ReLU(),
-        st.SpatialLayer(19, 5, bits=bits, region_bits=2, bias=False),
+        st.SpatialLayer(19, 5, region_bits=2, bias=False, **codes(kind)),
     ).eval()
 
 
 @pytest.mark.parametrize("frozen", [False, True])
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
-def test_portable_layers_hold_the_same_quantized_weights(bits, frozen):
-    model = sparse_mlp(bits)
+@pytest.mark.parametrize("kind", [1, 2, 4, 8, "nf4"])
+def test_portable_layers_hold_the_same_quantized_weights(kind, frozen):
+    model = sparse_mlp(kind)
     if frozen:
         st.freeze(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -33,7 +40,8 @@ def test_portable_layers_hold_the_same_quantized_weights(bits, frozen):
     for layer, portable in zip(model[::2], copy[::2], strict=True):
         assert torch.equal(portable.weight(), layer.dequantized_weight())
         assert portable.codes.dtype == torch.uint8
-        assert portable.codes.numel() == layer.out_features * -(-layer.in_features * bits // 8)
+        row_bytes = -(-layer.in_features * layer.bits // 8)
+        assert portable.codes.numel() == layer.out_features * row_bytes
     x = torch.randn(6, 37)
     with torch.no_grad():
         hidden = F.relu(F.linear(x, model[0].dequantized_weight(), model[0].bias))
@@ -74,12 +82,13 @@ def exporters():
 
 
 @pytest.mark.parametrize("dynamo", exporters())
-@pytest.mark.parametrize("bits", [1, 4, 8])
-def test_export_onnx_runs_in_onnxruntime_and_keeps_the_codes_packed(bits, dynamo):
+@pytest.mark.parametrize("kind", [1, 4, 8, "nf4"])
+def test_export_onnx_runs_in_onnxruntime_and_keeps_the_codes_packed(kind, dynamo):
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     torch.manual_seed(0)
-    model = nn.Sequential(st.SpatialLayer(256, 128, bits=bits), nn.ReLU(), nn.Linear(128, 4))
+    bits = codes(kind)["bits"]
+    model = nn.Sequential(st.SpatialLayer(256, 128, **codes(kind)), nn.ReLU(), nn.Linear(128, 4))
     st.freeze(model).eval()
     x = torch.randn(5, 256)
     f = io.BytesIO()

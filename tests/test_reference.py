@@ -10,11 +10,11 @@ from spatium_torch.ops import ACTIVATIONS
 
 # What follows the store arrays in each store op's schema, given the layer.
 _STORE_OP_TAIL = {
-    "spatial_linear": lambda layer: (layer.bits, layer.out_features),
-    "spatial_linear_backward_input": lambda layer: (layer.bits, layer.in_features),
+    "spatial_linear": lambda layer: (layer.code_format, layer.out_features),
+    "spatial_linear_backward_input": lambda layer: (layer.code_format, layer.in_features),
     "active_mask": lambda layer: (layer.in_features, layer.out_features),
-    "dequantize": lambda layer: (layer.bits, layer.in_features, layer.out_features),
-    "requantize_": lambda layer: (layer.bits,),
+    "dequantize": lambda layer: (layer.code_format, layer.in_features, layer.out_features),
+    "requantize_": lambda layer: (layer.code_format,),
 }
 
 
@@ -59,12 +59,15 @@ CONFIGS = {
     ),
     "one-input-regions": dict(in_features=20, out_features=5, region_bits=0, density=0.5),
 }
-BITS = (1, 2, 4, 8)
+# Every code format: the integer widths and nf4.
+FORMATS = {"1": 1, "2": 2, "4": 4, "8": 8, "nf4": ref.NF4_FORMAT}
 FLOATS = (torch.float32, torch.float64, torch.bfloat16)
 
 
-def make_layer(config, bits):
-    return st.SpatialLayer(bits=bits, **CONFIGS[config])
+def make_layer(config, code_format):
+    codebook = "nf4" if code_format == ref.NF4_FORMAT else "int"
+    bits = ref.width(code_format)
+    return st.SpatialLayer(bits=bits, codebook=codebook, **CONFIGS[config])
 
 
 def region_positions(layer):
@@ -80,7 +83,7 @@ def special_latent(layer, dtype):
     tiny (fp16-subnormal and float32-subnormal scales), huge (past fp16's range), exact ties,
     NaN, +-Inf, negative zeros; the other rows random."""
     out, bits = layer.out_features, layer.bits
-    _, qmax = ref.code_range(bits)
+    _, qmax = ref.code_range(bits)  # nf4: ties sit at midpoints, which scaled halves rarely hit
     latent = torch.randn(out, layer.in_features, dtype=torch.float64) * 0.1
     _, within = region_positions(layer)
     special = [
@@ -112,13 +115,12 @@ def assert_bits_equal(actual, expected):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("bits", BITS)
-def test_dequantize_and_active_mask_exact(config, bits):
-    layer = make_layer(config, bits)
+@pytest.mark.parametrize("code_format", FORMATS.values(), ids=FORMATS.keys())
+def test_dequantize_and_active_mask_exact(config, code_format):
+    layer = make_layer(config, code_format)
     sizes = dict(in_features=layer.in_features, out_features=layer.out_features)
-    assert_bits_equal(
-        ref.dequantize(**store(layer), bits=bits, **sizes), kernel("dequantize", layer)
-    )
+    expected = ref.dequantize(**store(layer), code_format=code_format, **sizes)
+    assert_bits_equal(expected, kernel("dequantize", layer))
     assert torch.equal(ref.active_mask(**store(layer), **sizes), kernel("active_mask", layer))
 
 
@@ -145,12 +147,12 @@ def assert_scales_equal(layer, latent, actual, expected):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("code_format", FORMATS.values(), ids=FORMATS.keys())
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_quantize_exact(config, bits, dtype):
-    layer = make_layer(config, bits)
+def test_quantize_exact(config, code_format, dtype):
+    layer = make_layer(config, code_format)
     latent = special_latent(layer, dtype)
-    scales, codes = ref.quantize(latent, **layout_of(layer), bits=bits)
+    scales, codes = ref.quantize(latent, **layout_of(layer), code_format=code_format)
     kernel("requantize_", layer, latent)
     assert_scales_equal(layer, latent, layer.store.scales, scales)
     assert_bits_equal(layer.store.codes, codes)
@@ -158,12 +160,12 @@ def test_quantize_exact(config, bits, dtype):
     arrays = store(layer)
     arrays["scales"] = torch.zeros_like(scales).view(torch.int16)
     arrays["codes"] = torch.zeros_like(codes)
-    ref.requantize_(latent, **arrays, bits=bits)
+    ref.requantize_(latent, **arrays, code_format=code_format)
     assert_bits_equal(arrays["scales"].view(torch.float16), scales)
     assert_bits_equal(arrays["codes"], codes)
     # and what was written dequantizes the same, NaN blocks included
     sizes = dict(in_features=layer.in_features, out_features=layer.out_features)
-    dense = ref.dequantize(**store(layer), bits=bits, **sizes)
+    dense = ref.dequantize(**store(layer), code_format=code_format, **sizes)
     assert_bits_equal(dense, kernel("dequantize", layer))
     # NaN exactly in the active blocks that held NaN or Inf
     region, _ = region_positions(layer)
@@ -188,25 +190,25 @@ def compute_dtype(dtype):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("code_format", FORMATS.values(), ids=FORMATS.keys())
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("batch", [0, 1, 3, 37])  # 1 and 3 take the small-batch kernels
-def test_spatial_linear_and_input_gradient(config, bits, dtype, batch):
-    layer = make_layer(config, bits)
+def test_spatial_linear_and_input_gradient(config, code_format, dtype, batch):
+    layer = make_layer(config, code_format)
     x = torch.randn(batch, layer.in_features, dtype=dtype)
     grad_y = torch.randn(batch, layer.out_features, dtype=dtype)
     weight, bias = layer.weight.detach(), layer.bias.detach()
     compute = compute_dtype(dtype)
     y = kernel("spatial_linear", layer, x.to(compute), weight, bias).to(dtype)
     expected = ref.spatial_linear(
-        x, weight, bias, **store(layer), bits=bits, out_features=layer.out_features
+        x, weight, bias, **store(layer), code_format=code_format, out_features=layer.out_features
     )
     torch.testing.assert_close(y, expected, **tolerance(dtype))
     no_bias = kernel("spatial_linear", layer, x.to(compute), None, None).to(dtype)
     torch.testing.assert_close(
         no_bias,
         ref.spatial_linear(
-            x, None, None, **store(layer), bits=bits, out_features=layer.out_features
+            x, None, None, **store(layer), code_format=code_format, out_features=layer.out_features
         ),
         **tolerance(dtype),
     )
@@ -214,7 +216,7 @@ def test_spatial_linear_and_input_gradient(config, bits, dtype, batch):
     torch.testing.assert_close(
         grad_x,
         ref.spatial_linear_backward_input(
-            grad_y, **store(layer), bits=bits, in_features=layer.in_features
+            grad_y, **store(layer), code_format=code_format, in_features=layer.in_features
         ),
         **tolerance(dtype),
     )
@@ -353,19 +355,19 @@ def test_morton_encode_and_decode():
 
 
 # --- portability ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits", BITS)
-def test_store_ops_run_on_the_meta_device(bits):
+@pytest.mark.parametrize("code_format", FORMATS.values(), ids=FORMATS.keys())
+def test_store_ops_run_on_the_meta_device(code_format):
     """Only shape-static tensor ops: the reference traces on meta tensors (codes and scales are
     written in place, so their sizes come from the arrays given)."""
-    layer = make_layer("random-quarter-r3", bits).to("meta")
+    layer = make_layer("random-quarter-r3", code_format).to("meta")
     arrays = store(layer)
     sizes = dict(in_features=layer.in_features, out_features=layer.out_features)
-    dense = ref.dequantize(**arrays, bits=bits, **sizes)
+    dense = ref.dequantize(**arrays, code_format=code_format, **sizes)
     assert dense.shape == (13, 100) and dense.device.type == "meta"
     x = torch.empty(5, 100, device="meta")
-    y = ref.spatial_linear(x, None, None, **arrays, bits=bits, out_features=13)
+    y = ref.spatial_linear(x, None, None, **arrays, code_format=code_format, out_features=13)
     assert y.shape == (5, 13)
-    ref.requantize_(torch.empty(13, 100, device="meta"), **arrays, bits=bits)
+    ref.requantize_(torch.empty(13, 100, device="meta"), **arrays, code_format=code_format)
 
 
 # --- the whole layer on the reference path ------------------------------------------------------

@@ -64,7 +64,7 @@ def test_ops_reject_inconsistent_memory():
         ops.spatial_linear(x, None, None, *layout, scales, codes[:-1].clone(), 4, 7)
     with pytest.raises(TypeError, match="codes must be"):
         ops.spatial_linear(x, None, None, *layout, scales, codes.long(), 4, 7)
-    with pytest.raises(ValueError, match="bits"):
+    with pytest.raises(ValueError, match="code format"):
         ops.spatial_linear(x, None, None, *memory, 3, 7)
     with pytest.raises(TypeError, match="float32 or float64"):
         ops.spatial_linear(x.half(), None, None, *memory, 4, 7)

@@ -533,7 +533,11 @@ void check_isa(InferencePack::Isa isa) {
 }  // namespace
 
 InferencePack::InferencePack(const PackedView& v)
-    : bits_(v.bits), in_features_(v.in_features), out_features_(v.out_features) {
+    : bits_(v.format), in_features_(v.in_features), out_features_(v.out_features) {
+  if (!quant::valid_bits(v.format)) {
+    throw std::invalid_argument(
+        "InferencePack: only integer codes have int8 kernels (nf4 layers compute in float32)");
+  }
   const int64_t regions = v.num_regions;
   const int64_t chunk = chunk_inputs(bits_);
   region_begin_.assign(v.region_begin, v.region_begin + regions + 1);

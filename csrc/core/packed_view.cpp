@@ -13,11 +13,12 @@ namespace {
 // last region, irregular layouts) take the generic path.
 // Batch 1 over full regions: decode, scale and multiply fused, the S partial sums held in a
 // local array the compiler keeps in vector registers.
-template <int Bits, int S>
+template <int Format, int S>
 [[gnu::always_inline]] inline void linear_row_fused(const PackedView& v, int64_t n0, int64_t n1,
                                                     const float* x, float* y, float* w) {
-  constexpr uint32_t mask = (1u << Bits) - 1u;
-  constexpr int per_byte = 8 / Bits;
+  constexpr int bits = quant::width(Format);
+  constexpr uint32_t mask = (1u << bits) - 1u;
+  constexpr int per_byte = 8 / bits;
   constexpr int bytes = S / per_byte;
   PackedView::Cursor cursor = v.cursor_at(n0);
   for (int64_t n = n0; n < n1; ++n) {
@@ -31,15 +32,14 @@ template <int Bits, int S>
         for (int p = 0; p < per_byte; ++p) {
 #pragma omp simd
           for (int i = 0; i < bytes; ++i) {
-            const auto stored = static_cast<int>((c[i] >> (p * Bits)) & mask);
-            const int code = Bits == 1 ? 2 * stored - 1 : stored - quant::offset(Bits);
-            acc[p * bytes + i] += scale * static_cast<float>(code) * xr[p * bytes + i];
+            const float level = quant::level<Format>((c[i] >> (p * bits)) & mask);
+            acc[p * bytes + i] += scale * level * xr[p * bytes + i];
           }
         }
         return;
       }
       const int64_t size = v.region_size(r);
-      quant::decode_planes<Bits>(c, size, scale, w);
+      quant::decode_planes<Format>(c, size, scale, w);
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t i = 0; i < size; ++i) sum += w[i] * xr[i];
@@ -52,14 +52,14 @@ template <int Bits, int S>
   }
 }
 
-template <int Bits, int S>
+template <int Format, int S>
 [[gnu::always_inline]] inline void linear_rows_impl(const PackedView& v, int64_t n0, int64_t n1,
                                                     const float* x, int64_t batch, int64_t ldx,
                                                     float* y, int64_t ldy, float* scratch) {
   float* w = scratch;                        // [max(S, in)] one decoded block
   float* acc = scratch + v.in_features + S;  // [batch][S]
   if (S > 0 && batch == 1) {
-    linear_row_fused<Bits, S>(v, n0, n1, x, y, w);
+    linear_row_fused<Format, S>(v, n0, n1, x, y, w);
     return;
   }
   PackedView::Cursor cursor = v.cursor_at(n0);
@@ -70,7 +70,7 @@ template <int Bits, int S>
       const int64_t size = v.region_size(r);
       const float scale = half_to_float(v.scales[blk]);
       if (S > 0 && size == S) {
-        quant::decode_planes<Bits>(v.codes + off, S, scale, w);
+        quant::decode_planes<Format>(v.codes + off, S, scale, w);
         for (int64_t b = 0; b < batch; ++b) {
           const float* xr = x + b * ldx + v.region_begin[r];
           float* a = acc + b * S;
@@ -79,7 +79,7 @@ template <int Bits, int S>
         }
         return;
       }
-      quant::decode_planes<Bits>(v.codes + off, size, scale, w);
+      quant::decode_planes<Format>(v.codes + off, size, scale, w);
       for (int64_t b = 0; b < batch; ++b) {
         const float* xr = x + b * ldx + v.region_begin[r];
         float sum = 0.0f;
@@ -97,7 +97,7 @@ template <int Bits, int S>
   }
 }
 
-template <int Bits, int S>
+template <int Format, int S>
 [[gnu::always_inline]] inline void linear_t_rows_impl(const PackedView& v, int64_t n0, int64_t n1,
                                                       const float* gy, int64_t batch, int64_t ldy,
                                                       float* gx, int64_t ldx, float* scratch) {
@@ -107,7 +107,7 @@ template <int Bits, int S>
       const int64_t size = v.region_size(r);
       const float scale = half_to_float(v.scales[blk]);
       const bool full = S > 0 && size == S;
-      quant::decode_planes<Bits>(v.codes + off, full ? S : size, scale, scratch);
+      quant::decode_planes<Format>(v.codes + off, full ? S : size, scale, scratch);
       for (int64_t b = 0; b < batch; ++b) {
         const float alpha = gy[b * ldy + n];
         float* gr = gx + b * ldx + v.region_begin[r];
@@ -124,41 +124,42 @@ template <int Bits, int S>
 }
 
 // Picks the fixed-size path for the region sizes worth specializing.
-template <int Bits, template <int, int> class Kernel, class... Args>
+template <int Format, template <int, int> class Kernel, class... Args>
 [[gnu::always_inline]] inline void by_region_size(int region_bits, Args... args) {
   switch (region_bits) {
-    case 4: Kernel<Bits, 16>::run(args...); return;
-    case 5: Kernel<Bits, 32>::run(args...); return;
-    case 6: Kernel<Bits, 64>::run(args...); return;
-    case 7: Kernel<Bits, 128>::run(args...); return;
-    case 8: Kernel<Bits, 256>::run(args...); return;
-    default: Kernel<Bits, 0>::run(args...); return;
+    case 4: Kernel<Format, 16>::run(args...); return;
+    case 5: Kernel<Format, 32>::run(args...); return;
+    case 6: Kernel<Format, 64>::run(args...); return;
+    case 7: Kernel<Format, 128>::run(args...); return;
+    case 8: Kernel<Format, 256>::run(args...); return;
+    default: Kernel<Format, 0>::run(args...); return;
   }
 }
 
-template <int Bits, int S>
+template <int Format, int S>
 struct LinearRows {
   template <class... Args>
   [[gnu::always_inline]] static inline void run(Args... args) {
-    linear_rows_impl<Bits, S>(args...);
+    linear_rows_impl<Format, S>(args...);
   }
 };
-template <int Bits, int S>
+template <int Format, int S>
 struct LinearTRows {
   template <class... Args>
   [[gnu::always_inline]] static inline void run(Args... args) {
-    linear_t_rows_impl<Bits, S>(args...);
+    linear_t_rows_impl<Format, S>(args...);
   }
 };
 
-// Picks the instantiation for the code width.
+// Picks the instantiation for the code format.
 template <template <int, int> class Kernel, class... Args>
-[[gnu::always_inline]] inline void by_bits(const PackedView& v, Args... args) {
+[[gnu::always_inline]] inline void by_format(const PackedView& v, Args... args) {
   const int rb = v.full_region_bits;
-  switch (v.bits) {
+  switch (v.format) {
     case 1: by_region_size<1, Kernel>(rb, v, args...); return;
     case 2: by_region_size<2, Kernel>(rb, v, args...); return;
     case 4: by_region_size<4, Kernel>(rb, v, args...); return;
+    case quant::kNf4: by_region_size<quant::kNf4, Kernel>(rb, v, args...); return;
     default: by_region_size<8, Kernel>(rb, v, args...); return;
   }
 }
@@ -166,13 +167,13 @@ template <template <int, int> class Kernel, class... Args>
 [[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void linear_rows_any(
     const PackedView& v, int64_t n0, int64_t n1, const float* x, int64_t batch, int64_t ldx,
     float* y, int64_t ldy, float* scratch) {
-  by_bits<LinearRows>(v, n0, n1, x, batch, ldx, y, ldy, scratch);
+  by_format<LinearRows>(v, n0, n1, x, batch, ldx, y, ldy, scratch);
 }
 
 [[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void linear_t_rows_any(
     const PackedView& v, int64_t n0, int64_t n1, const float* gy, int64_t batch, int64_t ldy,
     float* gx, int64_t ldx, float* scratch) {
-  by_bits<LinearTRows>(v, n0, n1, gy, batch, ldy, gx, ldx, scratch);
+  by_format<LinearTRows>(v, n0, n1, gy, batch, ldy, gx, ldx, scratch);
 }
 
 }  // namespace
@@ -183,7 +184,7 @@ void PackedView::dequantize_rows(int64_t n0, int64_t n1, float* out, int64_t ld)
     float* row = out + (n - n0) * ld;
     std::fill(row, row + in_features, 0.0f);
     visit_blocks(n, cursor, [&](int64_t r, int64_t b, int64_t off) {
-      quant::dequantize_block(codes + off, region_size(r), bits, scales[b], row + region_begin[r]);
+      quant::dequantize_block(codes + off, region_size(r), format, scales[b], row + region_begin[r]);
     });
   }
 }
@@ -197,7 +198,7 @@ void PackedView::dequantize_regions(int64_t r0, int64_t r1, float* out, int64_t 
     std::fill(row, row + cols, 0.0f);
     visit_blocks(n, cursor, [&](int64_t r, int64_t b, int64_t off) {
       if (r >= r0 && r < r1) {
-        quant::dequantize_block(codes + off, region_size(r), bits, scales[b],
+        quant::dequantize_block(codes + off, region_size(r), format, scales[b],
                                 row + region_begin[r] - first);
       }
     });
@@ -230,7 +231,7 @@ void PackedView::quantize_rows(int64_t n0, int64_t n1, const float* latent, int6
   PackedView::Cursor cursor = cursor_at(n0);
   for (int64_t n = n0; n < n1; ++n) {
     visit_blocks(n, cursor, [&](int64_t r, int64_t b, int64_t off) {
-      scales_out[b] = quant::quantize_block(latent + n * ld + region_begin[r], region_size(r), bits,
+      scales_out[b] = quant::quantize_block(latent + n * ld + region_begin[r], region_size(r), format,
                                             codes_out + off);
     });
   }
@@ -303,14 +304,14 @@ std::string PackedView::layout_error(const ArrayLengths& lengths) const {
       return "memory block offsets disagree with the bitmap at neuron " + std::to_string(n0) +
              " (damaged?)";
     }
-    if (bits != kCodesUnread && code_begin[e + 1] != code_begin[e] + bytes) {
-      return "memory code offsets disagree with " + std::to_string(bits) +
+    if (format != kCodesUnread && code_begin[e + 1] != code_begin[e] + bytes) {
+      return "memory code offsets disagree with " + std::to_string(quant::width(format)) +
              "-bit codes of the bitmap's blocks at neuron " + std::to_string(n0) +
              " (damaged, or bits other than the store's?)";
     }
   }
   if (lengths.scales != total_blocks() ||
-      (bits != kCodesUnread && lengths.codes != total_code_bytes())) {
+      (format != kCodesUnread && lengths.codes != total_code_bytes())) {
     return "memory arrays disagree in size: " + std::to_string(lengths.scales) + " scales and " +
            std::to_string(lengths.codes) + " code bytes for " + std::to_string(total_blocks()) +
            " blocks of " + std::to_string(total_code_bytes()) + " bytes (not from one SpatialMemory?)";

@@ -51,7 +51,7 @@ struct ArrayLengths {
 };
 
 struct PackedView {
-  // The `bits` of a view that walks blocks but never reads their codes (an active mask).
+  // The `format` of a view that walks blocks but never reads their codes (an active mask).
   static constexpr int kCodesUnread = 0;
 
   // Where a neuron's blocks start: index into scales, byte offset into codes.
@@ -63,7 +63,7 @@ struct PackedView {
   int64_t out_features = 0;
   int64_t in_features = 0;
   int64_t num_regions = 0;
-  int bits = 0;
+  int format = 0;  // code format (quantize.h): an integer width, or quant::kNf4
   int full_region_bits = -1;  // a full region holds 2^full_region_bits inputs (-1: unknown)
   const int64_t* region_begin = nullptr;  // [regions + 1] first input of each region
   const uint64_t* bitmap = nullptr;       // [bitmap_words] bit n * regions + r: block (n, r)
@@ -74,9 +74,9 @@ struct PackedView {
 
   // Why arrays of these lengths cannot be this view's memory, or "" when they can: regions
   // increase from 0 to in_features, the bitmap marks nothing past the last neuron, and every
-  // directory entry holds exactly the blocks and code bytes (for this view's bits) that its
+  // directory entry holds exactly the blocks and code bytes (for this view's format) that its
   // neurons' bitmap bits call for. Then every walk stays inside the arrays. Reads nothing
-  // before its length is checked; O(bitmap words + neurons x irregular regions). With bits
+  // before its length is checked; O(bitmap words + neurons x irregular regions). With format
   // kCodesUnread, the codes are left unchecked (and must not be read).
   std::string layout_error(const ArrayLengths& lengths) const;
 
@@ -84,7 +84,7 @@ struct PackedView {
     return region_begin[r + 1] - region_begin[r];
   }
   SPATIUM_HOST_DEVICE int64_t region_bytes(int64_t r) const {
-    return quant::code_bytes(bits, region_size(r));
+    return quant::code_bytes(quant::width(format), region_size(r));
   }
   SPATIUM_HOST_DEVICE bool is_active(int64_t neuron, int64_t r) const {
     const int64_t bit = neuron * num_regions + r;

@@ -10,12 +10,13 @@ namespace {
 
 // Compiled for AVX-512, AVX2 and the baseline; the loader picks one for this CPU.
 [[gnu::target_clones("avx512f", "avx2", "default")]] void decode_any(const uint8_t* codes,
-                                                                      int64_t count, int bits,
+                                                                      int64_t count, int format,
                                                                       float scale, float* out) {
-  switch (bits) {
+  switch (format) {
     case 1: decode_planes<1>(codes, count, scale, out); return;
     case 2: decode_planes<2>(codes, count, scale, out); return;
     case 4: decode_planes<4>(codes, count, scale, out); return;
+    case kNf4: decode_planes<kNf4>(codes, count, scale, out); return;
     default: decode_planes<8>(codes, count, scale, out); return;
   }
 }
@@ -25,14 +26,32 @@ namespace {
 // (df 3) weights, blocks of 64 (docs/architecture.md). A step costs about as much as the rest
 // of the block's quantization, which runs at every training step: 4 bits takes one (error
 // 0.0933 -> 0.0921; a second gives 0.0915), 2 bits none (one more: 0.365 -> 0.359), 8 bits
-// gains nothing from any.
+// gains nothing from any. kNf4 starts at absmax (its levels reach 1) and takes one step (error
+// 0.0920 -> 0.0897 Gaussian, 0.111 -> 0.109 Student-t; a second gives 0.0885 / 0.108).
 struct ScaleSearch {
   double start;
   int steps;
 };
-constexpr ScaleSearch scale_search(int bits) {
-  return bits == 2 ? ScaleSearch{0.8, 0} : bits == 4 ? ScaleSearch{0.95, 1} : ScaleSearch{1.0, 0};
+constexpr ScaleSearch scale_search(int format) {
+  switch (format) {
+    case 2: return {0.8, 0};
+    case 4: return {0.95, 1};
+    case kNf4: return {1.0, 1};
+    default: return {1.0, 0};
+  }
 }
+
+// Largest level of a format, in units of the scale.
+constexpr double top_level(int format) { return format == kNf4 ? 1.0 : max_code(format); }
+
+// Midpoints between consecutive kNf4 levels, in float32: a value's level index is the number of
+// midpoints below it (ties go to the lower level). The reference computes them alike.
+constexpr std::array<float, 15> nf4_midpoints() {
+  std::array<float, 15> mid{};
+  for (size_t k = 0; k < mid.size(); ++k) mid[k] = (kNf4Levels[k] + kNf4Levels[k + 1]) * 0.5f;
+  return mid;
+}
+inline constexpr std::array<float, 15> kNf4Midpoints = nf4_midpoints();
 
 // Lane-wise partial results in vector registers (GCC vector extensions), the lanes combined
 // at the end: GCC leaves omp simd reductions over blocks this short mostly scalar.
@@ -61,6 +80,11 @@ inline constexpr auto kMax = [](auto a, auto b) { return a > b ? a : b; };
 inline constexpr double kRoundingShift = 6755399441055744.0;  // 1.5 * 2^52
 inline constexpr float kFloatRoundingShift = 12582912.0f;      // 1.5 * 2^23: |x| <= 2^22
 
+// One Lloyd step: the nearest codes for `scale`, then the least-squares scale for those codes.
+// Codes come from a product with the reciprocal, in double (fp32 weights convert exactly), and
+// the sums are exact for any block whose weights span under 2^21 in magnitude, so the result
+// does not depend on the order of summation (the reference computes it with other sums). The
+// largest weight always gets a non-zero code (|scale| <= absmax), so the denominator is >= 1.
 // One Lloyd step: the nearest codes for `scale`, then the least-squares scale for those codes.
 // Codes come from a product with the reciprocal, in double (fp32 weights convert exactly), and
 // the sums are exact for any block whose weights span under 2^21 in magnitude, so the result
@@ -100,6 +124,51 @@ template <int Bits>
     const double q = std::nearbyint(std::clamp(static_cast<double>(w[j]) * inverse, lo, hi));
     wq += static_cast<double>(w[j]) * q;
     qq += q * q;
+  }
+  return wq / qq;
+}
+
+// kNf4's Lloyd step. Its levels are not integers, so products with them do not sum exactly;
+// instead, per midpoint k, the sum of the weights above it (above[k]) and their count, which
+// are exact (weights spanning under 2^23 in magnitude). A weight's level is kNf4Levels[0] plus
+// the steps between consecutive levels of the midpoints below it, so
+//   sum w q   = l0 * sum w    + sum_k (l[k+1] - l[k])     * above[k]
+//   sum q q   = l0^2 * count  + sum_k (l[k+1]^2 - l[k]^2) * count above[k],
+// combined in this fixed order: the reference gets the same bits.
+[[gnu::always_inline]] inline double refit_nf4_scale(const float* w, int64_t count,
+                                                     double scale) {
+  constexpr size_t kMid = kNf4Midpoints.size();
+  const double inverse = 1.0 / scale;
+  DoubleLanes total = {}, above[kMid] = {}, counted[kMid] = {};
+  const DoubleLanes one = DoubleLanes{} + 1.0, none = {};
+  int64_t j = 0;
+  for (; j + kDoubleLanes <= count; j += kDoubleLanes) {
+    FloatsOfDoubleLanes f;
+    std::memcpy(&f, w + j, sizeof(f));
+    const DoubleLanes x = __builtin_convertvector(f, DoubleLanes), t = x * inverse;
+    total += x;
+    for (size_t k = 0; k < kMid; ++k) {
+      const auto is_above = t > static_cast<double>(kNf4Midpoints[k]);
+      above[k] += is_above ? x : none;
+      counted[k] += is_above ? one : none;
+    }
+  }
+  for (; j < count; ++j) {  // the sums are exact: the tail may go to lane 0
+    const double x = static_cast<double>(w[j]), t = x * inverse;
+    total[0] += x;
+    for (size_t k = 0; k < kMid; ++k) {
+      if (t > static_cast<double>(kNf4Midpoints[k])) {
+        above[k][0] += x;
+        counted[k][0] += 1.0;
+      }
+    }
+  }
+  const auto l = [](size_t k) { return static_cast<double>(kNf4Levels[k]); };
+  double wq = l(0) * combine_lanes(total, kAdd);
+  double qq = l(0) * l(0) * static_cast<double>(count);
+  for (size_t k = 0; k < kMid; ++k) {
+    wq += (l(k + 1) - l(k)) * combine_lanes(above[k], kAdd);
+    qq += (l(k + 1) * l(k + 1) - l(k) * l(k)) * combine_lanes(counted[k], kAdd);
   }
   return wq / qq;
 }
@@ -159,37 +228,30 @@ struct BlockStats {
   return stats;
 }
 
-// Quantizes a block into `codes` through `stored` (count values of scratch) and returns the
-// scale.
-template <int Bits>
-[[gnu::always_inline]] inline uint16_t quantize_with(const float* w, int64_t count,
-                                                     const BlockStats& stats, uint32_t* stored,
-                                                     uint8_t* codes) {
-  const auto [largest, negated_smallest, abs_sum] = stats;
-  constexpr uint32_t zero = to_stored(Bits, 0);
-  const auto constant = [&](uint16_t scale) {
-    std::fill(stored, stored + count, zero);
-    pack_planes<Bits>(stored, count, codes);
-    return scale;
-  };
-  if (!std::isfinite(abs_sum) && !all_finite(w, count)) return constant(kHalfNaN);
-  if constexpr (Bits == 1) {
-#pragma omp simd
-    for (int64_t j = 0; j < count; ++j) stored[j] = w[j] >= 0.0f ? 1u : 0u;
-    pack_planes<Bits>(stored, count, codes);
-    return count > 0 ? float_to_half(abs_sum / static_cast<float>(count)) : 0;
+// The stored values of the levels nearest w[0, count) / s: integer codes clamped, then
+// rounded; kNf4 indices counting the midpoints below (ties to the lower level).
+template <int Format>
+[[gnu::always_inline]] inline void nearest_stored(const float* w, int64_t count, float s,
+                                                  uint32_t* stored) {
+  if constexpr (Format == kNf4) {
+    int64_t j = 0;
+    for (; j + kLanes <= count; j += kLanes) {
+      Lanes t;
+      std::memcpy(&t, w + j, sizeof(t));
+      t /= s;
+      IntLanes index = {};
+      for (float mid : kNf4Midpoints) index -= t > mid;  // a true lane compares as -1
+      std::memcpy(stored + j, &index, sizeof(index));
+    }
+    for (; j < count; ++j) {
+      const float t = w[j] / s;
+      uint32_t index = 0;
+      for (float mid : kNf4Midpoints) index += t > mid ? 1u : 0u;
+      stored[j] = index;
+    }
   } else {
-    const float absmax = std::max(largest, negated_smallest);
-    if (absmax == 0.0f) return constant(0);
-    // The extra level (max_code) goes to the side of the largest magnitude.
-    const double sign = largest >= negated_smallest ? 1.0 : -1.0;
-    constexpr ScaleSearch search = scale_search(Bits);
-    double scale = sign * search.start * static_cast<double>(absmax) / max_code(Bits);
-    for (int step = 0; step < search.steps; ++step) scale = refit_scale<Bits>(w, count, scale);
-    const uint16_t scale_half = scale_to_half(scale);
-    const float s = half_to_float(scale_half);
-    // The nearest codes for the stored scale (clamped first, then rounded: the same).
-    constexpr auto lo = static_cast<float>(min_code(Bits)), hi = static_cast<float>(max_code(Bits));
+    constexpr auto lo = static_cast<float>(min_code(Format)),
+                   hi = static_cast<float>(max_code(Format));
     const Lanes lo_lanes = Lanes{} + lo, hi_lanes = Lanes{} + hi;
     int64_t j = 0;
     for (; j + kLanes <= count; j += kLanes) {
@@ -199,59 +261,99 @@ template <int Bits>
       q = q < lo_lanes ? lo_lanes : q;
       q = q > hi_lanes ? hi_lanes : q;
       q = (q + kFloatRoundingShift) - kFloatRoundingShift;
-      const IntLanes code = __builtin_convertvector(q, IntLanes) + offset(Bits);
+      const IntLanes code = __builtin_convertvector(q, IntLanes) + offset(Format);
       std::memcpy(stored + j, &code, sizeof(code));
     }
     for (; j < count; ++j) {
       const float q = std::nearbyint(std::clamp(w[j] / s, lo, hi));
-      stored[j] = static_cast<uint32_t>(static_cast<int32_t>(q) + offset(Bits));
+      stored[j] = static_cast<uint32_t>(static_cast<int32_t>(q) + offset(Format));
     }
-    pack_planes<Bits>(stored, count, codes);
+  }
+}
+
+// Quantizes a block into `codes` through `stored` (count values of scratch) and returns the
+// scale.
+template <int Format>
+[[gnu::always_inline]] inline uint16_t quantize_with(const float* w, int64_t count,
+                                                     const BlockStats& stats, uint32_t* stored,
+                                                     uint8_t* codes) {
+  constexpr int bits = width(Format);
+  const auto [largest, negated_smallest, abs_sum] = stats;
+  constexpr uint32_t zero = Format == kNf4 ? kNf4Zero : to_stored(bits, 0);
+  const auto constant = [&](uint16_t scale) {
+    std::fill(stored, stored + count, zero);
+    pack_planes<bits>(stored, count, codes);
+    return scale;
+  };
+  if (!std::isfinite(abs_sum) && !all_finite(w, count)) return constant(kHalfNaN);
+  if constexpr (Format == 1) {
+#pragma omp simd
+    for (int64_t j = 0; j < count; ++j) stored[j] = w[j] >= 0.0f ? 1u : 0u;
+    pack_planes<bits>(stored, count, codes);
+    return count > 0 ? float_to_half(abs_sum / static_cast<float>(count)) : 0;
+  } else {
+    const float absmax = std::max(largest, negated_smallest);
+    if (absmax == 0.0f) return constant(0);
+    // The extra positive level goes to the side of the largest magnitude.
+    const double sign = largest >= negated_smallest ? 1.0 : -1.0;
+    constexpr ScaleSearch search = scale_search(Format);
+    double scale = sign * search.start * static_cast<double>(absmax) / top_level(Format);
+    for (int step = 0; step < search.steps; ++step) {
+      if constexpr (Format == kNf4) {
+        scale = refit_nf4_scale(w, count, scale);
+      } else {
+        scale = refit_scale<Format>(w, count, scale);
+      }
+    }
+    const uint16_t scale_half = scale_to_half(scale);
+    nearest_stored<Format>(w, count, half_to_float(scale_half), stored);
+    pack_planes<bits>(stored, count, codes);
     return scale_half;
   }
 }
 
 // Compiled for AVX-512, AVX2 and the baseline; the loader picks one for this CPU.
 [[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] uint16_t quantize_any(
-    const float* w, int64_t count, int bits, uint32_t* stored, uint8_t* codes) {
+    const float* w, int64_t count, int format, uint32_t* stored, uint8_t* codes) {
   const BlockStats stats = block_stats(w, count);
-  switch (bits) {
+  switch (format) {
     case 1: return quantize_with<1>(w, count, stats, stored, codes);
     case 2: return quantize_with<2>(w, count, stats, stored, codes);
     case 4: return quantize_with<4>(w, count, stats, stored, codes);
+    case kNf4: return quantize_with<kNf4>(w, count, stats, stored, codes);
     default: return quantize_with<8>(w, count, stats, stored, codes);
   }
 }
 
 }  // namespace
 
-uint16_t quantize_block(const float* w, int64_t count, int bits, uint8_t* codes) {
+uint16_t quantize_block(const float* w, int64_t count, int format, uint8_t* codes) {
   // Values before packing: on the stack for usual blocks (a thread_local costs a call per
   // block in a shared library), in a reused buffer for larger ones.
   constexpr int64_t kOnStack = 256;
   if (count <= kOnStack) {
     uint32_t stored[kOnStack];
-    return quantize_any(w, count, bits, stored, codes);
+    return quantize_any(w, count, format, stored, codes);
   }
   thread_local std::vector<uint32_t> stored;
   stored.resize(static_cast<size_t>(count));
-  return quantize_any(w, count, bits, stored.data(), codes);
+  return quantize_any(w, count, format, stored.data(), codes);
 }
 
-void dequantize_block(const uint8_t* codes, int64_t count, int bits, uint16_t scale_half,
+void dequantize_block(const uint8_t* codes, int64_t count, int format, uint16_t scale_half,
                       float* out) {
-  decode_any(codes, count, bits, half_to_float(scale_half), out);
+  decode_any(codes, count, format, half_to_float(scale_half), out);
 }
 
-void decode_block(const uint8_t* codes, int64_t count, int bits, float* out) {
-  decode_any(codes, count, bits, 1.0f, out);
+void decode_block(const uint8_t* codes, int64_t count, int format, float* out) {
+  decode_any(codes, count, format, 1.0f, out);
 }
 
-int64_t count_nonzero(const uint8_t* codes, int64_t count, int bits) {
+int64_t count_nonzero(const uint8_t* codes, int64_t count, int format) {
   // Decoded plane by plane (vectorized) rather than code by code through get_stored's divisions.
   thread_local std::vector<float> decoded;
   decoded.resize(static_cast<size_t>(count));
-  decode_block(codes, count, bits, decoded.data());
+  decode_block(codes, count, format, decoded.data());
   return std::count_if(decoded.begin(), decoded.end(), [](float code) { return code != 0.0f; });
 }
 

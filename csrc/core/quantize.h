@@ -1,5 +1,8 @@
-// Block quantization: one fp16 scale per block and one b-bit code per weight, b in {1, 2, 4, 8}.
-// A weight is scale * code. Codes are stored offset to be unsigned: stored = code + offset(b).
+// Block quantization: one fp16 scale per block and one b-bit code per weight. A store's code
+// format is its width b in {1, 2, 4, 8} (integer codes) or kNf4 (4-bit indices into the
+// NormalFloat levels); every function taking `format` takes either.
+// An integer-code weight is scale * code. Codes are stored offset to be unsigned:
+// stored = code + offset(b).
 //   b = 1: codes {-1, +1}, scale mean |w| (the error-minimising scale for signs).
 //   b >= 2: codes -offset(b) .. offset(b) + 1, i.e. {-1, 0, 1, 2}, -7..8, -127..128: every
 //   stored value is a code, and the one extra level sits on the side the scale's sign picks
@@ -8,6 +11,11 @@
 //   steps (nearest codes for the scale, then the least-squares scale for those codes), all
 //   chosen by measurement (docs/architecture.md). Its magnitude saturates at fp16's 65504, so
 //   a block holds magnitudes up to 65504 * max_code(b); larger weights are clipped there.
+// An kNf4 weight is scale * kNf4Levels[stored]: 16 levels in [-1, 1], denser near 0 (the
+// quantiles of a normal distribution, as QLoRA's NormalFloat4), which follow bell-shaped and
+// heavy-tailed weights better than evenly spaced codes. Its scale is found like the integer
+// codes' (the side of the largest magnitude gets the 8 positive levels, Lloyd steps refine it);
+// a stored index is the nearest level (ties to the lower one).
 //
 // Packing is planar: a block of `count` codes takes q = code_bytes(bits, count) bytes; code j
 // sits in byte j % q at bit (j / q) * bits. Each bit plane of the bytes thus holds a contiguous
@@ -27,6 +35,23 @@ inline constexpr bool valid_bits(int bits) {
   return bits == 1 || bits == 2 || bits == 4 || bits == 8;
 }
 
+// The NormalFloat4 code format: 4-bit indices into kNf4Levels. A value no width can take, so a
+// format is one int wherever a width was.
+inline constexpr int kNf4 = 0x14;
+inline constexpr bool valid_format(int format) { return valid_bits(format) || format == kNf4; }
+// Bits per code of a format.
+inline constexpr int width(int format) { return format == kNf4 ? 4 : format; }
+
+// NormalFloat4: 7 negative levels, 0 and 8 positive ones (Dettmers et al., QLoRA, 2023). A
+// macro so that CUDA code can put the same values in constant memory.
+#define SPATIUM_NF4_LEVELS                                                                      \
+  -1.0f, -0.6961928010f, -0.5250730515f, -0.3949174881f, -0.2844413817f, -0.1847734302f,       \
+      -0.0910500363f, 0.0f, 0.0795802996f, 0.1609302014f, 0.2461123019f, 0.3379152417f,        \
+      0.4407098293f, 0.5626170039f, 0.7229568362f, 1.0f
+inline constexpr float kNf4Levels[16] = {SPATIUM_NF4_LEVELS};
+// Stored index of the level 0.
+inline constexpr uint32_t kNf4Zero = 7;
+
 // Stored value of code 0 for b >= 2 (1, 7, 127); 1-bit codes have no zero.
 inline constexpr int offset(int bits) { return bits == 1 ? 0 : (1 << (bits - 1)) - 1; }
 // Smallest and largest code: -1 and 1 for 1 bit, then -1..2, -7..8, -127..128.
@@ -40,6 +65,24 @@ inline constexpr uint32_t to_stored(int bits, int code) {
 inline constexpr int from_stored(int bits, uint32_t stored) {
   return bits == 1 ? (stored ? 1 : -1) : static_cast<int>(stored) - offset(bits);
 }
+// The value of a stored code before its block's scale: the integer code, or the kNf4 level.
+template <int Format>
+[[gnu::always_inline]] inline float level(uint32_t stored) {
+  if constexpr (Format == kNf4) {
+    return kNf4Levels[stored];
+  } else {
+    // Arithmetic, not from_stored's select: GCC turns scale * (s ? 1 : -1) into a sign flip,
+    // which flips a NaN scale's sign too.
+    const auto value = static_cast<int>(stored);
+    return static_cast<float>(Format == 1 ? 2 * value - 1 : value - offset(Format));
+  }
+}
+
+// level<Format> for a format known at run time.
+inline float level_of(int format, uint32_t stored) {
+  return format == kNf4 ? kNf4Levels[stored] : static_cast<float>(from_stored(format, stored));
+}
+
 // Bytes holding `count` codes of `bits` bits.
 inline constexpr int64_t code_bytes(int bits, int64_t count) { return (count * bits + 7) / 8; }
 
@@ -51,38 +94,36 @@ inline uint32_t get_stored(const uint8_t* codes, int bits, int64_t count, int64_
 
 // Decodes a block's codes times `scale` into out[0, count), plane by plane (see the top).
 // Header-inline so that kernels compiled for a wider ISA inline it.
-template <int Bits>
+template <int Format>
 [[gnu::always_inline]] inline void decode_planes(const uint8_t* codes, int64_t count, float scale,
                                                  float* out) {
-  constexpr uint32_t mask = (1u << Bits) - 1u;
-  constexpr int per_byte = 8 / Bits;
-  const int64_t bytes = code_bytes(Bits, count);
+  constexpr int bits = width(Format);
+  constexpr uint32_t mask = (1u << bits) - 1u;
+  constexpr int per_byte = 8 / bits;
+  const int64_t bytes = code_bytes(bits, count);
   for (int p = 0; p < per_byte; ++p) {
     const int64_t begin = p * bytes;
     if (begin >= count) break;
     const int64_t len = count - begin < bytes ? count - begin : bytes;
-    const int shift = p * Bits;
+    const int shift = p * bits;
     float* o = out + begin;
-    for (int64_t i = 0; i < len; ++i) {
-      const auto stored = static_cast<int>((codes[i] >> shift) & mask);
-      const int code = Bits == 1 ? 2 * stored - 1 : stored - offset(Bits);
-      o[i] = scale * static_cast<float>(code);
-    }
+    for (int64_t i = 0; i < len; ++i) o[i] = scale * level<Format>((codes[i] >> shift) & mask);
   }
 }
 
-// Quantizes weights w[0, count) into codes (code_bytes(bits, count) bytes) and returns the fp16
-// scale. A block whose weights are not all finite gets a NaN scale, so NaN/Inf propagate.
-uint16_t quantize_block(const float* w, int64_t count, int bits, uint8_t* codes);
+// Quantizes weights w[0, count) into codes (code_bytes(width(format), count) bytes) and returns
+// the fp16 scale. A block whose weights are not all finite gets a NaN scale, so NaN/Inf
+// propagate.
+uint16_t quantize_block(const float* w, int64_t count, int format, uint8_t* codes);
 
-// Writes scale * code for codes [0, count) into out.
-void dequantize_block(const uint8_t* codes, int64_t count, int bits, uint16_t scale, float* out);
+// Writes scale * level for codes [0, count) into out.
+void dequantize_block(const uint8_t* codes, int64_t count, int format, uint16_t scale,
+                      float* out);
 
-// Writes the codes themselves (unscaled) as floats: what the matmul kernels multiply, applying
-// the scale once per block and row.
-void decode_block(const uint8_t* codes, int64_t count, int bits, float* out);
+// Writes the levels themselves (unscaled) as floats.
+void decode_block(const uint8_t* codes, int64_t count, int format, float* out);
 
-// Number of non-zero codes among [0, count).
-int64_t count_nonzero(const uint8_t* codes, int64_t count, int bits);
+// Number of codes among [0, count) whose level is not 0.
+int64_t count_nonzero(const uint8_t* codes, int64_t count, int format);
 
 }  // namespace spatium::quant

@@ -25,18 +25,19 @@ uint64_t checksum_of(uint64_t h, const std::vector<T>& values) {
 
 }  // namespace
 
-SpatialMemory::SpatialMemory(int64_t out_features, std::vector<uint64_t> input_codes, int bits,
+SpatialMemory::SpatialMemory(int64_t out_features, std::vector<uint64_t> input_codes, int format,
                              int region_bits)
     : out_features_(out_features),
-      bits_(bits),
+      format_(format),
       region_bits_(region_bits),
       in_features_(static_cast<int64_t>(input_codes.size())),
       input_codes_(std::move(input_codes)) {
   if (out_features < 1) {
     throw error("out_features must be >= 1, got " + std::to_string(out_features));
   }
-  if (!quant::valid_bits(bits)) {
-    throw error("bits must be one of 1, 2, 4, 8, got " + std::to_string(bits));
+  if (!quant::valid_format(format)) {
+    throw error("bits must be one of 1, 2, 4, 8 (or the nf4 format), got " +
+                std::to_string(format));
   }
   if (region_bits < 0 || region_bits > morton::kCodeBits) {
     throw error("region_bits must be in [0, 48], got " + std::to_string(region_bits));
@@ -65,7 +66,7 @@ SpatialMemory::SpatialMemory(int64_t out_features, std::vector<uint64_t> input_c
 }
 
 SpatialMemory SpatialMemory::from_parts(int64_t out_features, int64_t in_features,
-                                        std::vector<uint64_t> stored_input_codes, int bits,
+                                        std::vector<uint64_t> stored_input_codes, int format,
                                         int region_bits, std::vector<uint64_t> bitmap,
                                         std::vector<uint16_t> scales, std::vector<uint8_t> codes) {
   if (stored_input_codes.empty()) {
@@ -76,7 +77,7 @@ SpatialMemory SpatialMemory::from_parts(int64_t out_features, int64_t in_feature
     throw error("input codes hold " + std::to_string(stored_input_codes.size()) +
                 " inputs, expected " + std::to_string(in_features));
   }
-  SpatialMemory memory(out_features, std::move(stored_input_codes), bits, region_bits);
+  SpatialMemory memory(out_features, std::move(stored_input_codes), format, region_bits);
   const int64_t words = bitmap_words(out_features, memory.num_regions());
   if (static_cast<int64_t>(bitmap.size()) != words) {
     throw error("bitmap has " + std::to_string(bitmap.size()) + " words, expected " +
@@ -109,7 +110,7 @@ PackedView SpatialMemory::view_of(const Blocks& blocks) const {
   v.out_features = out_features_;
   v.in_features = in_features();
   v.num_regions = num_regions();
-  v.bits = bits_;
+  v.format = format_;
   v.full_region_bits = region_bits_;
   v.region_begin = region_begin_.data();
   v.bitmap = blocks.bitmap.data();
@@ -152,7 +153,7 @@ std::shared_ptr<SpatialMemory::Blocks> SpatialMemory::make_blocks(
     }
     v.for_each_region(n, [&](int64_t r) {
       ++count;
-      bytes += quant::code_bytes(bits_, region_size(r));
+      bytes += quant::code_bytes(quant::width(format_), region_size(r));
     });
   }
   blocks->block_begin.back() = count;
@@ -201,7 +202,7 @@ void SpatialMemory::set_active(const uint8_t* mask) {
                     next->codes.data() + off);
       } else {
         next->scales[b] =
-            quant::quantize_block(zeros.data(), region_size(r), bits_, next->codes.data() + off);
+            quant::quantize_block(zeros.data(), region_size(r), format_, next->codes.data() + off);
       }
     });
   }
@@ -217,7 +218,7 @@ SpatialMemory SpatialMemory::select_neurons(const std::vector<int64_t>& rows) co
     codes.resize(static_cast<size_t>(in_features_));
     for (size_t i = 0; i < codes.size(); ++i) codes[i] = i;
   }
-  SpatialMemory next(static_cast<int64_t>(rows.size()), std::move(codes), bits_, region_bits_);
+  SpatialMemory next(static_cast<int64_t>(rows.size()), std::move(codes), format_, region_bits_);
   const int64_t regions = num_regions();
   std::vector<uint64_t> bitmap(static_cast<size_t>(bitmap_words(next.out_features_, regions)), 0);
   const PackedView before = view();
@@ -272,8 +273,9 @@ float SpatialMemory::read(int64_t neuron, uint64_t code) const {
   const PackedView v = view();
   v.for_each_block(neuron, [&](int64_t r, int64_t b, int64_t off) {
     if (r != region) return;
-    const uint32_t stored = quant::get_stored(v.codes + off, bits_, region_size(r), input - region_begin_[r]);
-    value = half_to_float(v.scales[b]) * static_cast<float>(quant::from_stored(bits_, stored));
+    const uint32_t stored = quant::get_stored(v.codes + off, quant::width(format_), region_size(r),
+                                              input - region_begin_[r]);
+    value = half_to_float(v.scales[b]) * quant::level_of(format_, stored);
   });
   return value;
 }
@@ -296,9 +298,9 @@ void SpatialMemory::write(int64_t neuron, uint64_t code, float value) {
     if (r != region) return;
     std::vector<float> block(static_cast<size_t>(region_size(r)));
     uint8_t* codes = blocks_->codes.data() + off;
-    quant::dequantize_block(codes, region_size(r), bits_, blocks_->scales[b], block.data());
+    quant::dequantize_block(codes, region_size(r), format_, blocks_->scales[b], block.data());
     block[input - region_begin_[r]] = value;
-    blocks_->scales[b] = quant::quantize_block(block.data(), region_size(r), bits_, codes);
+    blocks_->scales[b] = quant::quantize_block(block.data(), region_size(r), format_, codes);
   });
 }
 
@@ -310,7 +312,7 @@ MemoryStats SpatialMemory::neuron_stats(int64_t neuron) const {
   int64_t code_bytes = 0;
   v.for_each_block(neuron, [&](int64_t r, int64_t, int64_t off) {
     s.used_capacity += region_size(r);
-    s.nonzero += quant::count_nonzero(v.codes + off, region_size(r), bits_);
+    s.nonzero += quant::count_nonzero(v.codes + off, region_size(r), format_);
     ++s.active_regions;
     code_bytes += v.region_bytes(r);
   });
@@ -341,7 +343,7 @@ MemoryStats SpatialMemory::stats() const {
 }
 
 uint64_t SpatialMemory::checksum() const {
-  uint64_t h = mix64(static_cast<uint64_t>(out_features_) * 1000 + bits_ * 100 + region_bits_);
+  uint64_t h = mix64(static_cast<uint64_t>(out_features_) * 1000 + format_ * 100 + region_bits_);
   h = mix64(h + static_cast<uint64_t>(in_features_));
   h = checksum_of(h, input_codes_);
   h = checksum_of(h, blocks_->bitmap);

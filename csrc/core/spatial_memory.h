@@ -45,10 +45,11 @@ class SpatialMemory {
     std::vector<uint8_t> codes;
   };
 
-  // input_codes: the Morton codes of the inputs, strictly ascending, each < 2^48. bits in
-  // {1, 2, 4, 8}; region_bits in [0, 48]. Starts with no active block. Throws
+  // input_codes: the Morton codes of the inputs, strictly ascending, each < 2^48. format: a
+  // code width in {1, 2, 4, 8} or quant::kNf4; region_bits in [0, 48]. Starts with no active block. Throws
   // std::invalid_argument naming the problem.
-  SpatialMemory(int64_t out_features, std::vector<uint64_t> input_codes, int bits, int region_bits);
+  SpatialMemory(int64_t out_features, std::vector<uint64_t> input_codes, int format,
+                int region_bits);
   // Move-only: a copy would share its Blocks.
   SpatialMemory(SpatialMemory&&) = default;
   SpatialMemory& operator=(SpatialMemory&&) = default;
@@ -60,13 +61,13 @@ class SpatialMemory {
   // stored value is a code).
   // stored_input_codes as stored_input_codes() gives them (empty for the default layout).
   static SpatialMemory from_parts(int64_t out_features, int64_t in_features,
-                                  std::vector<uint64_t> stored_input_codes, int bits,
+                                  std::vector<uint64_t> stored_input_codes, int format,
                                   int region_bits, std::vector<uint64_t> bitmap,
                                   std::vector<uint16_t> scales, std::vector<uint8_t> codes);
 
   int64_t out_features() const { return out_features_; }
   int64_t in_features() const { return in_features_; }
-  int bits() const { return bits_; }
+  int format() const { return format_; }
   int region_bits() const { return region_bits_; }
   int64_t num_regions() const { return static_cast<int64_t>(region_keys_.size()); }
   uint64_t region_key(int64_t r) const { return region_keys_[r]; }
@@ -137,7 +138,7 @@ class SpatialMemory {
   void rebuild_bloom();
 
   int64_t out_features_;
-  int bits_;
+  int format_;
   int region_bits_;
   int64_t in_features_;
   std::vector<uint64_t> input_codes_;  // empty: the default layout

@@ -46,22 +46,22 @@ at::Tensor dequantized_panel(const PackedView& v, int64_t n0, int64_t n1, at::Sc
 
 }  // namespace
 
-PackedView checked_view(const StoreArrays& s, int bits, int64_t in_features,
+PackedView checked_view(const StoreArrays& s, int format, int64_t in_features,
                         int64_t out_features) {
   check_store(s, out_features, c10::Device(c10::kCPU));
   PackedView v = validated_view(
       s,
       IndexArrays{s.region_begin.const_data_ptr<int64_t>(), s.bitmap.const_data_ptr<int64_t>(),
                   s.block_begin.const_data_ptr<int64_t>(), s.code_begin.const_data_ptr<int64_t>()},
-      bits, in_features, out_features);
+      format, in_features, out_features);
   v.scales = reinterpret_cast<const uint16_t*>(s.scales.const_data_ptr<at::Half>());
   v.codes = s.codes.const_data_ptr<uint8_t>();
   return v;
 }
 
-PackedView view_of(const StoreArrays& s, int64_t bits, int64_t in_features,
+PackedView view_of(const StoreArrays& s, int64_t format, int64_t in_features,
                    int64_t out_features) {
-  return checked_view(s, checked_bits(bits), in_features, out_features);
+  return checked_view(s, checked_format(format), in_features, out_features);
 }
 
 // The small-batch kernels skip inactive blocks, where a dense product adds 0 x NaN = NaN; a
@@ -78,9 +78,9 @@ at::Tensor spatial_linear(const at::Tensor& x_in, const std::optional<at::Tensor
                               const std::optional<at::Tensor>& bias, const at::Tensor& region_begin, const at::Tensor& bitmap,
                               const at::Tensor& block_begin, const at::Tensor& code_begin,
                               const at::Tensor& scales, const at::Tensor& codes,
-                              int64_t bits, int64_t out_features) {
+                              int64_t format, int64_t out_features) {
   check_rows(x_in, "spatial_linear", "x");
-  const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes}, bits, x_in.size(1), out_features);
+  const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes}, format, x_in.size(1), out_features);
   const at::Tensor x = x_in.contiguous();
   const int64_t batch = x.size(0);
   at::Tensor y;
@@ -120,9 +120,9 @@ at::Tensor spatial_linear(const at::Tensor& x_in, const std::optional<at::Tensor
 at::Tensor spatial_linear_backward_input(const at::Tensor& grad_y_in, const at::Tensor& region_begin, const at::Tensor& bitmap,
                               const at::Tensor& block_begin, const at::Tensor& code_begin,
                               const at::Tensor& scales, const at::Tensor& codes,
-                                             int64_t bits, int64_t in_features) {
+                                             int64_t format, int64_t in_features) {
   check_rows(grad_y_in, "spatial_linear_backward_input", "grad_y");
-  const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes}, bits, in_features, grad_y_in.size(1));
+  const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes}, format, in_features, grad_y_in.size(1));
   const at::Tensor grad_y = grad_y_in.contiguous();
   const int64_t batch = grad_y.size(0);
   const int64_t rows = panel_rows(in_features);
@@ -180,9 +180,9 @@ at::Tensor active_mask(const at::Tensor& region_begin, const at::Tensor& bitmap,
 
 at::Tensor dequantize(const at::Tensor& region_begin, const at::Tensor& bitmap,
                               const at::Tensor& block_begin, const at::Tensor& code_begin,
-                              const at::Tensor& scales, const at::Tensor& codes, int64_t bits,
+                              const at::Tensor& scales, const at::Tensor& codes, int64_t format,
                           int64_t in_features, int64_t out_features) {
-  const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes}, bits, in_features, out_features);
+  const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes}, format, in_features, out_features);
   at::Tensor dense = at::empty({v.out_features, in_features}, at::kFloat);
   float* out = dense.mutable_data_ptr<float>();
   at::parallel_for(0, v.out_features, neuron_grain(v), [&](int64_t n0, int64_t n1) {
@@ -194,13 +194,13 @@ at::Tensor dequantize(const at::Tensor& region_begin, const at::Tensor& bitmap,
 void requantize(const at::Tensor& latent_in, const at::Tensor& region_begin,
                     const at::Tensor& bitmap, const at::Tensor& block_begin,
                     const at::Tensor& code_begin, at::Tensor& scales, at::Tensor& codes,
-                    int64_t bits) {
+                    int64_t format) {
   TORCH_CHECK_VALUE(latent_in.dim() == 2, "requantize_: latent must be 2-D [out, in], got ",
                     latent_in.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(latent_in.scalar_type()),
                    "requantize_: latent must be floating point, got ", latent_in.scalar_type());
   const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes},
-                               bits, latent_in.size(1), latent_in.size(0));
+                               format, latent_in.size(1), latent_in.size(0));
   const at::Tensor latent = latent_in.to(at::kFloat).contiguous();
   const float* w = latent.const_data_ptr<float>();
   auto* scale_out = reinterpret_cast<uint16_t*>(scales.mutable_data_ptr<at::Half>());

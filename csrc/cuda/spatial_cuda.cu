@@ -7,7 +7,7 @@
 // once, inactive blocks skipped, the dense weight never built); larger batches, float64 and the
 // input gradient dequantize into a workspace and multiply with at::mm (cuBLAS).
 //
-// The per-code arithmetic is csrc/core's (quant::code_bytes, from_stored; PackedView's bitmap
+// The per-code arithmetic is csrc/core's (quant::code_bytes, from_stored, the kNf4 levels; PackedView's bitmap
 // walk), device-callable with --expt-relaxed-constexpr. Only c10/cuda headers, as in
 // morton_cuda.cu: the matmuls go through at::mm on device tensors.
 #include <ATen/ATen.h>
@@ -88,19 +88,33 @@ __device__ PackedView::Cursor warp_cursor(const PackedView& v, int64_t neuron, b
   return cursor;
 }
 
-// Calls visit(j, code) for this lane's codes of a block of `count` codes at `codes`: j = lane,
-// lane + 32, ... Planar packing (quantize.h): code j is in byte j % q at bit (j / q) * Bits, so
+// The kNf4 levels (quantize.h), where device code can index them.
+__constant__ float kDeviceNf4Levels[16] = {SPATIUM_NF4_LEVELS};
+
+// The value of a stored code before its block's scale, as quant::level on the host.
+template <int Format>
+__device__ float device_level(uint32_t stored) {
+  if constexpr (Format == quant::kNf4) {
+    return kDeviceNf4Levels[stored];
+  } else {
+    return static_cast<float>(quant::from_stored(Format, stored));
+  }
+}
+
+// Calls visit(j, level) for this lane's codes of a block of `count` codes at `codes`: j = lane,
+// lane + 32, ... Planar packing (quantize.h): code j is in byte j % q at bit (j / q) * bits, so
 // lanes read consecutive bytes; (plane, byte) = (j / q, j % q) advances without a division.
-template <int Bits, class Visit>
+template <int Format, class Visit>
 __device__ void visit_lane_codes(const uint8_t* codes, uint32_t count, uint32_t lane,
                                  Visit&& visit) {
-  constexpr uint32_t mask = (1u << Bits) - 1u;
-  const auto q = static_cast<uint32_t>(quant::code_bytes(Bits, count));
+  constexpr int bits = quant::width(Format);
+  constexpr uint32_t mask = (1u << bits) - 1u;
+  const auto q = static_cast<uint32_t>(quant::code_bytes(bits, count));
   const uint32_t plane_step = kWarp / q, byte_step = kWarp % q;
   uint32_t plane = lane / q, byte = lane % q;
   for (uint32_t j = lane; j < count; j += kWarp) {
-    const uint32_t stored = (__ldg(codes + byte) >> (plane * Bits)) & mask;
-    visit(j, quant::from_stored(Bits, stored));
+    const uint32_t stored = (__ldg(codes + byte) >> (plane * bits)) & mask;
+    visit(j, device_level<Format>(stored));
     plane += plane_step;
     byte += byte_step;
     if (byte >= q) {
@@ -112,7 +126,7 @@ __device__ void visit_lane_codes(const uint8_t* codes, uint32_t count, uint32_t 
 
 // y[b][n] = x[b] . w_n for b < batch <= Rows (bias-free): one warp per neuron, lanes over a
 // block's codes, Rows partial sums per lane, summed across the warp at the end.
-template <int Bits, int Rows>
+template <int Format, int Rows>
 __global__ void __launch_bounds__(kThreads)
     linear_kernel(PackedView v, const float* __restrict__ x, int64_t batch, float* __restrict__ y) {
   const int64_t n = warp_neuron();
@@ -125,9 +139,9 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t begin = v.region_begin[r];
     const float scale = scale_of(v, cursor.block);
     const float* xr = x + begin;
-    visit_lane_codes<Bits>(v.codes + cursor.offset, static_cast<uint32_t>(v.region_size(r)), lane,
-                           [&](uint32_t j, int code) {
-                             const float w = scale * static_cast<float>(code);
+    visit_lane_codes<Format>(v.codes + cursor.offset, static_cast<uint32_t>(v.region_size(r)),
+                             lane, [&](uint32_t j, float level) {
+                             const float w = scale * level;
 #pragma unroll
                              for (int b = 0; b < Rows; ++b) {
                                if (b < batch) acc[b] += w * __ldg(xr + b * v.in_features + j);
@@ -143,9 +157,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The dense [out, in] weight: scale * code in active blocks (computed in float32, as the
+// The dense [out, in] weight: scale * level in active blocks (computed in float32, as the
 // reference does; exact in float64 too), zeros elsewhere. Each element is written once.
-template <int Bits, class T>
+template <int Format, class T>
 __global__ void __launch_bounds__(kThreads) dequantize_kernel(PackedView v, T* __restrict__ out) {
   const int64_t n = warp_neuron();
   const bool valid = n < v.out_features;
@@ -161,8 +175,8 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(PackedView v, T* _
       continue;
     }
     const float scale = scale_of(v, cursor.block);
-    visit_lane_codes<Bits>(v.codes + cursor.offset, count, lane, [&](uint32_t j, int code) {
-      block[j] = static_cast<T>(scale * static_cast<float>(code));
+    visit_lane_codes<Format>(v.codes + cursor.offset, count, lane, [&](uint32_t j, float level) {
+      block[j] = static_cast<T>(scale * level);
     });
     ++cursor.block;
     cursor.offset += v.region_bytes(r);
@@ -183,13 +197,14 @@ __global__ void __launch_bounds__(kThreads) active_mask_kernel(PackedView v, boo
   }
 }
 
-// Calls fn(std::integral_constant<int, bits>) for a code width already checked.
+// Calls fn(std::integral_constant<int, format>) for a code format already checked.
 template <class Fn>
-void with_bits(int bits, Fn&& fn) {
-  switch (bits) {
+void with_format(int format, Fn&& fn) {
+  switch (format) {
     case 1: fn(std::integral_constant<int, 1>{}); return;
     case 2: fn(std::integral_constant<int, 2>{}); return;
     case 4: fn(std::integral_constant<int, 4>{}); return;
+    case quant::kNf4: fn(std::integral_constant<int, quant::kNf4>{}); return;
     default: fn(std::integral_constant<int, 8>{}); return;
   }
 }
@@ -226,7 +241,7 @@ void check_on(const at::Tensor& t, const c10::Device& device, const char* op, co
 // batch-1 latency, to revisit on a GPU (e.g. by caching the check per store version).
 // `flag`, when defined (one int64 on the device), travels back in the same transfer; its value
 // goes to *flag_value.
-PackedView device_view(const StoreArrays& s, int bits, int64_t in_features, int64_t out_features,
+PackedView device_view(const StoreArrays& s, int format, int64_t in_features, int64_t out_features,
                        const c10::Device& device, const at::Tensor& flag = {},
                        int64_t* flag_value = nullptr) {
   check_store(s, out_features, device);
@@ -237,7 +252,7 @@ PackedView device_view(const StoreArrays& s, int bits, int64_t in_features, int6
   const int64_t* bitmap = p + s.region_begin.numel();
   const int64_t* block_begin = bitmap + s.bitmap.numel();
   const int64_t* code_begin = block_begin + s.block_begin.numel();
-  PackedView v = validated_view(s, IndexArrays{p, bitmap, block_begin, code_begin}, bits,
+  PackedView v = validated_view(s, IndexArrays{p, bitmap, block_begin, code_begin}, format,
                                 in_features, out_features);
   // The kernels index a region's codes in 32 bits; regions lie inside the input.
   TORCH_CHECK_VALUE(in_features <= std::numeric_limits<int32_t>::max(),
@@ -257,12 +272,12 @@ at::Tensor dense_weight(const PackedView& v, at::ScalarType dtype, const c10::De
   at::Tensor dense =
       at::empty({v.out_features, v.in_features}, at::TensorOptions().dtype(dtype).device(device));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  with_bits(v.bits, [&](auto bits) {
+  with_format(v.format, [&](auto format) {
     if (dtype == at::kDouble) {
-      dequantize_kernel<decltype(bits)::value, double>
+      dequantize_kernel<decltype(format)::value, double>
           <<<grid_of(v), kThreads, 0, stream>>>(v, dense.mutable_data_ptr<double>());
     } else {
-      dequantize_kernel<decltype(bits)::value, float>
+      dequantize_kernel<decltype(format)::value, float>
           <<<grid_of(v), kThreads, 0, stream>>>(v, dense.mutable_data_ptr<float>());
     }
   });
@@ -270,16 +285,16 @@ at::Tensor dense_weight(const PackedView& v, at::ScalarType dtype, const c10::De
   return dense;
 }
 
-template <int Bits, int Rows>
+template <int Format, int Rows>
 void launch_linear(const PackedView& v, const float* x, int64_t batch, float* y) {
-  linear_kernel<Bits, Rows>
+  linear_kernel<Format, Rows>
       <<<grid_of(v), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(v, x, batch, y);
 }
 
 // The fused kernel for 1 <= batch <= kMaxFusedBatch rows: the smallest instantiation that fits.
 void fused_linear(const PackedView& v, const float* x, int64_t batch, float* y) {
-  with_bits(v.bits, [&](auto bits) {
-    constexpr int b = decltype(bits)::value;
+  with_format(v.format, [&](auto format) {
+    constexpr int b = decltype(format)::value;
     if (batch <= 1) {
       launch_linear<b, 1>(v, x, batch, y);
     } else if (batch <= 2) {
@@ -301,10 +316,10 @@ at::Tensor spatial_linear(const at::Tensor& x_in, const std::optional<at::Tensor
                           const std::optional<at::Tensor>& bias, const at::Tensor& region_begin,
                           const at::Tensor& bitmap, const at::Tensor& block_begin,
                           const at::Tensor& code_begin, const at::Tensor& scales,
-                          const at::Tensor& codes, int64_t bits, int64_t out_features) {
+                          const at::Tensor& codes, int64_t format, int64_t out_features) {
   // `weight` (the latent weight) is there for autograd only: not read, as on the CPU.
   check_rows(x_in, "spatial_linear", "x");
-  const int code_bits = checked_bits(bits);
+  const int code_format = checked_format(format);
   const at::Tensor no_tensor;
   const at::Tensor& b = bias.has_value() ? *bias : no_tensor;
   const std::optional<c10::Device> found = first_cuda_device(
@@ -312,7 +327,7 @@ at::Tensor spatial_linear(const at::Tensor& x_in, const std::optional<at::Tensor
   if (!found.has_value()) {
     // Only the unread latent weight is on a GPU: everything the op reads is on the CPU.
     return cpu::spatial_linear(x_in, weight, bias, region_begin, bitmap, block_begin, code_begin,
-                               scales, codes, bits, out_features);
+                               scales, codes, format, out_features);
   }
   const c10::Device device = *found;
   const c10::cuda::CUDAGuard guard(device);
@@ -326,9 +341,9 @@ at::Tensor spatial_linear(const at::Tensor& x_in, const std::optional<at::Tensor
   const bool small = x.scalar_type() == at::kFloat && batch >= 1 && batch <= kMaxFusedBatch;
   int64_t finite = 0;
   const PackedView v =
-      small ? device_view(s, code_bits, x.size(1), out_features, device,
+      small ? device_view(s, code_format, x.size(1), out_features, device,
                           at::isfinite(x).all().to(at::kLong).reshape({1}), &finite)
-            : device_view(s, code_bits, x.size(1), out_features, device);
+            : device_view(s, code_format, x.size(1), out_features, device);
   if (b.defined()) {
     TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == out_features, "spatial_linear: bias must be [",
                       out_features, "], got ", b.sizes());
@@ -351,17 +366,17 @@ at::Tensor spatial_linear_backward_input(const at::Tensor& grad_y_in,
                                          const at::Tensor& region_begin, const at::Tensor& bitmap,
                                          const at::Tensor& block_begin,
                                          const at::Tensor& code_begin, const at::Tensor& scales,
-                                         const at::Tensor& codes, int64_t bits,
+                                         const at::Tensor& codes, int64_t format,
                                          int64_t in_features) {
   check_rows(grad_y_in, "spatial_linear_backward_input", "grad_y");
-  const int code_bits = checked_bits(bits);
+  const int code_format = checked_format(format);
   const c10::Device device = cuda_device(
       {&grad_y_in, &region_begin, &bitmap, &block_begin, &code_begin, &scales, &codes});
   const c10::cuda::CUDAGuard guard(device);
   check_on(grad_y_in, device, "spatial_linear_backward_input", "grad_y");
   const PackedView v =
       device_view(StoreArrays{region_begin, bitmap, block_begin, code_begin, scales, codes},
-                  code_bits, in_features, grad_y_in.size(1), device);
+                  code_format, in_features, grad_y_in.size(1), device);
   if (grad_y_in.size(0) == 0) return at::zeros({0, in_features}, grad_y_in.options());
   // grad_x = grad_y @ W through a dense workspace (cuBLAS); NaN and inf propagate as in a
   // dense product.
@@ -389,15 +404,15 @@ at::Tensor active_mask(const at::Tensor& region_begin, const at::Tensor& bitmap,
 
 at::Tensor dequantize(const at::Tensor& region_begin, const at::Tensor& bitmap,
                       const at::Tensor& block_begin, const at::Tensor& code_begin,
-                      const at::Tensor& scales, const at::Tensor& codes, int64_t bits,
+                      const at::Tensor& scales, const at::Tensor& codes, int64_t format,
                       int64_t in_features, int64_t out_features) {
-  const int code_bits = checked_bits(bits);
+  const int code_format = checked_format(format);
   const c10::Device device =
       cuda_device({&region_begin, &bitmap, &block_begin, &code_begin, &scales, &codes});
   const c10::cuda::CUDAGuard guard(device);
   const PackedView v =
       device_view(StoreArrays{region_begin, bitmap, block_begin, code_begin, scales, codes},
-                  code_bits, in_features, out_features, device);
+                  code_format, in_features, out_features, device);
   return dense_weight(v, at::kFloat, device);
 }
 

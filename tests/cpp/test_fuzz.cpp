@@ -39,7 +39,7 @@ Arrays arrays_of(const SpatialMemory& m) {
 
 PackedView view_over(Arrays& a, int bits) {
   PackedView v;
-  v.bits = bits;
+  v.format = bits;
   v.out_features = a.out_features;
   v.in_features = a.in_features;
   v.num_regions = static_cast<int64_t>(a.region_begin.size()) - 1;
@@ -131,7 +131,7 @@ TEST(Fuzz, KernelsStayInsideEveryAcceptedLayout) {
         default: damage(a.codes, rng); break;
       }
     }
-    const int bits = rng() % 4 == 0 ? 1 << (rng() % 4) : m.bits();
+    const int bits = rng() % 4 == 0 ? 1 << (rng() % 4) : m.format();
     const PackedView v = view_over(a, bits);
     if (v.num_regions < 1) {
       ++refused;  // an empty region_begin: layout_error must not even read it

@@ -125,6 +125,56 @@ TEST_P(Quantize, ZeroAndNonFiniteBlocks) {
 
 INSTANTIATE_TEST_SUITE_P(Bits, Quantize, ::testing::Values(1, 2, 4, 8));
 
+// The squared error of a block at `scale` with each weight at its nearest kNf4 level.
+double nf4_error(const std::vector<float>& w, float scale) {
+  double error = 0.0;
+  for (float v : w) {
+    double best = INFINITY;
+    for (float level : quant::kNf4Levels) best = std::min(best, std::fabs(v - double(level) * scale));
+    error += best * best;
+  }
+  return error;
+}
+
+TEST(QuantizeNf4, NearestLevelsOfARefinedScale) {
+  for (int64_t count : {1, 7, 64, 100, 128}) {
+    const auto w = random_weights(static_cast<size_t>(count), 20 + count);
+    std::vector<uint8_t> codes(static_cast<size_t>(quant::code_bytes(4, count)));
+    const uint16_t scale_half = quant::quantize_block(w.data(), count, quant::kNf4, codes.data());
+    const float scale = half_to_float(scale_half);
+    std::vector<float> back(static_cast<size_t>(count));
+    quant::dequantize_block(codes.data(), count, quant::kNf4, scale_half, back.data());
+    double absmax = 0.0;
+    for (int64_t j = 0; j < count; ++j) {
+      const uint32_t index = quant::get_stored(codes.data(), 4, count, j);
+      ASSERT_LT(index, 16u);
+      ASSERT_EQ(back[j], scale * quant::kNf4Levels[index]);
+      // the nearest level to w / scale (a tie may go either way by rounding)
+      const float t = w[j] / scale;
+      for (float level : quant::kNf4Levels) {
+        ASSERT_LE(std::fabs(t - quant::kNf4Levels[index]), std::fabs(t - level) * (1 + 1e-6f));
+      }
+      absmax = std::max(absmax, double(std::fabs(w[j])));
+    }
+    // The Lloyd step never loses to bitsandbytes' rule: the scale absmax, levels of both signs.
+    const float largest = *std::max_element(w.begin(), w.end(), [](float a, float b) {
+      return std::fabs(a) < std::fabs(b);
+    });
+    const float absmax_scale = half_to_float(float_to_half(largest < 0 ? -absmax : absmax));
+    EXPECT_LE(nf4_error(w, scale), nf4_error(w, absmax_scale) * (1 + 1e-9)) << count;
+  }
+  std::vector<float> w(16, 0.0f), back(16);
+  std::vector<uint8_t> codes(8);
+  uint16_t scale = quant::quantize_block(w.data(), 16, quant::kNf4, codes.data());
+  quant::dequantize_block(codes.data(), 16, quant::kNf4, scale, back.data());
+  for (float v : back) ASSERT_EQ(v, 0.0f);
+  for (uint8_t byte : codes) ASSERT_EQ(byte, quant::kNf4Zero | quant::kNf4Zero << 4);
+  w[3] = std::nanf("");
+  scale = quant::quantize_block(w.data(), 16, quant::kNf4, codes.data());
+  quant::dequantize_block(codes.data(), 16, quant::kNf4, scale, back.data());
+  for (float v : back) ASSERT_TRUE(std::isnan(v));
+}
+
 TEST(SpatialMemory, RegionsAreRunsOfSortedInputs) {
   const SpatialMemory m(2, {0, 1, 2, 64, 65, 200}, 4, 6);
   ASSERT_EQ(m.num_regions(), 3);
