@@ -60,12 +60,12 @@ struct PackHolder : torch::CustomClassHolder {
 c10::intrusive_ptr<PackHolder> build(const at::Tensor& region_begin, const at::Tensor& bitmap,
                                      const at::Tensor& block_begin, const at::Tensor& code_begin,
                                      const at::Tensor& scales, const at::Tensor& codes,
-                                     int64_t bits, int64_t in_features, int64_t out_features) {
+                                     int64_t format, int64_t in_features, int64_t out_features) {
   TORCH_CHECK(InferencePack::cpu_supported(),
               "InferencePack: this CPU has neither AVX-512 VNNI nor AVX2 with FMA and F16C; the "
               "float kernels serve it");
   const PackedView v = cpu::view_of(
-      StoreArrays{region_begin, bitmap, block_begin, code_begin, scales, codes}, bits, in_features,
+      StoreArrays{region_begin, bitmap, block_begin, code_begin, scales, codes}, format, in_features,
       out_features);
   return with_python_errors([&] { return c10::make_intrusive<PackHolder>(InferencePack(v)); });
 }

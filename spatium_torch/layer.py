@@ -71,10 +71,10 @@ class SpatialLayer(nn.Module):
         out_features: size of each output sample (number of neurons).
         bits: code width, one of 1, 2, 4, 8.
         codebook: what a code stands for: ``"int"`` (default), an integer times its block's
-            scale (integer kernels for inference); or ``"nf4"`` (``bits=4`` only), one of the 16
-            NormalFloat levels, denser near 0, times the scale: lower error on bell-shaped and
-            heavy-tailed weights (pretrained models), at the cost of the float32 inference path
-            and a re-quantization about 3x as long.
+            scale; or ``"nf4"`` (``bits=4`` only), one of the 16 NormalFloat levels, denser
+            near 0, times the scale: lower error on bell-shaped and heavy-tailed weights
+            (pretrained models), for a re-quantization about 3x as long and int8 inference
+            kernels that read 8-bit codes (see :attr:`inference_precision`).
         region_bits: a region (block) spans ``2**region_bits`` positions of Morton order.
         density: fraction of each neuron's regions active at the start, in (0, 1].
         connectivity: which regions start active when ``density < 1``: ``"local"`` (nearest to
@@ -304,8 +304,11 @@ class SpatialLayer(nn.Module):
           bytes again), rebuilt when the store changes.
         - ``"fp32"``: the float32 product with the dequantized weights, as in training.
 
-        Training-mode forwards, anything autograd records, float64 inputs, NaN/Inf inputs,
-        nf4 layers and CPUs without either instruction set always take the float path."""
+        nf4 codes enter the kernels as 8-bit integers, ``round(127 * level)``, which adds each
+        level's rounding (at most 1/254 of the block's scale) to the activations'.
+
+        Training-mode forwards, anything autograd records, float64 inputs, NaN/Inf inputs and
+        CPUs without either instruction set always take the float path."""
         return self._inference_precision
 
     @inference_precision.setter
@@ -908,8 +911,6 @@ class SpatialLayer(nn.Module):
         """Whether this forward runs on the int8 kernels (see :attr:`inference_precision`)."""
         if self._inference_precision != "int8" or self.training or not INT8_KERNELS:
             return False
-        if self.codebook != "int":
-            return False  # the integer kernels multiply integer codes
         if flat.dtype != torch.float32 or flat.device.type != "cpu":
             return False
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
@@ -935,7 +936,7 @@ class SpatialLayer(nn.Module):
             or any(a is not b for a, b in zip(cached[0], arrays, strict=True))
         ):
             pack = torch.classes.spatium.InferencePack(
-                *arrays, self.bits, self.in_features, self.out_features
+                *arrays, self.code_format, self.in_features, self.out_features
             )
             cached = self._pack = (arrays, versions, pack)
         return cached[2]

@@ -34,19 +34,21 @@ def float_reference(layer: st.SpatialLayer, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.double(), layer.dequantized_weight().double(), bias).float()
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("codes", [1, 2, 4, 8, "nf4"])
 @pytest.mark.parametrize(
     "in_features, out_features, region_bits, density",
     [(300, 70, 4, 0.5), (100, 6, 3, 1.0), (1000, 37, 6, 0.25), (65, 17, 6, 1.0)],
 )
 def test_int8_output_is_within_the_bound_of_the_float_product(
-    bits, in_features, out_features, region_bits, density
+    codes, in_features, out_features, region_bits, density
 ):
     # The bound holds for a batch's outputs together (Frobenius norm): a single output's error
-    # is that of rounding each activation to 1/254 of its region's range, and varies.
-    torch.manual_seed(bits)
+    # is that of rounding each activation to 1/254 of its region's range (and for nf4 each
+    # level to 1/254 of its scale), and varies.
+    options = dict(bits=4, codebook="nf4") if codes == "nf4" else dict(bits=codes)
+    torch.manual_seed(options["bits"])
     layer = st.SpatialLayer(
-        in_features, out_features, bits=bits, region_bits=region_bits, density=density
+        in_features, out_features, region_bits=region_bits, density=density, **options
     )
     st.freeze(layer).eval()
     x = torch.randn(19, in_features)
@@ -73,11 +75,16 @@ def test_custom_layouts_and_3d_inputs():
     assert relative_error(y, float_reference(layer, x)) <= BOUND
 
 
-def test_trained_weights_keep_their_accuracy():
+@pytest.mark.parametrize("codebook", ["int", "nf4"])
+def test_trained_weights_keep_their_accuracy(codebook):
     # A 64-128-10 4-bit MLP trained on digits: the int8 forward's outputs stay within the bound
     # and its test accuracy within one sample (of 450) of the float forward's.
     torch.manual_seed(0)
-    model = nn.Sequential(st.SpatialLayer(64, 128), nn.ReLU(), st.SpatialLayer(128, 10))
+    model = nn.Sequential(
+        st.SpatialLayer(64, 128, codebook=codebook),
+        nn.ReLU(),
+        st.SpatialLayer(128, 10, codebook=codebook),
+    )
     train_digits(model, epochs=10)
     _, x_test, _, y_test = digits()
     with torch.no_grad():

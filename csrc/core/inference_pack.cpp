@@ -26,6 +26,13 @@ namespace {
 // A block's value is scale * (kMult * stored - kOffset): 1-bit codes are +-1 = 2 * stored - 1.
 constexpr int stored_offset(int bits) { return bits == 1 ? 1 : quant::offset(bits); }
 
+// nf4 codes go in as 8-bit stored values round(127 * level) + 127 (mult 1 / 127, offset 1):
+// each level within 1 / 254 of the scale, the integer kernels unchanged.
+constexpr float kNf4Steps = 127.0f;
+uint32_t nf4_stored(uint32_t index) {
+  return static_cast<uint32_t>(std::lround(kNf4Steps * quant::kNf4Levels[index]) + 127);
+}
+
 // The pack's arrays, as the kernels read them.
 struct Panels {
   const int64_t* padded_begin;
@@ -533,11 +540,11 @@ void check_isa(InferencePack::Isa isa) {
 }  // namespace
 
 InferencePack::InferencePack(const PackedView& v)
-    : bits_(v.format), in_features_(v.in_features), out_features_(v.out_features) {
-  if (!quant::valid_bits(v.format)) {
-    throw std::invalid_argument(
-        "InferencePack: only integer codes have int8 kernels (nf4 layers compute in float32)");
-  }
+    : bits_(v.format == quant::kNf4 ? 8 : v.format),
+      nf4_(v.format == quant::kNf4),
+      in_features_(v.in_features),
+      out_features_(v.out_features) {
+  const int code_bits = quant::width(v.format);
   const int64_t regions = v.num_regions;
   const int64_t chunk = chunk_inputs(bits_);
   region_begin_.assign(v.region_begin, v.region_begin + regions + 1);
@@ -581,7 +588,8 @@ InferencePack::InferencePack(const PackedView& v)
         uint8_t* chunks = codes_.data() + panel_chunks_[panel] * kChunkBytes + 4 * lane;
         const int64_t size = v.region_size(r);
         for (int64_t i = 0; i < size; ++i) {
-          const uint32_t stored = quant::get_stored(v.codes + offset, bits_, size, i);
+          const uint32_t code = quant::get_stored(v.codes + offset, code_bits, size, i);
+          const uint32_t stored = nf4_ ? nf4_stored(code) : code;
           const int64_t c = i / chunk, k = i % chunk;
           chunks[c * kChunkBytes + k % 4] |= static_cast<uint8_t>(stored << (k / 4 * bits_));
         }
@@ -615,7 +623,8 @@ void InferencePack::quantize(const float* x, int64_t batch, int64_t ldx, Rows& r
   rows.q.assign(static_cast<size_t>(held * rows.stride + kChunkBytes), 0);
   rows.multiplier.assign(static_cast<size_t>(held * regions), 0.0f);
   rows.correction.assign(static_cast<size_t>(held * regions), 0.0f);
-  const float mult = bits_ == 1 ? 2.0f : 1.0f, offset = static_cast<float>(stored_offset(bits_));
+  const float mult = nf4_ ? 1.0f / kNf4Steps : bits_ == 1 ? 2.0f : 1.0f;
+  const float offset = nf4_ ? 1.0f : static_cast<float>(stored_offset(bits_));
   (isa == Isa::kAvx2 ? quantize_rows_avx2 : quantize_rows)(
       x, batch, ldx, region_begin_.data(), padded_begin_.data(), regions, mult, offset, rows);
 #else

@@ -16,6 +16,8 @@
 // so a block's sum is scale_w * scale_x * (mult * sum(stored * q) - offset * sum(q)) with the
 // stored values' offset (mult 2 for 1-bit's +-1 codes). The int32 sums are exact: the only
 // error is the activations' rounding (relative output error about 5e-3 on Gaussian inputs).
+// nf4 codes are packed as 8-bit values, round(127 x level) + 127, which adds each level's
+// rounding (at most 1 / 254 of the scale).
 //
 // Torch-free; the caller runs groups in parallel.
 #pragma once
@@ -57,7 +59,7 @@ class InferencePack {
   int64_t in_features() const { return in_features_; }
   int64_t out_features() const { return out_features_; }
   int64_t groups() const { return (out_features_ + kGroup - 1) / kGroup; }
-  int bits() const { return bits_; }
+  int bits() const { return bits_; }  // of the packed codes (8 for nf4)
   // Bytes the forward reads: codes, scales and the panel index.
   int64_t bytes() const;
 
@@ -85,6 +87,7 @@ class InferencePack {
 
  private:
   int bits_ = 0;
+  bool nf4_ = false;  // the codes are nf4 levels (see the top)
   int64_t in_features_ = 0;
   int64_t out_features_ = 0;
   std::vector<int64_t> region_begin_;  // [regions + 1] the memory's

@@ -30,11 +30,33 @@ std::vector<InferencePack::Isa> isas() {
   return found;
 }
 
+// The weights the kernels multiply: the dequantized ones, nf4's levels rounded to 1/127 as the
+// pack stores them.
+std::vector<float> kernel_weights(const SpatialMemory& m) {
+  const PackedView v = m.view();
+  const int64_t out = v.out_features, in = v.in_features;
+  std::vector<float> dense(static_cast<size_t>(out * in));
+  v.dequantize_rows(0, out, dense.data(), in);
+  if (v.format != quant::kNf4) return dense;
+  PackedView::Cursor cursor = v.cursor_at(0);
+  for (int64_t n = 0; n < out; ++n) {
+    v.visit_blocks(n, cursor, [&](int64_t r, int64_t block, int64_t offset) {
+      const float scale = half_to_float(v.scales[block]);
+      const int64_t size = v.region_size(r);
+      for (int64_t i = 0; i < size; ++i) {
+        const float level = quant::kNf4Levels[quant::get_stored(v.codes + offset, 4, size, i)];
+        dense[n * in + v.region_begin[r] + i] = scale * (std::nearbyint(127.0f * level) / 127.0f);
+      }
+    });
+  }
+  return dense;
+}
+
 // With AVX-512, batches under 8 rows take the VNNI kernel, others AMX where the CPU has it.
 TEST(InferencePack, SumsOfIntegerProductsAreExact) {
   if (!InferencePack::cpu_supported()) GTEST_SKIP() << "no AVX2 or AVX-512 VNNI on this CPU";
   for (const InferencePack::Isa isa : isas()) {
-  for (int bits : {1, 2, 4, 8}) {
+  for (int bits : {1, 2, 4, 8, quant::kNf4}) {
     for (int region_bits : {0, 3, 6, 7}) {
      for (int64_t batch : {3, 11, 40}) {
       const int64_t out = 37, in = 150;
@@ -49,9 +71,8 @@ TEST(InferencePack, SumsOfIntegerProductsAreExact) {
       pack.quantize(x.data(), batch, in, rows, isa);
       std::vector<float> y(static_cast<size_t>(batch * out), -1.0f);
       pack.linear_groups(0, pack.groups(), rows, y.data(), out, isa);
-      // Expected: the dequantized weights times the rounded activations, in double.
-      std::vector<float> dense(static_cast<size_t>(out * in));
-      view.dequantize_rows(0, out, dense.data(), in);
+      // Expected: the kernels' weights times the rounded activations, in double.
+      const std::vector<float> dense = kernel_weights(m);
       for (int64_t b = 0; b < batch; ++b) {
         std::vector<double> rounded(static_cast<size_t>(in));
         for (int64_t r = 0; r < m.num_regions(); ++r) {
