@@ -58,6 +58,8 @@ std::tuple<at::Tensor, at::Tensor> activation_mixture_backward(const at::Tensor&
                                                                const at::Tensor& pre,
                                                                const at::Tensor& cells,
                                                                const at::Tensor& probs);
+at::Tensor map_softmax(const at::Tensor& logits);
+at::Tensor map_softmax_backward(const at::Tensor& grad_probs, const at::Tensor& probs);
 at::Tensor simhash_cells(const at::Tensor& x, const at::Tensor& projections);
 void count_hits(at::Tensor& hits, const at::Tensor& cells);
 

@@ -112,6 +112,8 @@ SCHEMAS = {
     "activation_mixture_backward": (
         "(Tensor grad, Tensor pre, Tensor cells, Tensor probs) -> (Tensor, Tensor)"
     ),
+    "map_softmax": "(Tensor logits) -> Tensor",
+    "map_softmax_backward": "(Tensor grad_probs, Tensor probs) -> Tensor",
     "simhash_cells": "(Tensor x, Tensor projections) -> Tensor",
     "count_hits_": "(Tensor(a!) hits, Tensor cells) -> ()",
     "track_activity_": (
@@ -353,6 +355,29 @@ def _activation_mixture_backward_fake(
     _check_map("activation_mixture_backward", pre, cells, probs, grad)
     _check_probs(probs, pre)
     return torch.empty_like(pre), torch.empty_like(probs)
+
+
+def _check_map_logits(t: torch.Tensor, op: str, name: str) -> None:
+    _check_float(t, op, name)
+    if t.dim() != 3 or tuple(t.shape[1:]) != (CELLS, len(ACTIVATIONS)):
+        raise ValueError(
+            f"{op}: {name} must be [neurons, 64, {len(ACTIVATIONS)}], got {list(t.shape)}"
+        )
+
+
+@torch.library.register_fake("spatium::map_softmax")
+def _map_softmax_fake(logits: torch.Tensor) -> torch.Tensor:
+    _check_map_logits(logits, "map_softmax", "logits")
+    return logits.new_empty((CELLS, len(ACTIVATIONS), logits.shape[0])).permute(2, 0, 1)
+
+
+@torch.library.register_fake("spatium::map_softmax_backward")
+def _map_softmax_backward_fake(grad_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    _check_map_logits(probs, "map_softmax_backward", "probs")
+    if grad_probs.shape != probs.shape or grad_probs.dtype != probs.dtype:
+        raise ValueError("map_softmax_backward: grad_probs must match probs in shape and dtype")
+    _check_same_device("map_softmax_backward", probs, grad_probs)
+    return probs.new_empty(probs.shape)
 
 
 @torch.library.register_fake("spatium::simhash_cells")

@@ -604,6 +604,18 @@ def activation_mixture_backward(
     return grad * slope, torch.empty_like(probs).copy_(per_cell.permute(1, 0, 2))
 
 
+def map_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """The softmax over the 12 functions of a learnable map's logits ``[neurons, 64, 12]``,
+    stored cell-major (``[64, 12, neurons]`` in memory), as the mixture ops read it."""
+    return torch.softmax(logits, -1).permute(1, 2, 0).contiguous().permute(2, 0, 1)
+
+
+def map_softmax_backward(grad_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """The logits' gradient (contiguous ``[neurons, 64, 12]``) of :func:`map_softmax`, given
+    the probabilities' gradient and the probabilities."""
+    return (probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))).contiguous()
+
+
 def simhash_cells(x: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
     """``[batch]`` int64 cells: bit j set where ``x[b] . projections[j] > 0`` (x ``[batch,
     features]``, projections ``[bits, features]``)."""

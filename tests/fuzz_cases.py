@@ -271,6 +271,8 @@ def activation_ops_on_random_arguments(fn, batch, neurons, cell, table_value, sh
         lambda: ops.activation_map_backward(pre, pre, cells, table),
         lambda: ops.activation_mixture(pre, cells, probs),
         lambda: ops.activation_mixture_backward(pre, pre, cells, probs),
+        lambda: ops.map_softmax(probs),
+        lambda: ops.map_softmax_backward(probs, probs),
         lambda: ops.count_hits_(hits, cells),
         lambda: ops.simhash_cells(pre, projections),
         lambda: ops.track_activity_(pre, torch.zeros(neurons), torch.zeros(neurons), 0.5),

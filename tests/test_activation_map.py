@@ -94,6 +94,11 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(
         torch.ops.spatium.activation_mixture_backward.default, (grad, pre, cells, probs)
     )
+    logits = torch.randn(3, 64, 12)
+    torch.library.opcheck(torch.ops.spatium.map_softmax.default, (logits,))
+    torch.library.opcheck(
+        torch.ops.spatium.map_softmax_backward.default, (torch.randn(3, 64, 12), probs)
+    )
 
 
 def test_same_input_same_cell_and_small_perturbations_keep_it():

@@ -287,6 +287,26 @@ def test_activation_map_and_mixture(dtype, cell_major):
     assert expected_probs.stride() == probs.stride()
 
 
+@pytest.mark.parametrize("dtype", ACTIVATION_FLOATS)
+@pytest.mark.parametrize("neurons", [1, 16, 37])  # whole tiles of 16 and partial ones
+def test_map_softmax_and_its_backward(dtype, neurons):
+    logits = torch.randn(neurons, 64, 12, dtype=dtype) * 5
+    logits[0, 0] = 80.0  # equal large logits: the maximum is subtracted first
+    probs = kernel("map_softmax", None, logits)
+    expected = ref.map_softmax(logits)
+    close(probs, expected)
+    assert probs.permute(1, 2, 0).is_contiguous()  # cell-major, as the mixture kernels read it
+    grad_probs = torch.randn(neurons, 64, 12, dtype=dtype)
+    for layout in (probs, probs.contiguous()):  # the kernel takes either layout
+        grad_logits = kernel("map_softmax_backward", None, grad_probs, layout)
+        close(grad_logits, ref.map_softmax_backward(grad_probs, layout))
+        assert grad_logits.is_contiguous()
+    # the reference is softmax's own backward
+    leaf = logits.clone().requires_grad_()
+    torch.softmax(leaf, -1).backward(grad_probs)
+    close(ref.map_softmax_backward(grad_probs, expected), leaf.grad)
+
+
 def test_activation_map_on_one_function_equals_activation():
     pre, cells, table, _, grad = map_inputs(torch.float64)
     for fn in range(len(ACTIVATIONS)):

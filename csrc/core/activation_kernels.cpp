@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 // no-trapping-math lets the selects between a function's branches vectorise (without it, GCC
 // will not evaluate both sides of a floating-point select); results are unchanged, nothing here
@@ -207,18 +208,34 @@ template <class FnAt>
   }
 }
 
+// In blocks, as pick_run: every function's value and slope into rows first, then one loop per
+// function over the block. (Accumulating into grad_w from inside evaluate's sink does not
+// vectorise: GCC cannot tell grad_w's stores from the other arrays' loads there.)
 [[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void mixture_backward_f32(
     const float* __restrict w, int64_t ld, const float* __restrict x,
     const float* __restrict grad, int64_t n, float* __restrict grad_x,
     float* __restrict grad_w) {
-  for (int64_t i = 0; i < n; ++i) {
-    float slope = 0.0f;
-    evaluate<true, true, true>(x[i], [&](Fn fn, float value, float fn_slope) {
-      const int64_t k = static_cast<int>(fn) * ld + i;
-      slope += w[k] * fn_slope;
-      grad_w[k] += grad[i] * value;
-    });
-    grad_x[i] = grad[i] * slope;
+  constexpr int64_t kBlock = 64;
+  float values[kNumFns][kBlock], slopes[kNumFns][kBlock];
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
+    const int64_t size = std::min(kBlock, n - begin);
+    for (int64_t j = 0; j < size; ++j) {
+      evaluate<true, true, true>(x[begin + j], [&](Fn fn, float value, float slope) {
+        values[static_cast<int>(fn)][j] = value;
+        slopes[static_cast<int>(fn)][j] = slope;
+      });
+    }
+    const float* g = grad + begin;
+    float slope[kBlock] = {};
+    for (int k = 0; k < kNumFns; ++k) {
+      const float* wk = w + k * ld + begin;
+      float* gk = grad_w + k * ld + begin;
+      for (int64_t j = 0; j < size; ++j) {
+        slope[j] += wk[j] * slopes[k][j];
+        gk[j] += g[j] * values[k][j];
+      }
+    }
+    for (int64_t j = 0; j < size; ++j) grad_x[begin + j] = g[j] * slope[j];
   }
 }
 
@@ -243,6 +260,116 @@ template <class T>
     const float* x, int64_t batch, int64_t features, const float* projections, int bits,
     int64_t* cells) {
   simhash_rows(x, batch, features, projections, bits, cells);
+}
+
+// Rows go through in tiles of kSoftmaxTile: a tile's values are transposed into [12][tile] so
+// that the loops over its rows vectorise (whole tiles, constant trip counts: a partial tile's
+// spare lanes compute on zeros and are not stored); exp is exp_nonpositive for float32 (every
+// argument is <= 0 after the row's maximum is subtracted), std::exp for float64.
+constexpr int64_t kSoftmaxTile = 16;
+
+template <class T>
+[[gnu::always_inline]] inline T exp_of_nonpositive(T x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return exp_nonpositive(x);
+  } else {
+    return std::exp(x);
+  }
+}
+
+// Rows [0, size) of a tile to and from out[k * ld + j]. A whole tile is a fixed-size copy (one
+// vector per function): a copy of run-time length becomes `rep movs`, whose start-up cost
+// dominated these kernels.
+template <class T>
+[[gnu::always_inline]] inline void store_tile(const T (&tile)[kNumFns][kSoftmaxTile],
+                                              int64_t size, T* out, int64_t ld) {
+  for (int k = 0; k < kNumFns; ++k) {
+    if (size == kSoftmaxTile) {
+      for (int64_t j = 0; j < kSoftmaxTile; ++j) out[k * ld + j] = tile[k][j];
+    } else {
+      for (int64_t j = 0; j < size; ++j) out[k * ld + j] = tile[k][j];
+    }
+  }
+}
+
+template <class T>
+[[gnu::always_inline]] inline void load_tile(const T* in, int64_t ld, int64_t size,
+                                             T (&tile)[kNumFns][kSoftmaxTile]) {
+  for (int k = 0; k < kNumFns; ++k) {
+    if (size == kSoftmaxTile) {
+      for (int64_t j = 0; j < kSoftmaxTile; ++j) tile[k][j] = in[k * ld + j];
+    } else {
+      for (int64_t j = 0; j < kSoftmaxTile; ++j) tile[k][j] = j < size ? in[k * ld + j] : T(0);
+    }
+  }
+}
+
+template <class T>
+[[gnu::always_inline]] inline void softmax_rows_impl(const T* __restrict logits, int64_t stride,
+                                                     int64_t n, T* __restrict probs,
+                                                     int64_t ld) {
+  constexpr int64_t kTile = kSoftmaxTile;
+  for (int64_t begin = 0; begin < n; begin += kTile) {
+    const int64_t size = std::min(kTile, n - begin);
+    T tile[kNumFns][kTile];
+    if (size < kTile) std::fill_n(&tile[0][0], kNumFns * kTile, T(0));
+    for (int64_t j = 0; j < size; ++j) {
+      for (int k = 0; k < kNumFns; ++k) tile[k][j] = logits[(begin + j) * stride + k];
+    }
+    T largest[kTile], total[kTile] = {};
+    for (int64_t j = 0; j < kTile; ++j) largest[j] = tile[0][j];
+    for (int k = 1; k < kNumFns; ++k) {
+      for (int64_t j = 0; j < kTile; ++j) {
+        largest[j] = tile[k][j] > largest[j] ? tile[k][j] : largest[j];
+      }
+    }
+    for (int k = 0; k < kNumFns; ++k) {
+      for (int64_t j = 0; j < kTile; ++j) {
+        tile[k][j] = exp_of_nonpositive(tile[k][j] - largest[j]);
+        total[j] += tile[k][j];
+      }
+    }
+    for (int k = 0; k < kNumFns; ++k) {
+      for (int64_t j = 0; j < kTile; ++j) tile[k][j] /= total[j];
+    }
+    store_tile(tile, size, probs + begin, ld);
+  }
+}
+
+template <class T>
+[[gnu::always_inline]] inline void softmax_rows_backward_impl(const T* __restrict grad_probs,
+                                                              const T* __restrict probs,
+                                                              int64_t ld, int64_t n,
+                                                              T* __restrict grad_logits,
+                                                              int64_t stride) {
+  constexpr int64_t kTile = kSoftmaxTile;
+  for (int64_t begin = 0; begin < n; begin += kTile) {
+    const int64_t size = std::min(kTile, n - begin);
+    T g[kNumFns][kTile], p[kNumFns][kTile];
+    load_tile(grad_probs + begin, ld, size, g);
+    load_tile(probs + begin, ld, size, p);
+    T dot[kTile] = {};
+    for (int k = 0; k < kNumFns; ++k) {
+      for (int64_t j = 0; j < kTile; ++j) dot[j] += g[k][j] * p[k][j];
+    }
+    for (int k = 0; k < kNumFns; ++k) {
+      for (int64_t j = 0; j < kTile; ++j) g[k][j] = p[k][j] * (g[k][j] - dot[j]);
+    }
+    for (int64_t j = 0; j < size; ++j) {
+      for (int k = 0; k < kNumFns; ++k) grad_logits[(begin + j) * stride + k] = g[k][j];
+    }
+  }
+}
+
+[[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void softmax_rows_f32(
+    const float* logits, int64_t stride, int64_t n, float* probs, int64_t ld) {
+  softmax_rows_impl(logits, stride, n, probs, ld);
+}
+
+[[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void softmax_rows_backward_f32(
+    const float* grad_probs, const float* probs, int64_t ld, int64_t n, float* grad_logits,
+    int64_t stride) {
+  softmax_rows_backward_impl(grad_probs, probs, ld, n, grad_logits, stride);
 }
 
 }  // namespace
@@ -316,6 +443,30 @@ void mixture_backward<double>(const double* w, int64_t ld, const double* x, cons
     }
     grad_x[i] = grad[i] * slope;
   }
+}
+
+template <>
+void softmax_rows<float>(const float* logits, int64_t stride, int64_t n, float* probs,
+                         int64_t ld) {
+  softmax_rows_f32(logits, stride, n, probs, ld);
+}
+
+template <>
+void softmax_rows<double>(const double* logits, int64_t stride, int64_t n, double* probs,
+                          int64_t ld) {
+  softmax_rows_impl(logits, stride, n, probs, ld);
+}
+
+template <>
+void softmax_rows_backward<float>(const float* grad_probs, const float* probs, int64_t ld,
+                                  int64_t n, float* grad_logits, int64_t stride) {
+  softmax_rows_backward_f32(grad_probs, probs, ld, n, grad_logits, stride);
+}
+
+template <>
+void softmax_rows_backward<double>(const double* grad_probs, const double* probs, int64_t ld,
+                                   int64_t n, double* grad_logits, int64_t stride) {
+  softmax_rows_backward_impl(grad_probs, probs, ld, n, grad_logits, stride);
 }
 
 }  // namespace spatium::act

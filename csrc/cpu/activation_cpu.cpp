@@ -2,7 +2,8 @@
 // functions of core/activations.h elementwise; activation_map applies, per sample and neuron,
 // the function its (neuron, cell) holds in a table; activation_mixture applies the
 // probability-weighted sum of all 12 (a learnable map while training). Each has a backward op.
-// simhash_cells picks each sample's cell and count_hits_ counts the cells' hits. The kernels
+// map_softmax turns a learnable map's logits into those probabilities, stored cell-major, and
+// map_softmax_backward takes their gradient back to the logits. simhash_cells picks each sample's cell and count_hits_ counts the cells' hits. The kernels
 // (core/activation_kernels.h) run over contiguous runs of neurons.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -216,6 +217,66 @@ std::tuple<at::Tensor, at::Tensor> activation_mixture_backward(const at::Tensor&
   const at::Tensor as_given = grad_probs.permute({2, 0, 1});
   if (as_given.strides() == probs_in.strides()) return {grad_pre, as_given};
   return {grad_pre, at::empty_like(probs_in).copy_(as_given)};
+}
+
+namespace {
+
+// logits or probabilities [N, 64, 12], float.
+void check_map_logits(const at::Tensor& t, const char* op, const char* name) {
+  check_float(t, name);
+  TORCH_CHECK_VALUE(t.dim() == 3 && t.size(1) == kCells && t.size(2) == act::kNumFns, op, ": ",
+                    name, " must be [neurons, 64, ", act::kNumFns, "], got ", t.sizes());
+}
+
+// body(cell) for every cell, in parallel: a cell's rows are a task's own.
+template <class Body>
+void for_cells(int64_t neurons, Body body) {
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(neurons * act::kNumFns, 1));
+  at::parallel_for(0, kCells, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) body(c);
+  });
+}
+
+}  // namespace
+
+at::Tensor map_softmax(const at::Tensor& logits_in) {
+  check_map_logits(logits_in, "map_softmax", "logits");
+  const at::Tensor logits = logits_in.contiguous();
+  const int64_t neurons = logits.size(0);
+  at::Tensor probs = at::empty({kCells, act::kNumFns, neurons}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "map_softmax", [&] {
+    const scalar_t* l = logits.const_data_ptr<scalar_t>();
+    scalar_t* p = probs.mutable_data_ptr<scalar_t>();
+    for_cells(neurons, [&](int64_t c) {
+      act::softmax_rows(l + c * act::kNumFns, kCells * act::kNumFns, neurons,
+                        p + c * act::kNumFns * neurons, neurons);
+    });
+  });
+  return probs.permute({2, 0, 1});
+}
+
+at::Tensor map_softmax_backward(const at::Tensor& grad_probs_in, const at::Tensor& probs_in) {
+  const char* op = "map_softmax_backward";
+  check_map_logits(probs_in, op, "probs");
+  TORCH_CHECK_VALUE(grad_probs_in.sizes() == probs_in.sizes() &&
+                        grad_probs_in.scalar_type() == probs_in.scalar_type(),
+                    op, ": grad_probs must match probs in shape and dtype");
+  // Cell-major, as the module caches probabilities (no copy then).
+  const at::Tensor grad_probs = grad_probs_in.permute({1, 2, 0}).contiguous();
+  const at::Tensor probs = probs_in.permute({1, 2, 0}).contiguous();
+  const int64_t neurons = probs_in.size(0);
+  at::Tensor grad_logits = at::empty(probs_in.sizes(), probs_in.options());
+  AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "map_softmax_backward", [&] {
+    const scalar_t* g = grad_probs.const_data_ptr<scalar_t>();
+    const scalar_t* p = probs.const_data_ptr<scalar_t>();
+    scalar_t* out = grad_logits.mutable_data_ptr<scalar_t>();
+    for_cells(neurons, [&](int64_t c) {
+      const int64_t at = c * act::kNumFns * neurons;
+      act::softmax_rows_backward(g + at, p + at, neurons, neurons, out + c * act::kNumFns,
+                                 kCells * act::kNumFns);
+    });
+  });
+  return grad_logits;
 }
 
 at::Tensor simhash_cells(const at::Tensor& x_in, const at::Tensor& projections_in) {
