@@ -102,7 +102,7 @@ class ActivationMap(nn.Module):
         if learnable:
             logits = torch.zeros(num_features, CELLS, len(ACTIVATIONS))
             logits.scatter_(2, table.long().unsqueeze(-1), float(initial_logit))
-            self.logits = TrackedParameter(logits)
+            self.logits = TrackedParameter(_cell_major(logits))
             self.register_buffer("table", None)
         else:
             self.register_parameter("logits", None)
@@ -171,7 +171,7 @@ class ActivationMap(nn.Module):
         picked = copy.deepcopy(self)
         picked.num_features = int(rows.numel())
         if self.logits is not None:
-            picked.logits = type(self.logits)(self.logits.detach()[rows].clone())
+            picked.logits = type(self.logits)(_cell_major(self.logits.detach()[rows]))
         else:
             picked.table = self.table[rows].clone()
         if self.hits is not None:
@@ -209,6 +209,9 @@ class ActivationMap(nn.Module):
     # --- state_dict ---------------------------------------------------------------------------
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.logits is not None and not keep_vars:
+            # Held cell-major for the kernels; saved contiguous (safetensors takes no other).
+            destination[prefix + "logits"] = destination[prefix + "logits"].contiguous()
         if self.table is not None and self.table.device.type != "meta":
             destination[prefix + "table"] = pack_nibbles(self.table)
 
@@ -312,9 +315,13 @@ def _cell_major_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.ops.spatium.map_softmax(logits.detach())
 
 
-def _cell_major(table: torch.Tensor) -> torch.Tensor:
-    """The same ``[neurons, 64]`` values, stored cell-major."""
-    return table.t().contiguous().t()
+def _cell_major(values: torch.Tensor) -> torch.Tensor:
+    """The same ``[neurons, 64]`` or ``[neurons, 64, 12]`` values, stored cell-major (neurons
+    last in memory): the layout the kernels read, and a learnable map's logits keep, so that the
+    softmax, its backward and the logits' gradient need no transposition."""
+    order = (1, 0) if values.dim() == 2 else (1, 2, 0)
+    inverse = [order.index(d) for d in range(values.dim())]
+    return values.permute(order).contiguous().permute(inverse)
 
 
 def _initial_table(neurons: int, init: str, generator: torch.Generator) -> torch.Tensor:

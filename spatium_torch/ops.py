@@ -377,7 +377,7 @@ def _map_softmax_backward_fake(grad_probs: torch.Tensor, probs: torch.Tensor) ->
     if grad_probs.shape != probs.shape or grad_probs.dtype != probs.dtype:
         raise ValueError("map_softmax_backward: grad_probs must match probs in shape and dtype")
     _check_same_device("map_softmax_backward", probs, grad_probs)
-    return probs.new_empty(probs.shape)
+    return probs.new_empty((CELLS, len(ACTIVATIONS), probs.shape[0])).permute(2, 0, 1)
 
 
 @torch.library.register_fake("spatium::simhash_cells")

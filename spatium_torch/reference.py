@@ -611,9 +611,10 @@ def map_softmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def map_softmax_backward(grad_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """The logits' gradient (contiguous ``[neurons, 64, 12]``) of :func:`map_softmax`, given
-    the probabilities' gradient and the probabilities."""
-    return (probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))).contiguous()
+    """The logits' gradient ``[neurons, 64, 12]`` of :func:`map_softmax`, stored cell-major,
+    given the probabilities' gradient and the probabilities."""
+    grad = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
+    return grad.permute(1, 2, 0).contiguous().permute(2, 0, 1)
 
 
 def simhash_cells(x: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:

@@ -275,3 +275,22 @@ def test_training_mixture_without_grad_matches_with_grad():
     with torch.no_grad():
         y = amap(pre, x)
     assert torch.equal(y, amap(pre, x).detach())
+
+
+def test_learnable_logits_are_held_cell_major_and_saved_contiguous():
+    # Cell-major logits (neurons last in memory) make the softmax, its backward and the
+    # logits' gradient transposition-free; a state_dict holds them contiguous (safetensors).
+    amap = st.ActivationMap(5, 7, learnable=True, init="random")
+    cell_major = lambda t: t.permute(1, 2, 0).is_contiguous()  # noqa: E731
+    assert cell_major(amap.logits)
+    amap(torch.randn(9, 5), torch.randn(9, 7)).sum().backward()
+    assert cell_major(amap.logits.grad)
+    torch.optim.Adam(amap.parameters()).step()
+    assert cell_major(amap.logits)
+    state = amap.state_dict()
+    assert state["logits"].is_contiguous() and torch.equal(state["logits"], amap.logits)
+    twin = st.ActivationMap(5, 7, learnable=True)
+    twin.load_state_dict(state)
+    assert cell_major(twin.logits) and torch.equal(twin.logits, amap.logits)
+    picked = amap.select_neurons(torch.tensor([4, 0, 0]))
+    assert cell_major(picked.logits) and torch.equal(picked.logits[1], amap.logits[0])

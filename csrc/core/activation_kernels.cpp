@@ -262,11 +262,10 @@ template <class T>
   simhash_rows(x, batch, features, projections, bits, cells);
 }
 
-// Rows go through in tiles of kSoftmaxTile: a tile's values are transposed into [12][tile] so
-// that the loops over its rows vectorise (whole tiles, constant trip counts: a partial tile's
-// spare lanes compute on zeros and are not stored); exp is exp_nonpositive for float32 (every
-// argument is <= 0 after the row's maximum is subtracted), std::exp for float64.
-constexpr int64_t kSoftmaxTile = 16;
+// Columns go through in chunks whose maxima and sums stay in registers or L1; every loop runs
+// over contiguous columns, so it vectorises. exp is exp_nonpositive for float32 (every argument
+// is <= 0 once the column's maximum is subtracted), std::exp for float64.
+constexpr int64_t kSoftmaxChunk = 256;
 
 template <class T>
 [[gnu::always_inline]] inline T exp_of_nonpositive(T x) {
@@ -277,99 +276,65 @@ template <class T>
   }
 }
 
-// Rows [0, size) of a tile to and from out[k * ld + j]. A whole tile is a fixed-size copy (one
-// vector per function): a copy of run-time length becomes `rep movs`, whose start-up cost
-// dominated these kernels.
 template <class T>
-[[gnu::always_inline]] inline void store_tile(const T (&tile)[kNumFns][kSoftmaxTile],
-                                              int64_t size, T* out, int64_t ld) {
-  for (int k = 0; k < kNumFns; ++k) {
-    if (size == kSoftmaxTile) {
-      for (int64_t j = 0; j < kSoftmaxTile; ++j) out[k * ld + j] = tile[k][j];
-    } else {
-      for (int64_t j = 0; j < size; ++j) out[k * ld + j] = tile[k][j];
-    }
-  }
-}
-
-template <class T>
-[[gnu::always_inline]] inline void load_tile(const T* in, int64_t ld, int64_t size,
-                                             T (&tile)[kNumFns][kSoftmaxTile]) {
-  for (int k = 0; k < kNumFns; ++k) {
-    if (size == kSoftmaxTile) {
-      for (int64_t j = 0; j < kSoftmaxTile; ++j) tile[k][j] = in[k * ld + j];
-    } else {
-      for (int64_t j = 0; j < kSoftmaxTile; ++j) tile[k][j] = j < size ? in[k * ld + j] : T(0);
-    }
-  }
-}
-
-template <class T>
-[[gnu::always_inline]] inline void softmax_rows_impl(const T* __restrict logits, int64_t stride,
-                                                     int64_t n, T* __restrict probs,
-                                                     int64_t ld) {
-  constexpr int64_t kTile = kSoftmaxTile;
-  for (int64_t begin = 0; begin < n; begin += kTile) {
-    const int64_t size = std::min(kTile, n - begin);
-    T tile[kNumFns][kTile];
-    if (size < kTile) std::fill_n(&tile[0][0], kNumFns * kTile, T(0));
-    for (int64_t j = 0; j < size; ++j) {
-      for (int k = 0; k < kNumFns; ++k) tile[k][j] = logits[(begin + j) * stride + k];
-    }
-    T largest[kTile], total[kTile] = {};
-    for (int64_t j = 0; j < kTile; ++j) largest[j] = tile[0][j];
+[[gnu::always_inline]] inline void softmax_columns_impl(const T* __restrict logits, int64_t ld,
+                                                        int64_t n, T* __restrict probs) {
+  for (int64_t begin = 0; begin < n; begin += kSoftmaxChunk) {
+    const int64_t size = std::min(kSoftmaxChunk, n - begin);
+    T largest[kSoftmaxChunk], total[kSoftmaxChunk];
+    const T* l = logits + begin;
+    T* p = probs + begin;
+    for (int64_t j = 0; j < size; ++j) largest[j] = l[j];
     for (int k = 1; k < kNumFns; ++k) {
-      for (int64_t j = 0; j < kTile; ++j) {
-        largest[j] = tile[k][j] > largest[j] ? tile[k][j] : largest[j];
+      for (int64_t j = 0; j < size; ++j) {
+        largest[j] = l[k * ld + j] > largest[j] ? l[k * ld + j] : largest[j];
+      }
+    }
+    for (int64_t j = 0; j < size; ++j) total[j] = T(0);
+    for (int k = 0; k < kNumFns; ++k) {
+      for (int64_t j = 0; j < size; ++j) {
+        p[k * ld + j] = exp_of_nonpositive(l[k * ld + j] - largest[j]);
+        total[j] += p[k * ld + j];
       }
     }
     for (int k = 0; k < kNumFns; ++k) {
-      for (int64_t j = 0; j < kTile; ++j) {
-        tile[k][j] = exp_of_nonpositive(tile[k][j] - largest[j]);
-        total[j] += tile[k][j];
-      }
+      for (int64_t j = 0; j < size; ++j) p[k * ld + j] /= total[j];
     }
-    for (int k = 0; k < kNumFns; ++k) {
-      for (int64_t j = 0; j < kTile; ++j) tile[k][j] /= total[j];
-    }
-    store_tile(tile, size, probs + begin, ld);
   }
 }
 
 template <class T>
-[[gnu::always_inline]] inline void softmax_rows_backward_impl(const T* __restrict grad_probs,
-                                                              const T* __restrict probs,
-                                                              int64_t ld, int64_t n,
-                                                              T* __restrict grad_logits,
-                                                              int64_t stride) {
-  constexpr int64_t kTile = kSoftmaxTile;
-  for (int64_t begin = 0; begin < n; begin += kTile) {
-    const int64_t size = std::min(kTile, n - begin);
-    T g[kNumFns][kTile], p[kNumFns][kTile];
-    load_tile(grad_probs + begin, ld, size, g);
-    load_tile(probs + begin, ld, size, p);
-    T dot[kTile] = {};
+[[gnu::always_inline]] inline void softmax_columns_backward_impl(const T* __restrict grad_probs,
+                                                                 const T* __restrict probs,
+                                                                 int64_t ld, int64_t n,
+                                                                 T* __restrict grad_logits) {
+  for (int64_t begin = 0; begin < n; begin += kSoftmaxChunk) {
+    const int64_t size = std::min(kSoftmaxChunk, n - begin);
+    T dot[kSoftmaxChunk];
+    const T* g = grad_probs + begin;
+    const T* p = probs + begin;
+    T* out = grad_logits + begin;
+    for (int64_t j = 0; j < size; ++j) dot[j] = T(0);
     for (int k = 0; k < kNumFns; ++k) {
-      for (int64_t j = 0; j < kTile; ++j) dot[j] += g[k][j] * p[k][j];
+      for (int64_t j = 0; j < size; ++j) dot[j] += g[k * ld + j] * p[k * ld + j];
     }
     for (int k = 0; k < kNumFns; ++k) {
-      for (int64_t j = 0; j < kTile; ++j) g[k][j] = p[k][j] * (g[k][j] - dot[j]);
-    }
-    for (int64_t j = 0; j < size; ++j) {
-      for (int k = 0; k < kNumFns; ++k) grad_logits[(begin + j) * stride + k] = g[k][j];
+      for (int64_t j = 0; j < size; ++j) {
+        out[k * ld + j] = p[k * ld + j] * (g[k * ld + j] - dot[j]);
+      }
     }
   }
 }
 
-[[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void softmax_rows_f32(
-    const float* logits, int64_t stride, int64_t n, float* probs, int64_t ld) {
-  softmax_rows_impl(logits, stride, n, probs, ld);
+[[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void softmax_columns_f32(
+    const float* logits, int64_t ld, int64_t n, float* probs) {
+  softmax_columns_impl(logits, ld, n, probs);
 }
 
-[[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void softmax_rows_backward_f32(
-    const float* grad_probs, const float* probs, int64_t ld, int64_t n, float* grad_logits,
-    int64_t stride) {
-  softmax_rows_backward_impl(grad_probs, probs, ld, n, grad_logits, stride);
+[[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void
+softmax_columns_backward_f32(const float* grad_probs, const float* probs, int64_t ld, int64_t n,
+                             float* grad_logits) {
+  softmax_columns_backward_impl(grad_probs, probs, ld, n, grad_logits);
 }
 
 }  // namespace
@@ -446,27 +411,25 @@ void mixture_backward<double>(const double* w, int64_t ld, const double* x, cons
 }
 
 template <>
-void softmax_rows<float>(const float* logits, int64_t stride, int64_t n, float* probs,
-                         int64_t ld) {
-  softmax_rows_f32(logits, stride, n, probs, ld);
+void softmax_columns<float>(const float* logits, int64_t ld, int64_t n, float* probs) {
+  softmax_columns_f32(logits, ld, n, probs);
 }
 
 template <>
-void softmax_rows<double>(const double* logits, int64_t stride, int64_t n, double* probs,
-                          int64_t ld) {
-  softmax_rows_impl(logits, stride, n, probs, ld);
+void softmax_columns<double>(const double* logits, int64_t ld, int64_t n, double* probs) {
+  softmax_columns_impl(logits, ld, n, probs);
 }
 
 template <>
-void softmax_rows_backward<float>(const float* grad_probs, const float* probs, int64_t ld,
-                                  int64_t n, float* grad_logits, int64_t stride) {
-  softmax_rows_backward_f32(grad_probs, probs, ld, n, grad_logits, stride);
+void softmax_columns_backward<float>(const float* grad_probs, const float* probs, int64_t ld,
+                                     int64_t n, float* grad_logits) {
+  softmax_columns_backward_f32(grad_probs, probs, ld, n, grad_logits);
 }
 
 template <>
-void softmax_rows_backward<double>(const double* grad_probs, const double* probs, int64_t ld,
-                                   int64_t n, double* grad_logits, int64_t stride) {
-  softmax_rows_backward_impl(grad_probs, probs, ld, n, grad_logits, stride);
+void softmax_columns_backward<double>(const double* grad_probs, const double* probs, int64_t ld,
+                                      int64_t n, double* grad_logits) {
+  softmax_columns_backward_impl(grad_probs, probs, ld, n, grad_logits);
 }
 
 }  // namespace spatium::act

@@ -39,16 +39,16 @@ template <class T>
 void mixture_backward(const T* w, int64_t ld, const T* x, const T* grad, int64_t n, T* grad_x,
                       T* grad_w);
 
-// A softmax over the 12 functions for each of n rows of logits (row j's 12 values contiguous
-// at logits + j * stride), written function-major: probs[k * ld + j]. The layout the mixture
-// kernels read probabilities in.
+// A softmax over the 12 functions for each of n columns, everything function-major: logit k
+// of column j at logits[k * ld + j], its probability at probs[k * ld + j]. The layout the
+// mixture kernels read probabilities in (and a learnable map keeps its logits in).
 template <class T>
-void softmax_rows(const T* logits, int64_t stride, int64_t n, T* probs, int64_t ld);
+void softmax_columns(const T* logits, int64_t ld, int64_t n, T* probs);
 
-// Its backward: grad_logits[j * stride + k] = p_k (g_k - sum_i g_i p_i) with p_k = probs[k * ld
-// + j] and g_k = grad_probs[k * ld + j].
+// Its backward: grad_logits[k * ld + j] = p_k (g_k - sum_i g_i p_i) with p_k = probs[k * ld + j]
+// and g_k = grad_probs[k * ld + j].
 template <class T>
-void softmax_rows_backward(const T* grad_probs, const T* probs, int64_t ld, int64_t n,
-                           T* grad_logits, int64_t stride);
+void softmax_columns_backward(const T* grad_probs, const T* probs, int64_t ld, int64_t n,
+                              T* grad_logits);
 
 }  // namespace spatium::act

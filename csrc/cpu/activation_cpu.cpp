@@ -1,9 +1,10 @@
-// CPU kernels of the activation-map ops (declared in kernels.h), parallel: spatium::activation applies one of the 12
-// functions of core/activations.h elementwise; activation_map applies, per sample and neuron,
-// the function its (neuron, cell) holds in a table; activation_mixture applies the
-// probability-weighted sum of all 12 (a learnable map while training). Each has a backward op.
-// map_softmax turns a learnable map's logits into those probabilities, stored cell-major, and
-// map_softmax_backward takes their gradient back to the logits. simhash_cells picks each sample's cell and count_hits_ counts the cells' hits. The kernels
+// CPU kernels of the activation-map ops (declared in kernels.h), parallel: spatium::activation
+// applies one of the 12 functions of core/activations.h elementwise; activation_map applies,
+// per sample and neuron, the function its (neuron, cell) holds in a table; activation_mixture
+// applies the probability-weighted sum of all 12 (a learnable map while training). Each has a
+// backward op. map_softmax turns a learnable map's logits into those probabilities and
+// map_softmax_backward takes their gradient back to the logits, all stored cell-major.
+// simhash_cells picks each sample's cell and count_hits_ counts the cells' hits. The kernels
 // (core/activation_kernels.h) run over contiguous runs of neurons.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -228,6 +229,10 @@ void check_map_logits(const at::Tensor& t, const char* op, const char* name) {
                     name, " must be [neurons, 64, ", act::kNumFns, "], got ", t.sizes());
 }
 
+// [N, 64, 12] as cell-major [64, 12, N] (no copy when a view of one, as a learnable map's
+// logits and probabilities are).
+at::Tensor cell_major(const at::Tensor& t) { return t.permute({1, 2, 0}).contiguous(); }
+
 // body(cell) for every cell, in parallel: a cell's rows are a task's own.
 template <class Body>
 void for_cells(int64_t neurons, Body body) {
@@ -241,15 +246,15 @@ void for_cells(int64_t neurons, Body body) {
 
 at::Tensor map_softmax(const at::Tensor& logits_in) {
   check_map_logits(logits_in, "map_softmax", "logits");
-  const at::Tensor logits = logits_in.contiguous();
-  const int64_t neurons = logits.size(0);
-  at::Tensor probs = at::empty({kCells, act::kNumFns, neurons}, logits.options());
+  const at::Tensor logits = cell_major(logits_in);
+  const int64_t neurons = logits_in.size(0);
+  at::Tensor probs = at::empty_like(logits);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "map_softmax", [&] {
     const scalar_t* l = logits.const_data_ptr<scalar_t>();
     scalar_t* p = probs.mutable_data_ptr<scalar_t>();
     for_cells(neurons, [&](int64_t c) {
-      act::softmax_rows(l + c * act::kNumFns, kCells * act::kNumFns, neurons,
-                        p + c * act::kNumFns * neurons, neurons);
+      const int64_t at = c * act::kNumFns * neurons;
+      act::softmax_columns(l + at, neurons, neurons, p + at);
     });
   });
   return probs.permute({2, 0, 1});
@@ -261,22 +266,19 @@ at::Tensor map_softmax_backward(const at::Tensor& grad_probs_in, const at::Tenso
   TORCH_CHECK_VALUE(grad_probs_in.sizes() == probs_in.sizes() &&
                         grad_probs_in.scalar_type() == probs_in.scalar_type(),
                     op, ": grad_probs must match probs in shape and dtype");
-  // Cell-major, as the module caches probabilities (no copy then).
-  const at::Tensor grad_probs = grad_probs_in.permute({1, 2, 0}).contiguous();
-  const at::Tensor probs = probs_in.permute({1, 2, 0}).contiguous();
+  const at::Tensor grad_probs = cell_major(grad_probs_in), probs = cell_major(probs_in);
   const int64_t neurons = probs_in.size(0);
-  at::Tensor grad_logits = at::empty(probs_in.sizes(), probs_in.options());
+  at::Tensor grad_logits = at::empty_like(probs);
   AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "map_softmax_backward", [&] {
     const scalar_t* g = grad_probs.const_data_ptr<scalar_t>();
     const scalar_t* p = probs.const_data_ptr<scalar_t>();
     scalar_t* out = grad_logits.mutable_data_ptr<scalar_t>();
     for_cells(neurons, [&](int64_t c) {
       const int64_t at = c * act::kNumFns * neurons;
-      act::softmax_rows_backward(g + at, p + at, neurons, neurons, out + c * act::kNumFns,
-                                 kCells * act::kNumFns);
+      act::softmax_columns_backward(g + at, p + at, neurons, neurons, out + at);
     });
   });
-  return grad_logits;
+  return grad_logits.permute({2, 0, 1});
 }
 
 at::Tensor simhash_cells(const at::Tensor& x_in, const at::Tensor& projections_in) {

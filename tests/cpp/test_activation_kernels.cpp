@@ -110,38 +110,36 @@ TEST(ActivationKernels, SimhashSetsABitPerPositiveProjection) {
   }
 }
 
-// The softmax over each row's 12 logits, written function-major, and its backward, against a
-// double-precision softmax: whole tiles of 16 rows and a partial one, rows spaced by a stride.
-TEST(ActivationKernels, SoftmaxRowsAndBackwardMatchDouble) {
+// The softmax over each column's 12 logits and its backward, function-major, against a
+// double-precision softmax: whole chunks of 256 columns and partial ones, rows spaced by ld.
+TEST(ActivationKernels, SoftmaxColumnsAndBackwardMatchDouble) {
   std::mt19937 rng(3);
   std::normal_distribution<float> normal(0.0f, 4.0f);
-  for (int64_t n : {1, 16, 37}) {
-    const int64_t stride = 2 * kNumFns, ld = n + 3;
-    std::vector<float> logits(static_cast<size_t>(n * stride)), grad(static_cast<size_t>(kNumFns * ld));
+  for (int64_t n : {1, 37, 300}) {
+    const int64_t ld = n + 3;
+    const auto size = static_cast<size_t>(kNumFns * ld);
+    std::vector<float> logits(size), grad(size);
     for (auto& v : logits) v = normal(rng);
     for (auto& v : grad) v = normal(rng);
-    std::vector<float> probs(static_cast<size_t>(kNumFns * ld), -1.0f);
-    softmax_rows(logits.data(), stride, n, probs.data(), ld);
-    std::vector<float> grad_logits(static_cast<size_t>(n * stride), -1.0f);
-    softmax_rows_backward(grad.data(), probs.data(), ld, n, grad_logits.data(), stride);
+    std::vector<float> probs(size, -1.0f), grad_logits(size, -1.0f);
+    softmax_columns(logits.data(), ld, n, probs.data());
+    softmax_columns_backward(grad.data(), probs.data(), ld, n, grad_logits.data());
     for (int64_t j = 0; j < n; ++j) {
-      double largest = -INFINITY, total = 0.0, dot = 0.0;
-      for (int k = 0; k < kNumFns; ++k) largest = std::max(largest, double(logits[j * stride + k]));
-      double p[kNumFns];
-      for (int k = 0; k < kNumFns; ++k) total += p[k] = std::exp(logits[j * stride + k] - largest);
+      double largest = -INFINITY, total = 0.0, dot = 0.0, p[kNumFns];
+      for (int k = 0; k < kNumFns; ++k) largest = std::max(largest, double(logits[k * ld + j]));
+      for (int k = 0; k < kNumFns; ++k) total += p[k] = std::exp(logits[k * ld + j] - largest);
       for (int k = 0; k < kNumFns; ++k) {
-        p[k] /= total;
-        ASSERT_NEAR(probs[k * ld + j], p[k], 1e-6) << n << " " << j << " " << k;
+        ASSERT_NEAR(probs[k * ld + j], p[k] / total, 1e-6) << n << " " << j << " " << k;
         dot += double(grad[k * ld + j]) * double(probs[k * ld + j]);
       }
       for (int k = 0; k < kNumFns; ++k) {
         const double expected = probs[k * ld + j] * (grad[k * ld + j] - dot);
-        ASSERT_NEAR(grad_logits[j * stride + k], expected, 1e-5 * (1 + std::fabs(expected)));
+        ASSERT_NEAR(grad_logits[k * ld + j], expected, 1e-5 * (1 + std::fabs(expected)));
       }
-      // the stride's gap and the rows past n are left alone
-      ASSERT_EQ(grad_logits[j * stride + kNumFns], -1.0f);
     }
+    // the columns past n are left alone
     for (int k = 0; k < kNumFns; ++k) ASSERT_EQ(probs[k * ld + n], -1.0f);
+    for (int k = 0; k < kNumFns; ++k) ASSERT_EQ(grad_logits[k * ld + n], -1.0f);
   }
 }
 
