@@ -21,7 +21,7 @@ from spatium_torch.neurons import (
     parameter_like,
 )
 from spatium_torch.ops import CODE_BITS, VALID_BITS
-from spatium_torch.reference import code_format
+from spatium_torch.reference import format_of
 from spatium_torch.snapshot import Snapshot
 from spatium_torch.store import (
     STATE_LOCK,
@@ -286,7 +286,7 @@ class SpatialLayer(nn.Module):
     def code_format(self) -> int:
         """The store's code format, as the ops take it: the width for integer codes,
         ``reference.NF4_FORMAT`` for nf4."""
-        return code_format(self.bits, self.codebook)
+        return format_of(self.bits, self.codebook)
 
     @property
     def inference_precision(self) -> str:

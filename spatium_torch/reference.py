@@ -79,7 +79,7 @@ def code_range(bits: int) -> tuple[int, int]:
 SCALE_SEARCH = {2: (0.8, 0), 4: (0.95, 1), 8: (1.0, 0), NF4_FORMAT: (1.0, 1)}
 
 
-def code_format(bits: int, codebook: str) -> int:
+def format_of(bits: int, codebook: str) -> int:
     """The code format of ``bits``-wide codes from ``codebook`` (``"int"`` or ``"nf4"``)."""
     return NF4_FORMAT if codebook == "nf4" else bits
 

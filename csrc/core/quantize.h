@@ -80,7 +80,13 @@ template <int Format>
 
 // level<Format> for a format known at run time.
 inline float level_of(int format, uint32_t stored) {
-  return format == kNf4 ? kNf4Levels[stored] : static_cast<float>(from_stored(format, stored));
+  switch (format) {
+    case 1: return level<1>(stored);
+    case 2: return level<2>(stored);
+    case 4: return level<4>(stored);
+    case kNf4: return level<kNf4>(stored);
+    default: return level<8>(stored);
+  }
 }
 
 // Bytes holding `count` codes of `bits` bits.
