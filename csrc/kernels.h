@@ -52,14 +52,11 @@ at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& x, int6
 at::Tensor activation_map(const at::Tensor& pre, const at::Tensor& cells, const at::Tensor& table);
 at::Tensor activation_map_backward(const at::Tensor& grad, const at::Tensor& pre,
                                    const at::Tensor& cells, const at::Tensor& table);
-at::Tensor activation_mixture(const at::Tensor& pre, const at::Tensor& cells,
-                              const at::Tensor& probs);
-std::tuple<at::Tensor, at::Tensor> activation_mixture_backward(const at::Tensor& grad,
-                                                               const at::Tensor& pre,
-                                                               const at::Tensor& cells,
-                                                               const at::Tensor& probs);
-at::Tensor map_softmax(const at::Tensor& logits);
-at::Tensor map_softmax_backward(const at::Tensor& grad_probs, const at::Tensor& probs);
+std::tuple<at::Tensor, at::Tensor> learnable_map_backward(const at::Tensor& grad,
+                                                          const at::Tensor& pre,
+                                                          const at::Tensor& cells,
+                                                          const at::Tensor& table);
+at::Tensor map_argmax(const at::Tensor& logits);
 at::Tensor simhash_cells(const at::Tensor& x, const at::Tensor& projections);
 void count_hits(at::Tensor& hits, const at::Tensor& cells);
 

@@ -18,10 +18,8 @@ TORCH_LIBRARY_IMPL(spatium, CPU, m) {
   m.impl("activation_backward", &cpu::activation_backward);
   m.impl("activation_map", &cpu::activation_map);
   m.impl("activation_map_backward", &cpu::activation_map_backward);
-  m.impl("activation_mixture", &cpu::activation_mixture);
-  m.impl("activation_mixture_backward", &cpu::activation_mixture_backward);
-  m.impl("map_softmax", &cpu::map_softmax);
-  m.impl("map_softmax_backward", &cpu::map_softmax_backward);
+  m.impl("learnable_map_backward", &cpu::learnable_map_backward);
+  m.impl("map_argmax", &cpu::map_argmax);
   m.impl("simhash_cells", &cpu::simhash_cells);
   m.impl("count_hits_", &cpu::count_hits);
   m.impl("track_activity_", &cpu::track_activity);

@@ -724,7 +724,7 @@ def _stage_tail_module(module: nn.Module, change: NeuronChange) -> Stage:
             module._parameters.update(new_map._parameters)
             module._buffers.update(new_map._buffers)
             module.num_features = new_map.num_features
-            module._probs_key = module._argmax_key = None
+            module._argmax_key = None
 
         stage = Stage(adopt)
         if module.logits is not None:

@@ -108,12 +108,10 @@ SCHEMAS = {
     "activation_backward": "(Tensor grad, Tensor x, int fn) -> Tensor",
     "activation_map": "(Tensor pre, Tensor cells, Tensor table) -> Tensor",
     "activation_map_backward": "(Tensor grad, Tensor pre, Tensor cells, Tensor table) -> Tensor",
-    "activation_mixture": "(Tensor pre, Tensor cells, Tensor probs) -> Tensor",
-    "activation_mixture_backward": (
-        "(Tensor grad, Tensor pre, Tensor cells, Tensor probs) -> (Tensor, Tensor)"
+    "learnable_map_backward": (
+        "(Tensor grad, Tensor pre, Tensor cells, Tensor table) -> (Tensor, Tensor)"
     ),
-    "map_softmax": "(Tensor logits) -> Tensor",
-    "map_softmax_backward": "(Tensor grad_probs, Tensor probs) -> Tensor",
+    "map_argmax": "(Tensor logits) -> Tensor",
     "simhash_cells": "(Tensor x, Tensor projections) -> Tensor",
     "count_hits_": "(Tensor(a!) hits, Tensor cells) -> ()",
     "track_activity_": (
@@ -311,16 +309,6 @@ def _check_table(table: torch.Tensor, neurons: int) -> None:
         raise ValueError(f"activation_map: table must be [{neurons}, 64], got {list(table.shape)}")
 
 
-def _check_probs(probs: torch.Tensor, pre: torch.Tensor) -> None:
-    if probs.dtype != pre.dtype:
-        raise TypeError("activation_mixture: probs must have pre's dtype")
-    if tuple(probs.shape) != (pre.shape[1], CELLS, len(ACTIVATIONS)):
-        raise ValueError(
-            f"activation_mixture: probs must be [{pre.shape[1]}, 64, {len(ACTIVATIONS)}], got "
-            f"{list(probs.shape)}"
-        )
-
-
 @torch.library.register_fake("spatium::activation_map")
 def _activation_map_fake(
     pre: torch.Tensor, cells: torch.Tensor, table: torch.Tensor
@@ -339,45 +327,31 @@ def _activation_map_backward_fake(
     return torch.empty_like(pre)
 
 
-@torch.library.register_fake("spatium::activation_mixture")
-def _activation_mixture_fake(
-    pre: torch.Tensor, cells: torch.Tensor, probs: torch.Tensor
-) -> torch.Tensor:
-    _check_map("activation_mixture", pre, cells, probs)
-    _check_probs(probs, pre)
-    return torch.empty_like(pre)
-
-
-@torch.library.register_fake("spatium::activation_mixture_backward")
-def _activation_mixture_backward_fake(
-    grad: torch.Tensor, pre: torch.Tensor, cells: torch.Tensor, probs: torch.Tensor
+@torch.library.register_fake("spatium::learnable_map_backward")
+def _learnable_map_backward_fake(
+    grad: torch.Tensor, pre: torch.Tensor, cells: torch.Tensor, table: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_map("activation_mixture_backward", pre, cells, probs, grad)
-    _check_probs(probs, pre)
-    return torch.empty_like(pre), torch.empty_like(probs)
+    _check_map("learnable_map_backward", pre, cells, table, grad)
+    _check_table(table, pre.shape[1])
+    if grad.shape != pre.shape or grad.dtype != pre.dtype:
+        raise ValueError("learnable_map_backward: grad must match pre")
+    return torch.empty_like(pre), _cell_major_logits_like(pre, pre.shape[1])
 
 
-def _check_map_logits(t: torch.Tensor, op: str, name: str) -> None:
-    _check_float(t, op, name)
-    if t.dim() != 3 or tuple(t.shape[1:]) != (CELLS, len(ACTIVATIONS)):
+def _cell_major_logits_like(like: torch.Tensor, neurons: int) -> torch.Tensor:
+    """An empty ``[neurons, 64, 12]`` tensor stored cell-major, as a learnable map's logits."""
+    return like.new_empty((CELLS, len(ACTIVATIONS), neurons)).permute(2, 0, 1)
+
+
+@torch.library.register_fake("spatium::map_argmax")
+def _map_argmax_fake(logits: torch.Tensor) -> torch.Tensor:
+    _check_float(logits, "map_argmax", "logits")
+    if logits.dim() != 3 or tuple(logits.shape[1:]) != (CELLS, len(ACTIVATIONS)):
         raise ValueError(
-            f"{op}: {name} must be [neurons, 64, {len(ACTIVATIONS)}], got {list(t.shape)}"
+            f"map_argmax: logits must be [neurons, 64, {len(ACTIVATIONS)}], "
+            f"got {list(logits.shape)}"
         )
-
-
-@torch.library.register_fake("spatium::map_softmax")
-def _map_softmax_fake(logits: torch.Tensor) -> torch.Tensor:
-    _check_map_logits(logits, "map_softmax", "logits")
-    return logits.new_empty((CELLS, len(ACTIVATIONS), logits.shape[0])).permute(2, 0, 1)
-
-
-@torch.library.register_fake("spatium::map_softmax_backward")
-def _map_softmax_backward_fake(grad_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    _check_map_logits(probs, "map_softmax_backward", "probs")
-    if grad_probs.shape != probs.shape or grad_probs.dtype != probs.dtype:
-        raise ValueError("map_softmax_backward: grad_probs must match probs in shape and dtype")
-    _check_same_device("map_softmax_backward", probs, grad_probs)
-    return probs.new_empty((CELLS, len(ACTIVATIONS), probs.shape[0])).permute(2, 0, 1)
+    return logits.new_empty((CELLS, logits.shape[0]), dtype=torch.uint8).t()
 
 
 @torch.library.register_fake("spatium::simhash_cells")
@@ -564,16 +538,9 @@ def _activation_map_backward(ctx: object, grad: torch.Tensor) -> tuple:
     return torch.ops.spatium.activation_map_backward(grad, pre, cells, table), None, None
 
 
-def _activation_mixture_backward(ctx: object, grad: torch.Tensor) -> tuple:
-    pre, cells, probs = ctx.saved_tensors
-    grad_pre, grad_probs = torch.ops.spatium.activation_mixture_backward(grad, pre, cells, probs)
-    return grad_pre, None, grad_probs
-
-
 for _name, _backward, _setup in (
     ("spatial_linear", _spatial_linear_backward, _spatial_linear_setup_context),
     ("activation", _activation_backward, _activation_setup_context),
     ("activation_map", _activation_map_backward, _map_setup_context),
-    ("activation_mixture", _activation_mixture_backward, _map_setup_context),
 ):
     torch.library.register_autograd(f"spatium::{_name}", _backward, setup_context=_setup)

@@ -573,48 +573,28 @@ def activation_map_backward(
     return grad * _pick(pre, _map_functions(pre, cells, table), 1)
 
 
-def _mixture_weights(probs: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
-    """``[batch, neurons, 12]``: each sample's function probabilities, per neuron."""
-    return probs.index_select(1, cells).permute(1, 0, 2)
-
-
-def activation_mixture(pre: torch.Tensor, cells: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """``out[b, n] = sum_k probs[n, cells[b], k] * f_k(pre[b, n])`` for probs
-    ``[neurons, 64, 12]`` of pre's dtype."""
-    weights = _mixture_weights(probs, cells)
-    out = torch.zeros_like(pre)
-    for k, (value, _) in enumerate(_FUNCTIONS):
-        out = out + weights[..., k] * value(pre)
-    return out
-
-
-def activation_mixture_backward(
-    grad: torch.Tensor, pre: torch.Tensor, cells: torch.Tensor, probs: torch.Tensor
+def learnable_map_backward(
+    grad: torch.Tensor, pre: torch.Tensor, cells: torch.Tensor, table: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(grad_pre, grad_probs)`` of :func:`activation_mixture`: ``grad_pre[b, n] = grad[b, n]
-    * sum_k probs[n, cells[b], k] f'_k(pre[b, n])`` and ``grad_probs[n, c, k]`` the sum over
-    samples b in cell c of ``grad[b, n] * f_k(pre[b, n])`` (laid out as probs)."""
-    weights = _mixture_weights(probs, cells)
-    slope = torch.zeros_like(pre)
-    for k, (_, derivative) in enumerate(_FUNCTIONS):
-        slope = slope + weights[..., k] * derivative(pre)
+    """The backward of a learnable map trained straight through its argmax functions ``table``:
+    ``(grad_pre, grad_logits)`` with ``grad_pre`` as :func:`activation_map_backward` and
+    ``grad_logits[n, c, k]`` the sum over samples b in cell c of ``grad[b, n] * (f_k(pre[b, n])
+    - f_{table[n, c]}(pre[b, n]))``, the first-order change of the loss were the cell switched
+    to function k; ``[neurons, 64, 12]`` stored cell-major (``[64, 12, neurons]`` in memory)."""
+    fns = _map_functions(pre, cells, table)
     values = torch.stack([value(pre) for value, _ in _FUNCTIONS], dim=-1)  # [B, N, 12]
-    per_cell = pre.new_zeros(probs.shape[1], pre.shape[1], NUM_FUNCTIONS)
-    per_cell.index_add_(0, cells, grad.unsqueeze(-1) * values)
-    return grad * slope, torch.empty_like(probs).copy_(per_cell.permute(1, 0, 2))
+    chosen = values.gather(-1, fns.unsqueeze(-1))
+    per_cell = pre.new_zeros(table.shape[1], pre.shape[1], NUM_FUNCTIONS)
+    per_cell.index_add_(0, cells, grad.unsqueeze(-1) * (values - chosen))
+    grad_logits = per_cell.permute(0, 2, 1).contiguous().permute(2, 0, 1)
+    return grad * _pick(pre, fns, 1), grad_logits
 
 
-def map_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """The softmax over the 12 functions of a learnable map's logits ``[neurons, 64, 12]``,
-    stored cell-major (``[64, 12, neurons]`` in memory), as the mixture ops read it."""
-    return torch.softmax(logits, -1).permute(1, 2, 0).contiguous().permute(2, 0, 1)
-
-
-def map_softmax_backward(grad_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """The logits' gradient ``[neurons, 64, 12]`` of :func:`map_softmax`, stored cell-major,
-    given the probabilities' gradient and the probabilities."""
-    grad = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
-    return grad.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+def map_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The function of every cell of a learnable map: the argmax over the 12 functions of its
+    logits ``[neurons, 64, 12]``, ``[neurons, 64]`` uint8 stored cell-major (``[64, neurons]`` in
+    memory), as the map kernels read tables."""
+    return logits.argmax(-1).to(torch.uint8).t().contiguous().t()
 
 
 def simhash_cells(x: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 In-place ops bump a tensor's version counter, and a new tensor (``.data = t``, ``.to()``) changes
 its storage; but a write through ``.data`` (EMA updates, some clipping utilities) bypasses the
 version counter, because ``.data`` is an alias with a counter of its own. Caches derived from a
-Parameter (a layer's quantized store, an activation map's softmax) use :class:`TrackedParameter`
+Parameter (a layer's quantized store, an activation map's argmax) use :class:`TrackedParameter`
 to know when to recompute.
 """
 
@@ -22,7 +22,7 @@ _PARAMETER_DATA = nn.Parameter.data  # the tensor's own `.data` descriptor
 class TrackedParameter(nn.Parameter):
     """An ``nn.Parameter`` that can tell whether its contents may have changed since a given
     moment (:meth:`stamp`): a SpatialLayer's latent weight (the store re-quantizes when it
-    changed) and a learnable activation map's logits (the cached softmax is recomputed).
+    changed) and a learnable activation map's logits (the cached argmax is recomputed).
 
     In-place ops bump the version counter, and a new tensor (``.data = t``, ``.to()``) changes
     the storage; but a write through ``.data`` (EMA updates, some clipping utilities) bypasses

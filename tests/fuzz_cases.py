@@ -247,7 +247,7 @@ def assert_state(layer: st.SpatialLayer, expected: dict[str, torch.Tensor]) -> N
     neurons=hs.integers(0, 9),
     cell=hs.sampled_from([0, 1, 63, 63, 64, -1, 2**40]),
     table_value=hs.sampled_from([0, 3, 11, 11, 12, 255]),
-    shape_error=hs.sampled_from([None, None, None, "cells", "table", "probs", "projections"]),
+    shape_error=hs.sampled_from([None, None, None, "cells", "table", "logits", "projections"]),
     dtype=hs.sampled_from([torch.float32, torch.float64, torch.float16, torch.int64]),
 )
 def activation_ops_on_random_arguments(fn, batch, neurons, cell, table_value, shape_error, dtype):
@@ -261,7 +261,7 @@ def activation_ops_on_random_arguments(fn, batch, neurons, cell, table_value, sh
     table = torch.randint(0, 12, (neurons + (shape_error == "table"), 64), dtype=torch.uint8)
     if table.numel():
         table.view(-1)[-1] = table_value
-    probs = torch.rand(neurons, 64, 12 - (shape_error == "probs")).to(dtype)
+    logits = torch.randn(neurons, 64, 12 - (shape_error == "logits")).to(dtype)
     projections = torch.randn(6 + (shape_error == "projections"), neurons).to(dtype)
     hits = torch.zeros(neurons, 64, dtype=torch.int64)
     for call in (
@@ -269,10 +269,8 @@ def activation_ops_on_random_arguments(fn, batch, neurons, cell, table_value, sh
         lambda: ops.activation_backward(pre, pre, fn),
         lambda: ops.activation_map(pre, cells, table),
         lambda: ops.activation_map_backward(pre, pre, cells, table),
-        lambda: ops.activation_mixture(pre, cells, probs),
-        lambda: ops.activation_mixture_backward(pre, pre, cells, probs),
-        lambda: ops.map_softmax(probs),
-        lambda: ops.map_softmax_backward(probs, probs),
+        lambda: ops.learnable_map_backward(pre, pre, cells, table),
+        lambda: ops.map_argmax(logits),
         lambda: ops.count_hits_(hits, cells),
         lambda: ops.simhash_cells(pre, projections),
         lambda: ops.track_activity_(pre, torch.zeros(neurons), torch.zeros(neurons), 0.5),

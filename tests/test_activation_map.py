@@ -1,4 +1,4 @@
-"""ActivationMap: cells by SimHash, fixed and learnable maps, hit counts, the softmax cache."""
+"""ActivationMap: cells by SimHash, fixed and learnable maps, hit counts, the argmax cache."""
 
 import pytest
 import torch
@@ -49,56 +49,89 @@ def test_eval_learnable_map_applies_the_argmax_function():
     assert torch.equal(amap(pre, x), reference(pre, amap.cells(x), table))
 
 
-def test_training_mixture_is_the_probability_weighted_sum():
+def test_training_applies_the_argmax_function_as_eval_does():
     amap = st.ActivationMap(4, 5, learnable=True, seed=2)
     with torch.no_grad():
         amap.logits.copy_(torch.randn_like(amap.logits))
-    pre, x = torch.randn(30, 4, dtype=torch.float64), torch.randn(30, 5)
-    cells = amap.cells(x)
-    probs = torch.softmax(amap.logits.double(), -1)[torch.arange(4), :, :][:, cells].permute(
-        1, 0, 2
-    )
-    values = torch.stack([st.ops.activation(pre, name) for name in ACTIVATIONS], -1)
-    torch.testing.assert_close(amap(pre, x), (probs * values).sum(-1))
+    pre, x = torch.randn(30, 4, dtype=torch.float64, requires_grad=True), torch.randn(30, 5)
+    table = amap.logits.argmax(-1).to(torch.uint8)
+    expected = reference(pre.detach(), amap.cells(x), table)
+    assert torch.equal(amap(pre, x), expected)  # training, with grad
+    with torch.no_grad():
+        assert torch.equal(amap(pre, x), expected)
+    assert torch.equal(amap.eval()(pre, x), expected)
 
 
-def test_gradcheck_pre_activation_and_logits():
+def switch_gains(pre, cells, table, grad):
+    """The logits' gradient by its definition: for each (neuron, cell, function k), the change of
+    sum(grad * y) were the cell's function switched to k, one switch at a time."""
+    neurons = pre.shape[1]
+    base = (grad * reference(pre, cells, table)).sum(0)  # [N]
+    gains = torch.zeros(neurons, 64, len(ACTIVATIONS), dtype=pre.dtype)
+    for cell in cells.unique().tolist():
+        for k in range(len(ACTIVATIONS)):
+            switched = table.clone()
+            switched[:, cell] = k
+            gains[:, cell, k] = (grad * reference(pre, cells, switched)).sum(0) - base
+    return gains
+
+
+def test_logits_gradient_is_the_first_order_gain_of_switching_each_cell():
     amap = st.ActivationMap(3, 6, learnable=True, init="random", seed=4).double()
-    x = torch.randn(8, 6, dtype=torch.float64)
-    pre = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
-    cells = amap.cells(x)
-
-    def mixture(pre, logits):
-        probs = torch.softmax(logits, -1).detach()
-        return st.activation._LogitsMixture.apply(pre, cells, logits, probs)
-
-    logits = amap.logits.detach().clone().requires_grad_()
-    assert torch.autograd.gradcheck(mixture, (pre, logits))
-    table = amap.function_table()
+    x = torch.randn(40, 6, dtype=torch.float64)
+    pre = torch.randn(40, 3, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(40, 3, dtype=torch.float64)
+    amap(pre, x).backward(grad)
+    cells, table = amap.cells(x), amap.function_table()
+    # The map is linear in each sample's function: switching one cell changes sum(grad * y)
+    # by exactly the gradient, and the current function's entry is zero.
+    torch.testing.assert_close(amap.logits.grad, switch_gains(pre.detach(), cells, table, grad))
+    chosen = amap.logits.grad.gather(-1, table.long().unsqueeze(-1))
+    assert torch.equal(chosen, torch.zeros_like(chosen))
+    # the pre-activations' gradient is the argmax functions' (gradcheck away from kinks)
     away = pre.detach().where(pre.detach().abs() > 1e-2, 0.5).requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda p: torch.ops.spatium.activation_map(p, cells, table), (away,)
-    )
+    assert torch.autograd.gradcheck(lambda p: amap(p, x), (away,))
+
+
+def test_cells_switch_to_the_function_that_lowers_the_loss():
+    # Target |pre|: abs is the one function that fits, and every other function that beats relu
+    # is beaten by abs, so the trained cells (all relu at first) end on abs.
+    torch.manual_seed(0)
+    amap = st.ActivationMap(2, 4, learnable=True, initial_logit=1.0)
+    optimizer = torch.optim.Adam(amap.parameters(), lr=0.05)
+    x = torch.randn(256, 4)
+    losses = []
+    for _ in range(100):
+        pre = torch.randn(256, 2)
+        loss = (amap(pre, x) - pre.abs()).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] > 0.3 and losses[-1] < 0.05 * losses[0], (losses[0], losses[-1])
+    hit = amap.hits > 0
+    on_abs = amap.function_table()[hit] == ACTIVATIONS.index("abs")
+    assert hit.sum() > 64 and on_abs.float().mean() > 0.8
+    pre, x = torch.randn(100, 2), x[:100]
+    fits = (amap.function_table() == ACTIVATIONS.index("abs"))[:, amap.cells(x)].t()
+    assert torch.equal(amap.eval()(pre, x)[fits], pre.abs()[fits])
 
 
 def test_ops_pass_opcheck():
     pre, cells = torch.randn(6, 3), torch.tensor([0, 9, 63, 9, 1, 2])
     table = torch.randint(0, 12, (3, 64), dtype=torch.uint8)
-    probs = torch.softmax(torch.randn(3, 64, 12), -1)
     torch.library.opcheck(torch.ops.spatium.activation_map.default, (pre, cells, table))
-    torch.library.opcheck(torch.ops.spatium.activation_mixture.default, (pre, cells, probs))
     grad = torch.randn(6, 3)
     torch.library.opcheck(
         torch.ops.spatium.activation_map_backward.default, (grad, pre, cells, table)
     )
-    torch.library.opcheck(
-        torch.ops.spatium.activation_mixture_backward.default, (grad, pre, cells, probs)
-    )
+    for layout in (table, table.t().contiguous().t()):
+        torch.library.opcheck(
+            torch.ops.spatium.learnable_map_backward.default, (grad, pre, cells, layout)
+        )
     logits = torch.randn(3, 64, 12)
-    torch.library.opcheck(torch.ops.spatium.map_softmax.default, (logits,))
-    torch.library.opcheck(
-        torch.ops.spatium.map_softmax_backward.default, (torch.randn(3, 64, 12), probs)
-    )
+    for layout in (logits, logits.permute(1, 2, 0).contiguous().permute(2, 0, 1)):
+        torch.library.opcheck(torch.ops.spatium.map_argmax.default, (layout,))
 
 
 def test_same_input_same_cell_and_small_perturbations_keep_it():
@@ -124,18 +157,23 @@ def test_hit_counts_sum_to_samples_times_neurons_and_reset():
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_softmax_is_computed_once_per_optimizer_step(fused):
+def test_argmax_is_computed_once_per_optimizer_step(fused, monkeypatch):
     amap = st.ActivationMap(4, 6, learnable=True)
     optimizer = torch.optim.Adam(amap.parameters(), lr=0.1, fused=fused)
     pre, x = torch.randn(16, 4, requires_grad=True), torch.randn(16, 6)
+    calls = []
+    argmax = torch.ops.spatium.map_argmax
+    monkeypatch.setattr(
+        st.activation.torch.ops.spatium, "map_argmax", lambda t: calls.append(1) or argmax(t)
+    )
     for step in range(3):
         for _ in range(4):  # several forwards and backwards (gradient accumulation) per step
             amap(pre, x).sum().backward()
-        assert amap.softmax_computations == step + 1
+        assert len(calls) == step + 1
         optimizer.step()
         optimizer.zero_grad()
     amap(pre, x)
-    assert amap.softmax_computations == 4
+    assert len(calls) == 4
 
 
 def test_state_dict_round_trip():
@@ -201,11 +239,15 @@ def test_spatial_layer_with_a_map():
     assert torch.equal(other(x), learnable(x))
 
 
-def test_initial_logit_sets_the_starting_mixture():
-    sure = st.ActivationMap(2, 3, learnable=True)
-    even = st.ActivationMap(2, 3, learnable=True, initial_logit=0.0)
-    assert sure.probabilities()[..., 0].min() > 0.8  # relu
-    torch.testing.assert_close(even.probabilities(), torch.full((2, 64, 12), 1 / 12))
+def test_initial_logit_is_the_lead_of_the_initial_function():
+    amap = st.ActivationMap(2, 3, learnable=True, init="gradient", initial_logit=0.5)
+    fixed = st.ActivationMap(2, 3, init="gradient")
+    assert torch.equal(amap.function_table(), fixed.table)
+    top2 = amap.logits.topk(2, dim=-1).values
+    assert torch.equal(top2[..., 0] - top2[..., 1], torch.full((2, 64), 0.5))
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="initial_logit must be > 0"):
+            st.ActivationMap(2, 3, learnable=True, initial_logit=bad)
 
 
 def test_cells_are_the_signs_of_the_projections():
@@ -234,23 +276,6 @@ def test_new_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.spatium.count_hits_.default, (hits, cells))
 
 
-def test_mixture_reads_any_probability_layout():
-    pre, cells = torch.randn(9, 5), torch.randint(0, 64, (9,))
-    probs = torch.softmax(torch.randn(5, 64, 12), -1)
-    cell_major = probs.permute(1, 2, 0).contiguous().permute(2, 0, 1)
-    y = torch.ops.spatium.activation_mixture(pre, cells, probs)
-    assert torch.equal(torch.ops.spatium.activation_mixture(pre, cells, cell_major), y)
-    grad = torch.randn(9, 5)
-    gx, gp = torch.ops.spatium.activation_mixture_backward(grad, pre, cells, probs)
-    gx2, gp2 = torch.ops.spatium.activation_mixture_backward(grad, pre, cells, cell_major)
-    assert torch.equal(gx, gx2) and torch.equal(gp, gp2)
-    assert gp.stride() == probs.stride() and gp2.stride() == cell_major.stride()
-    torch.library.opcheck(torch.ops.spatium.activation_mixture.default, (pre, cells, cell_major))
-    torch.library.opcheck(
-        torch.ops.spatium.activation_mixture_backward.default, (grad, pre, cells, cell_major)
-    )
-
-
 def test_fixed_map_follows_changes_of_its_table():
     amap = st.ActivationMap(6, 10, init="random", seed=11)
     pre, x = torch.randn(40, 6), torch.randn(40, 10)
@@ -269,17 +294,9 @@ def test_batch_one_and_batched_maps_agree():
     assert torch.equal(rows, amap(pre, x))
 
 
-def test_training_mixture_without_grad_matches_with_grad():
-    amap = st.ActivationMap(5, 7, learnable=True, init="random", seed=13)
-    pre, x = torch.randn(20, 5), torch.randn(20, 7)
-    with torch.no_grad():
-        y = amap(pre, x)
-    assert torch.equal(y, amap(pre, x).detach())
-
-
 def test_learnable_logits_are_held_cell_major_and_saved_contiguous():
-    # Cell-major logits (neurons last in memory) make the softmax, its backward and the
-    # logits' gradient transposition-free; a state_dict holds them contiguous (safetensors).
+    # Cell-major logits (neurons last in memory) make their argmax and gradient
+    # transposition-free; a state_dict holds them contiguous (safetensors).
     amap = st.ActivationMap(5, 7, learnable=True, init="random")
     cell_major = lambda t: t.permute(1, 2, 0).is_contiguous()  # noqa: E731
     assert cell_major(amap.logits)

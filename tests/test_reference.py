@@ -259,56 +259,45 @@ def map_inputs(dtype, batch=300, neurons=11):
     cells = torch.randint(0, 64, (batch,))
     cells[:64] = torch.arange(64)  # every cell, and so every function, is used
     table = torch.randint(0, len(ACTIVATIONS), (neurons, 64), dtype=torch.uint8)
-    probs = torch.softmax(torch.randn(neurons, 64, len(ACTIVATIONS), dtype=dtype) * 2, -1)
     grad = torch.randn(batch, neurons, dtype=dtype)
-    return pre, cells, table, probs, grad
+    return pre, cells, table, grad
 
 
 @pytest.mark.parametrize("dtype", ACTIVATION_FLOATS)
 @pytest.mark.parametrize("cell_major", [False, True], ids=["neuron-major", "cell-major"])
-def test_activation_map_and_mixture(dtype, cell_major):
-    pre, cells, table, probs, grad = map_inputs(dtype)
-    if cell_major:  # the layouts the module caches; the ops take any
+def test_activation_map_and_learnable_backward(dtype, cell_major):
+    pre, cells, table, grad = map_inputs(dtype)
+    if cell_major:  # the layout the module caches; the ops take any
         table = table.t().contiguous().t()
-        probs = probs.permute(1, 2, 0).contiguous().permute(2, 0, 1)
     close(kernel("activation_map", None, pre, cells, table), ref.activation_map(pre, cells, table))
     close(
         kernel("activation_map_backward", None, grad, pre, cells, table),
         ref.activation_map_backward(grad, pre, cells, table),
     )
-    close(
-        kernel("activation_mixture", None, pre, cells, probs),
-        ref.activation_mixture(pre, cells, probs),
-    )
-    grad_pre, grad_probs = kernel("activation_mixture_backward", None, grad, pre, cells, probs)
-    expected_pre, expected_probs = ref.activation_mixture_backward(grad, pre, cells, probs)
+    grad_pre, grad_logits = kernel("learnable_map_backward", None, grad, pre, cells, table)
+    expected_pre, expected_logits = ref.learnable_map_backward(grad, pre, cells, table)
+    assert torch.equal(grad_pre, kernel("activation_map_backward", None, grad, pre, cells, table))
     close(grad_pre, expected_pre)
-    close(grad_probs, expected_probs)
-    assert expected_probs.stride() == probs.stride()
+    close(grad_logits, expected_logits)
+    for logits in (grad_logits, expected_logits):  # cell-major, as a learnable map's logits
+        assert logits.permute(1, 2, 0).is_contiguous()
 
 
 @pytest.mark.parametrize("dtype", ACTIVATION_FLOATS)
-@pytest.mark.parametrize("neurons", [1, 16, 37])  # whole tiles of 16 and partial ones
-def test_map_softmax_and_its_backward(dtype, neurons):
-    logits = torch.randn(neurons, 64, 12, dtype=dtype) * 5
-    logits[0, 0] = 80.0  # equal large logits: the maximum is subtracted first
-    probs = kernel("map_softmax", None, logits)
-    expected = ref.map_softmax(logits)
-    close(probs, expected)
-    assert probs.permute(1, 2, 0).is_contiguous()  # cell-major, as the mixture kernels read it
-    grad_probs = torch.randn(neurons, 64, 12, dtype=dtype)
-    for layout in (probs, probs.contiguous()):  # the kernel takes either layout
-        grad_logits = kernel("map_softmax_backward", None, grad_probs, layout)
-        close(grad_logits, ref.map_softmax_backward(grad_probs, layout))
-        assert grad_logits.permute(1, 2, 0).is_contiguous()  # as the logits are held
-    # the reference is softmax's own backward
-    leaf = logits.clone().requires_grad_()
-    torch.softmax(leaf, -1).backward(grad_probs)
-    close(ref.map_softmax_backward(grad_probs, expected), leaf.grad)
+@pytest.mark.parametrize("neurons", [1, 37, 300])  # whole chunks of 256 columns and partial ones
+def test_map_argmax(dtype, neurons):
+    logits = torch.randint(-2, 3, (neurons, 64, 12)).to(dtype)  # few values: many ties
+    logits[0, 0, 4] = logits[0, 0, 9] = float("nan")  # the first NaN wins, as in torch.argmax
+    for layout in (logits, logits.permute(1, 2, 0).contiguous().permute(2, 0, 1)):
+        table = kernel("map_argmax", None, layout)
+        assert torch.equal(table, ref.map_argmax(layout))
+        assert torch.equal(table, logits.argmax(-1).to(torch.uint8))
+        assert table.t().is_contiguous()  # cell-major, as the map kernels read tables
+    assert table[0, 0] == 4
 
 
 def test_activation_map_on_one_function_equals_activation():
-    pre, cells, table, _, grad = map_inputs(torch.float64)
+    pre, cells, table, grad = map_inputs(torch.float64)
     for fn in range(len(ACTIVATIONS)):
         table.fill_(fn)
         assert torch.equal(ref.activation_map(pre, cells, table), ref.activation(pre, fn))

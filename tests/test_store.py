@@ -267,7 +267,7 @@ def test_compiled_training_does_not_recompile_and_follows_the_latent_weight():
     finally:
         torch.compiler.set_stance("default")
     assert losses[-1] < first[0]
-    with torch.no_grad():  # the compiled softmax may round differently in the last bit
+    with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
 
 
@@ -308,9 +308,8 @@ def test_a_data_edit_of_map_logits_reaches_the_next_forward():
     expected = F.linear(x, layer.dequantized_weight(), layer.bias.detach()).abs()
     torch.testing.assert_close(layer(x).detach(), expected, rtol=1e-5, atol=1e-6)
     assert not torch.equal(layer(x).detach(), before)
-    layer.train()
-    probs = layer.activation_map.probabilities()
-    assert (probs.argmax(-1) == st.ops.ACTIVATIONS.index("abs")).all()
+    layer.train()  # training applies the same argmax functions
+    torch.testing.assert_close(layer(x).detach(), expected, rtol=1e-5, atol=1e-6)
 
 
 # --- threads --------------------------------------------------------------------------------------

@@ -196,25 +196,12 @@ template <class FnAt>
   pick_groups(used, [fns](int64_t i) { return int{fns[i]}; }, x, grad, n, out);
 }
 
-[[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void mixture_f32(
-    const float* __restrict w, int64_t ld, const float* __restrict x, int64_t n,
-    float* __restrict out) {
-  for (int64_t i = 0; i < n; ++i) {
-    float sum = 0.0f;
-    evaluate<true, true, true>(x[i], [&](Fn fn, float value, float) {
-      sum += w[static_cast<int>(fn) * ld + i] * value;
-    });
-    out[i] = sum;
-  }
-}
-
-// In blocks, as pick_run: every function's value and slope into rows first, then one loop per
-// function over the block. (Accumulating into grad_w from inside evaluate's sink does not
-// vectorise: GCC cannot tell grad_w's stores from the other arrays' loads there.)
-[[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void mixture_backward_f32(
-    const float* __restrict w, int64_t ld, const float* __restrict x,
-    const float* __restrict grad, int64_t n, float* __restrict grad_x,
-    float* __restrict grad_w) {
+// The learnable map's backward, in blocks as pick_run: every function's value (and slope) into
+// rows first, then one loop per function over the block. (Accumulating into gains from inside
+// evaluate's sink does not vectorise: GCC cannot tell the stores from the other arrays' loads.)
+[[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void switch_backward_f32(
+    const uint8_t* __restrict fns, const float* __restrict x, const float* __restrict grad,
+    int64_t n, float* __restrict grad_x, float* __restrict gains, int64_t ld) {
   constexpr int64_t kBlock = 64;
   float values[kNumFns][kBlock], slopes[kNumFns][kBlock];
   for (int64_t begin = 0; begin < n; begin += kBlock) {
@@ -226,16 +213,16 @@ template <class FnAt>
       });
     }
     const float* g = grad + begin;
-    float slope[kBlock] = {};
-    for (int k = 0; k < kNumFns; ++k) {
-      const float* wk = w + k * ld + begin;
-      float* gk = grad_w + k * ld + begin;
-      for (int64_t j = 0; j < size; ++j) {
-        slope[j] += wk[j] * slopes[k][j];
-        gk[j] += g[j] * values[k][j];
-      }
+    const uint8_t* f = fns + begin;
+    float chosen[kBlock];
+    for (int64_t j = 0; j < size; ++j) {
+      chosen[j] = values[f[j]][j];
+      grad_x[begin + j] = g[j] * slopes[f[j]][j];
     }
-    for (int64_t j = 0; j < size; ++j) grad_x[begin + j] = g[j] * slope[j];
+    for (int k = 0; k < kNumFns; ++k) {
+      float* gk = gains + k * ld + begin;
+      for (int64_t j = 0; j < size; ++j) gk[j] += g[j] * (values[k][j] - chosen[j]);
+    }
   }
 }
 
@@ -262,79 +249,37 @@ template <class T>
   simhash_rows(x, batch, features, projections, bits, cells);
 }
 
-// Columns go through in chunks whose maxima and sums stay in registers or L1; every loop runs
-// over contiguous columns, so it vectorises. exp is exp_nonpositive for float32 (every argument
-// is <= 0 once the column's maximum is subtracted), std::exp for float64.
-constexpr int64_t kSoftmaxChunk = 256;
-
+// The first index of each column's largest logit; a NaN counts as the largest (torch.argmax's
+// rule). One pass per function over contiguous columns, so it vectorises.
 template <class T>
-[[gnu::always_inline]] inline T exp_of_nonpositive(T x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return exp_nonpositive(x);
-  } else {
-    return std::exp(x);
-  }
-}
-
-template <class T>
-[[gnu::always_inline]] inline void softmax_columns_impl(const T* __restrict logits, int64_t ld,
-                                                        int64_t n, T* __restrict probs) {
-  for (int64_t begin = 0; begin < n; begin += kSoftmaxChunk) {
-    const int64_t size = std::min(kSoftmaxChunk, n - begin);
-    T largest[kSoftmaxChunk], total[kSoftmaxChunk];
+[[gnu::always_inline]] inline void argmax_columns_impl(const T* __restrict logits, int64_t ld,
+                                                       int64_t n, uint8_t* __restrict fns) {
+  constexpr int64_t kChunk = 256;
+  for (int64_t begin = 0; begin < n; begin += kChunk) {
+    const int64_t size = std::min(kChunk, n - begin);
+    T best[kChunk];
+    uint8_t index[kChunk];
     const T* l = logits + begin;
-    T* p = probs + begin;
-    for (int64_t j = 0; j < size; ++j) largest[j] = l[j];
+    for (int64_t j = 0; j < size; ++j) {
+      best[j] = l[j];
+      index[j] = 0;
+    }
     for (int k = 1; k < kNumFns; ++k) {
       for (int64_t j = 0; j < size; ++j) {
-        largest[j] = l[k * ld + j] > largest[j] ? l[k * ld + j] : largest[j];
+        const T v = l[k * ld + j];
+        // Taken when larger, or when it is the first NaN (a NaN best is never replaced).
+        const bool take = v > best[j] || (v != v && best[j] == best[j]);
+        best[j] = take ? v : best[j];
+        index[j] = take ? static_cast<uint8_t>(k) : index[j];
       }
     }
-    for (int64_t j = 0; j < size; ++j) total[j] = T(0);
-    for (int k = 0; k < kNumFns; ++k) {
-      for (int64_t j = 0; j < size; ++j) {
-        p[k * ld + j] = exp_of_nonpositive(l[k * ld + j] - largest[j]);
-        total[j] += p[k * ld + j];
-      }
-    }
-    for (int k = 0; k < kNumFns; ++k) {
-      for (int64_t j = 0; j < size; ++j) p[k * ld + j] /= total[j];
-    }
+    std::memcpy(fns + begin, index, static_cast<size_t>(size));
   }
 }
 
-template <class T>
-[[gnu::always_inline]] inline void softmax_columns_backward_impl(const T* __restrict grad_probs,
-                                                                 const T* __restrict probs,
-                                                                 int64_t ld, int64_t n,
-                                                                 T* __restrict grad_logits) {
-  for (int64_t begin = 0; begin < n; begin += kSoftmaxChunk) {
-    const int64_t size = std::min(kSoftmaxChunk, n - begin);
-    T dot[kSoftmaxChunk];
-    const T* g = grad_probs + begin;
-    const T* p = probs + begin;
-    T* out = grad_logits + begin;
-    for (int64_t j = 0; j < size; ++j) dot[j] = T(0);
-    for (int k = 0; k < kNumFns; ++k) {
-      for (int64_t j = 0; j < size; ++j) dot[j] += g[k * ld + j] * p[k * ld + j];
-    }
-    for (int k = 0; k < kNumFns; ++k) {
-      for (int64_t j = 0; j < size; ++j) {
-        out[k * ld + j] = p[k * ld + j] * (g[k * ld + j] - dot[j]);
-      }
-    }
-  }
-}
-
-[[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void softmax_columns_f32(
-    const float* logits, int64_t ld, int64_t n, float* probs) {
-  softmax_columns_impl(logits, ld, n, probs);
-}
-
-[[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void
-softmax_columns_backward_f32(const float* grad_probs, const float* probs, int64_t ld, int64_t n,
-                             float* grad_logits) {
-  softmax_columns_backward_impl(grad_probs, probs, ld, n, grad_logits);
+[[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void argmax_columns_f32(
+    const float* logits, int64_t ld, int64_t n, uint8_t* fns) {
+  argmax_columns_impl(logits, ld, n, fns);
 }
 
 }  // namespace
@@ -363,14 +308,9 @@ void apply_table<float>(const uint8_t* fns, const float* x, const float* grad, i
 }
 
 template <>
-void apply_mixture<float>(const float* w, int64_t ld, const float* x, int64_t n, float* out) {
-  mixture_f32(w, ld, x, n, out);
-}
-
-template <>
-void mixture_backward<float>(const float* w, int64_t ld, const float* x, const float* grad,
-                             int64_t n, float* grad_x, float* grad_w) {
-  mixture_backward_f32(w, ld, x, grad, n, grad_x, grad_w);
+void switch_backward<float>(const uint8_t* fns, const float* x, const float* grad, int64_t n,
+                            float* grad_x, float* gains, int64_t ld) {
+  switch_backward_f32(fns, x, grad, n, grad_x, gains, ld);
 }
 
 // --- float64: the libm-based functions of activations.h ----------------------------------------
@@ -387,49 +327,26 @@ void apply_table<double>(const uint8_t* fns, const double* x, const double* grad
 }
 
 template <>
-void apply_mixture<double>(const double* w, int64_t ld, const double* x, int64_t n,
-                           double* out) {
+void switch_backward<double>(const uint8_t* fns, const double* x, const double* grad, int64_t n,
+                             double* grad_x, double* gains, int64_t ld) {
   for (int64_t i = 0; i < n; ++i) {
-    double sum = 0;
-    for (int k = 0; k < kNumFns; ++k) sum += w[k * ld + i] * apply(static_cast<Fn>(k), x[i]);
-    out[i] = sum;
-  }
-}
-
-template <>
-void mixture_backward<double>(const double* w, int64_t ld, const double* x, const double* grad,
-                              int64_t n, double* grad_x, double* grad_w) {
-  for (int64_t i = 0; i < n; ++i) {
-    double slope = 0;
+    const auto chosen = static_cast<Fn>(fns[i]);
+    const double value = apply(chosen, x[i]);
+    grad_x[i] = grad[i] * derivative(chosen, x[i]);
     for (int k = 0; k < kNumFns; ++k) {
-      const auto fn = static_cast<Fn>(k);
-      slope += w[k * ld + i] * derivative(fn, x[i]);
-      grad_w[k * ld + i] += grad[i] * apply(fn, x[i]);
+      gains[k * ld + i] += grad[i] * (apply(static_cast<Fn>(k), x[i]) - value);
     }
-    grad_x[i] = grad[i] * slope;
   }
 }
 
 template <>
-void softmax_columns<float>(const float* logits, int64_t ld, int64_t n, float* probs) {
-  softmax_columns_f32(logits, ld, n, probs);
+void argmax_columns<float>(const float* logits, int64_t ld, int64_t n, uint8_t* fns) {
+  argmax_columns_f32(logits, ld, n, fns);
 }
 
 template <>
-void softmax_columns<double>(const double* logits, int64_t ld, int64_t n, double* probs) {
-  softmax_columns_impl(logits, ld, n, probs);
-}
-
-template <>
-void softmax_columns_backward<float>(const float* grad_probs, const float* probs, int64_t ld,
-                                     int64_t n, float* grad_logits) {
-  softmax_columns_backward_f32(grad_probs, probs, ld, n, grad_logits);
-}
-
-template <>
-void softmax_columns_backward<double>(const double* grad_probs, const double* probs, int64_t ld,
-                                      int64_t n, double* grad_logits) {
-  softmax_columns_backward_impl(grad_probs, probs, ld, n, grad_logits);
+void argmax_columns<double>(const double* logits, int64_t ld, int64_t n, uint8_t* fns) {
+  argmax_columns_impl(logits, ld, n, fns);
 }
 
 }  // namespace spatium::act

@@ -1,6 +1,7 @@
-// Kernels of the activation map: the SimHash that picks a sample's cell, and the 12 functions
-// (activations.h) applied over contiguous runs: one function, a per-element function index (a fixed map), or a probability-weighted mixture
-// of all 12 (a learnable map while training), each with its backward.
+// Kernels of the activation map: the SimHash that picks a sample's cell, the 12 functions
+// (activations.h) applied over contiguous runs, one function or a per-element function index (a
+// map), each with its backward; a learnable map's backward, which also weighs switching each
+// element to every other function, and the argmax that turns its logits into functions.
 //
 // float32 runs through branch-free polynomial versions of the functions, evaluated with shared
 // subexpressions (one exp(-|x|) serves elu, sigmoid, silu, tanh and softplus) and vectorised
@@ -29,26 +30,17 @@ void apply_one(Fn fn, const T* x, const T* grad, int64_t n, T* out);
 template <class T>
 void apply_table(const uint8_t* fns, const T* x, const T* grad, int64_t n, T* out);
 
-// out[i] = sum_k w[k * ld + i] * f_k(x[i]).
+// A learnable map's backward (its forward is apply_table with the argmax functions fns): grad_x[i]
+// = grad[i] * f'_{fns[i]}(x[i]), and gains[k * ld + i] += grad[i] * (f_k(x[i]) - f_{fns[i]}(x[i])),
+// the first-order change of the loss were element i's function switched to k.
 template <class T>
-void apply_mixture(const T* w, int64_t ld, const T* x, int64_t n, T* out);
+void switch_backward(const uint8_t* fns, const T* x, const T* grad, int64_t n, T* grad_x,
+                     T* gains, int64_t ld);
 
-// The mixture's backward: grad_x[i] = grad[i] * sum_k w[k * ld + i] * f'_k(x[i]), and
-// grad_w[k * ld + i] += grad[i] * f_k(x[i]).
+// fns[j] = the first k with the largest logits[k * ld + j] over the 12 functions (a NaN counts as
+// the largest, as in torch.argmax), for each of n columns: logits function-major, the layout a
+// learnable map keeps them in.
 template <class T>
-void mixture_backward(const T* w, int64_t ld, const T* x, const T* grad, int64_t n, T* grad_x,
-                      T* grad_w);
-
-// A softmax over the 12 functions for each of n columns, everything function-major: logit k
-// of column j at logits[k * ld + j], its probability at probs[k * ld + j]. The layout the
-// mixture kernels read probabilities in (and a learnable map keeps its logits in).
-template <class T>
-void softmax_columns(const T* logits, int64_t ld, int64_t n, T* probs);
-
-// Its backward: grad_logits[k * ld + j] = p_k (g_k - sum_i g_i p_i) with p_k = probs[k * ld + j]
-// and g_k = grad_probs[k * ld + j].
-template <class T>
-void softmax_columns_backward(const T* grad_probs, const T* probs, int64_t ld, int64_t n,
-                              T* grad_logits);
+void argmax_columns(const T* logits, int64_t ld, int64_t n, uint8_t* fns);
 
 }  // namespace spatium::act

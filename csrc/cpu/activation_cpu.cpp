@@ -1,9 +1,9 @@
 // CPU kernels of the activation-map ops (declared in kernels.h), parallel: spatium::activation
 // applies one of the 12 functions of core/activations.h elementwise; activation_map applies,
-// per sample and neuron, the function its (neuron, cell) holds in a table; activation_mixture
-// applies the probability-weighted sum of all 12 (a learnable map while training). Each has a
-// backward op. map_softmax turns a learnable map's logits into those probabilities and
-// map_softmax_backward takes their gradient back to the logits, all stored cell-major.
+// per sample and neuron, the function its (neuron, cell) holds in a table, with its backward op.
+// A learnable map trains straight through its argmax: map_argmax turns its logits into that
+// table, and learnable_map_backward gives the pre-activations' gradient and the logits' (the
+// first-order change of the loss were a cell switched to each function), stored cell-major.
 // simhash_cells picks each sample's cell and count_hits_ counts the cells' hits. The kernels
 // (core/activation_kernels.h) run over contiguous runs of neurons.
 #include <ATen/ATen.h>
@@ -51,7 +51,7 @@ at::Tensor apply_one(const at::Tensor& x_in, const at::Tensor* grad_in, act::Fn 
   return out;
 }
 
-// --- activation maps: per (neuron, cell) one function (a table) or a mixture (probabilities) ---
+// --- activation maps: per (neuron, cell) one function, from a table -------------------------------
 constexpr int64_t kCells = 64;
 constexpr int kHashBits = 6;
 
@@ -91,18 +91,6 @@ at::Tensor cell_major_table(const at::Tensor& table, int64_t neurons) {
   TORCH_CHECK_VALUE(top < act::kNumFns,
                     "activation_map: table holds a function index >= ", act::kNumFns);
   return t;
-}
-
-// The probabilities [N, 64, 12] as cell-major [64, 12, N] (no copy when a view of one, as the
-// module's cached probabilities are): a sample's weights of function k are one contiguous row.
-at::Tensor cell_major_probs(const at::Tensor& probs, const at::Tensor& pre) {
-  TORCH_CHECK_TYPE(probs.scalar_type() == pre.scalar_type(),
-                   "activation_mixture: probs must have pre's dtype");
-  TORCH_CHECK_VALUE(probs.dim() == 3 && probs.size(0) == pre.size(1) && probs.size(1) == kCells &&
-                        probs.size(2) == act::kNumFns,
-                    "activation_mixture: probs must be [", pre.size(1), ", 64, ", act::kNumFns,
-                    "], got ", probs.sizes());
-  return probs.permute({1, 2, 0}).contiguous();
 }
 
 // body(b, n0, n1) for every sample b and neuron range [n0, n1), in parallel over neurons: each
@@ -168,61 +156,40 @@ at::Tensor activation_map_backward(const at::Tensor& grad, const at::Tensor& pre
   return map_table(pre, cells, table, &grad, "activation_map_backward");
 }
 
-at::Tensor activation_mixture(const at::Tensor& pre_in, const at::Tensor& cells_in,
-                                  const at::Tensor& probs_in) {
-  const at::Tensor pre = checked_pre(pre_in, "activation_mixture");
-  const int64_t batch = pre.size(0), neurons = pre.size(1);
-  const at::Tensor cells = checked_cells(cells_in, batch, "activation_mixture");
-  const at::Tensor probs = cell_major_probs(probs_in, pre);
-  at::Tensor out = at::empty_like(pre);
-  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "activation_mixture", [&] {
-    const scalar_t* x = pre.const_data_ptr<scalar_t>();
-    const int64_t* c = cells.const_data_ptr<int64_t>();
-    const scalar_t* p = probs.const_data_ptr<scalar_t>();
-    scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    for_neurons(batch, neurons, [&](int64_t b, int64_t n0, int64_t n1) {
-      act::apply_mixture(p + c[b] * act::kNumFns * neurons + n0, neurons, x + b * neurons + n0,
-                         n1 - n0, y + b * neurons + n0);
-    });
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> activation_mixture_backward(const at::Tensor& grad_in,
-                                                                   const at::Tensor& pre_in,
-                                                                   const at::Tensor& cells_in,
-                                                                   const at::Tensor& probs_in) {
-  const char* op = "activation_mixture_backward";
+std::tuple<at::Tensor, at::Tensor> learnable_map_backward(const at::Tensor& grad_in,
+                                                          const at::Tensor& pre_in,
+                                                          const at::Tensor& cells_in,
+                                                          const at::Tensor& table_in) {
+  const char* op = "learnable_map_backward";
   const at::Tensor pre = checked_pre(pre_in, op);
   const int64_t batch = pre.size(0), neurons = pre.size(1);
   const at::Tensor cells = checked_cells(cells_in, batch, op);
-  const at::Tensor probs = cell_major_probs(probs_in, pre);
+  const at::Tensor table = cell_major_table(table_in, neurons);
   TORCH_CHECK_VALUE(grad_in.sizes() == pre.sizes() && grad_in.scalar_type() == pre.scalar_type(),
                     op, ": grad must match pre");
   const at::Tensor grad = grad_in.contiguous();
   at::Tensor grad_pre = at::empty_like(pre);
-  at::Tensor grad_probs = at::zeros_like(probs);  // cell-major, as probs
-  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "activation_mixture_backward", [&] {
+  // Cell-major [64, 12, N], the layout of a learnable map's logits: autograd takes it as is.
+  at::Tensor grad_logits = at::zeros({kCells, act::kNumFns, neurons}, pre.options());
+  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "learnable_map_backward", [&] {
     const scalar_t* x = pre.const_data_ptr<scalar_t>();
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     const int64_t* c = cells.const_data_ptr<int64_t>();
-    const scalar_t* p = probs.const_data_ptr<scalar_t>();
+    const uint8_t* t = table.const_data_ptr<uint8_t>();
     scalar_t* gx = grad_pre.mutable_data_ptr<scalar_t>();
-    scalar_t* gp = grad_probs.mutable_data_ptr<scalar_t>();
+    scalar_t* gl = grad_logits.mutable_data_ptr<scalar_t>();
     for_neurons(batch, neurons, [&](int64_t b, int64_t n0, int64_t n1) {
-      const int64_t i = b * neurons + n0, w = c[b] * act::kNumFns * neurons + n0;
-      act::mixture_backward(p + w, neurons, x + i, g + i, n1 - n0, gx + i, gp + w);
+      const int64_t i = b * neurons + n0;
+      act::switch_backward(t + c[b] * neurons + n0, x + i, g + i, n1 - n0, gx + i,
+                           gl + c[b] * act::kNumFns * neurons + n0, neurons);
     });
   });
-  // Back to [N, 64, 12], in probs' own layout.
-  const at::Tensor as_given = grad_probs.permute({2, 0, 1});
-  if (as_given.strides() == probs_in.strides()) return {grad_pre, as_given};
-  return {grad_pre, at::empty_like(probs_in).copy_(as_given)};
+  return {grad_pre, grad_logits.permute({2, 0, 1})};
 }
 
 namespace {
 
-// logits or probabilities [N, 64, 12], float.
+// logits [N, 64, 12], float.
 void check_map_logits(const at::Tensor& t, const char* op, const char* name) {
   check_float(t, name);
   TORCH_CHECK_VALUE(t.dim() == 3 && t.size(1) == kCells && t.size(2) == act::kNumFns, op, ": ",
@@ -230,7 +197,7 @@ void check_map_logits(const at::Tensor& t, const char* op, const char* name) {
 }
 
 // [N, 64, 12] as cell-major [64, 12, N] (no copy when a view of one, as a learnable map's
-// logits and probabilities are).
+// logits are).
 at::Tensor cell_major(const at::Tensor& t) { return t.permute({1, 2, 0}).contiguous(); }
 
 // body(cell) for every cell, in parallel: a cell's rows are a task's own.
@@ -244,41 +211,19 @@ void for_cells(int64_t neurons, Body body) {
 
 }  // namespace
 
-at::Tensor map_softmax(const at::Tensor& logits_in) {
-  check_map_logits(logits_in, "map_softmax", "logits");
+at::Tensor map_argmax(const at::Tensor& logits_in) {
+  check_map_logits(logits_in, "map_argmax", "logits");
   const at::Tensor logits = cell_major(logits_in);
   const int64_t neurons = logits_in.size(0);
-  at::Tensor probs = at::empty_like(logits);
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "map_softmax", [&] {
+  at::Tensor table = at::empty({kCells, neurons}, logits.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "map_argmax", [&] {
     const scalar_t* l = logits.const_data_ptr<scalar_t>();
-    scalar_t* p = probs.mutable_data_ptr<scalar_t>();
+    uint8_t* out = table.mutable_data_ptr<uint8_t>();
     for_cells(neurons, [&](int64_t c) {
-      const int64_t at = c * act::kNumFns * neurons;
-      act::softmax_columns(l + at, neurons, neurons, p + at);
+      act::argmax_columns(l + c * act::kNumFns * neurons, neurons, neurons, out + c * neurons);
     });
   });
-  return probs.permute({2, 0, 1});
-}
-
-at::Tensor map_softmax_backward(const at::Tensor& grad_probs_in, const at::Tensor& probs_in) {
-  const char* op = "map_softmax_backward";
-  check_map_logits(probs_in, op, "probs");
-  TORCH_CHECK_VALUE(grad_probs_in.sizes() == probs_in.sizes() &&
-                        grad_probs_in.scalar_type() == probs_in.scalar_type(),
-                    op, ": grad_probs must match probs in shape and dtype");
-  const at::Tensor grad_probs = cell_major(grad_probs_in), probs = cell_major(probs_in);
-  const int64_t neurons = probs_in.size(0);
-  at::Tensor grad_logits = at::empty_like(probs);
-  AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "map_softmax_backward", [&] {
-    const scalar_t* g = grad_probs.const_data_ptr<scalar_t>();
-    const scalar_t* p = probs.const_data_ptr<scalar_t>();
-    scalar_t* out = grad_logits.mutable_data_ptr<scalar_t>();
-    for_cells(neurons, [&](int64_t c) {
-      const int64_t at = c * act::kNumFns * neurons;
-      act::softmax_columns_backward(g + at, p + at, neurons, neurons, out + at);
-    });
-  });
-  return grad_logits.permute({2, 0, 1});
+  return table.t();  // [N, 64], cell-major as the map kernels read it
 }
 
 at::Tensor simhash_cells(const at::Tensor& x_in, const at::Tensor& projections_in) {

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -55,7 +56,7 @@ TEST(ActivationKernels, ReluFamilyIsExact) {
   }
 }
 
-TEST(ActivationKernels, TableAndMixturePickTheSameValuesAsOneFunction) {
+TEST(ActivationKernels, TableAndSwitchBackwardPickTheSameValuesAsOneFunction) {
   const std::vector<float> xs = sweep();
   const auto n = static_cast<int64_t>(xs.size());
   std::mt19937 rng(1);
@@ -68,23 +69,21 @@ TEST(ActivationKernels, TableAndMixturePickTheSameValuesAsOneFunction) {
   std::vector<float> mapped(xs.size()), mapped_grad(xs.size());
   apply_table<float>(fns.data(), xs.data(), nullptr, n, mapped.data());
   apply_table(fns.data(), xs.data(), grad.data(), n, mapped_grad.data());
-  // A one-hot mixture: weight 1 on the table's function.
-  std::vector<float> w(kNumFns * xs.size(), 0.0f), grad_w(w.size(), 0.0f);
-  for (size_t i = 0; i < xs.size(); ++i) w[fns[i] * xs.size() + i] = 1.0f;
-  std::vector<float> mixed(xs.size()), mixed_grad(xs.size());
-  apply_mixture(w.data(), n, xs.data(), n, mixed.data());
-  mixture_backward(w.data(), n, xs.data(), grad.data(), n, mixed_grad.data(), grad_w.data());
+  // Gains accumulate: start them at 1 to see the += .
+  std::vector<float> switch_grad(xs.size()), gains(kNumFns * xs.size(), 1.0f);
+  switch_backward(fns.data(), xs.data(), grad.data(), n, switch_grad.data(), gains.data(), n);
+  std::vector<std::vector<float>> values;
+  for (int f = 0; f < kNumFns; ++f) values.push_back(run_one(static_cast<Fn>(f), xs, nullptr));
   for (int f = 0; f < kNumFns; ++f) {
     const auto fn = static_cast<Fn>(f);
-    const std::vector<float> one = run_one(fn, xs, nullptr);
     const std::vector<float> one_grad = run_one(fn, xs, grad.data());
     for (size_t i = 0; i < xs.size(); ++i) {
-      EXPECT_EQ(grad_w[f * xs.size() + i], grad[i] * one[i]);
+      const float expected = grad[i] * (values[f][i] - values[fns[i]][i]);
+      EXPECT_EQ(gains[f * xs.size() + i], 1.0f + expected) << kNames[f] << " at " << xs[i];
       if (fns[i] != f) continue;
-      EXPECT_TRUE(same_bits(mapped[i], one[i])) << kNames[f] << " at " << xs[i];
+      EXPECT_TRUE(same_bits(mapped[i], values[f][i])) << kNames[f] << " at " << xs[i];
       EXPECT_TRUE(same_bits(mapped_grad[i], one_grad[i])) << kNames[f] << "' at " << xs[i];
-      EXPECT_EQ(mixed[i], one[i]) << kNames[f] << " at " << xs[i];
-      EXPECT_EQ(mixed_grad[i], one_grad[i]) << kNames[f] << "' at " << xs[i];
+      EXPECT_TRUE(same_bits(switch_grad[i], one_grad[i])) << kNames[f] << "' at " << xs[i];
     }
   }
 }
@@ -110,36 +109,33 @@ TEST(ActivationKernels, SimhashSetsABitPerPositiveProjection) {
   }
 }
 
-// The softmax over each column's 12 logits and its backward, function-major, against a
-// double-precision softmax: whole chunks of 256 columns and partial ones, rows spaced by ld.
-TEST(ActivationKernels, SoftmaxColumnsAndBackwardMatchDouble) {
+// The argmax over each column's 12 logits, function-major: the first largest wins, a NaN counts
+// as the largest; whole chunks of 256 columns and partial ones, rows spaced by ld.
+TEST(ActivationKernels, ArgmaxColumnsTakesTheFirstLargestAndNaN) {
   std::mt19937 rng(3);
-  std::normal_distribution<float> normal(0.0f, 4.0f);
+  std::uniform_int_distribution<int> small(-2, 2);  // few values: many ties
   for (int64_t n : {1, 37, 300}) {
     const int64_t ld = n + 3;
-    const auto size = static_cast<size_t>(kNumFns * ld);
-    std::vector<float> logits(size), grad(size);
-    for (auto& v : logits) v = normal(rng);
-    for (auto& v : grad) v = normal(rng);
-    std::vector<float> probs(size, -1.0f), grad_logits(size, -1.0f);
-    softmax_columns(logits.data(), ld, n, probs.data());
-    softmax_columns_backward(grad.data(), probs.data(), ld, n, grad_logits.data());
+    std::vector<float> logits(static_cast<size_t>(kNumFns * ld));
+    for (auto& v : logits) v = static_cast<float>(small(rng));
+    logits[5 * ld] = NAN;  // column 0: the NaN at 5 wins over a later NaN and every number
+    logits[7 * ld] = NAN;
+    std::vector<uint8_t> fns(static_cast<size_t>(n) + 1, 99);
+    argmax_columns(logits.data(), ld, n, fns.data());
     for (int64_t j = 0; j < n; ++j) {
-      double largest = -INFINITY, total = 0.0, dot = 0.0, p[kNumFns];
-      for (int k = 0; k < kNumFns; ++k) largest = std::max(largest, double(logits[k * ld + j]));
-      for (int k = 0; k < kNumFns; ++k) total += p[k] = std::exp(logits[k * ld + j] - largest);
-      for (int k = 0; k < kNumFns; ++k) {
-        ASSERT_NEAR(probs[k * ld + j], p[k] / total, 1e-6) << n << " " << j << " " << k;
-        dot += double(grad[k * ld + j]) * double(probs[k * ld + j]);
+      int expected = 0;
+      for (int k = 1; k < kNumFns; ++k) {
+        const float v = logits[k * ld + j], best = logits[expected * ld + j];
+        if (!std::isnan(best) && (std::isnan(v) || v > best)) expected = k;
       }
-      for (int k = 0; k < kNumFns; ++k) {
-        const double expected = probs[k * ld + j] * (grad[k * ld + j] - dot);
-        ASSERT_NEAR(grad_logits[k * ld + j], expected, 1e-5 * (1 + std::fabs(expected)));
-      }
+      ASSERT_EQ(fns[j], expected) << n << " " << j;
     }
-    // the columns past n are left alone
-    for (int k = 0; k < kNumFns; ++k) ASSERT_EQ(probs[k * ld + n], -1.0f);
-    for (int k = 0; k < kNumFns; ++k) ASSERT_EQ(grad_logits[k * ld + n], -1.0f);
+    ASSERT_EQ(fns[0], 5);
+    ASSERT_EQ(fns[n], 99);  // the columns past n are left alone
+    std::vector<double> wide(logits.begin(), logits.end());
+    std::vector<uint8_t> wide_fns(static_cast<size_t>(n));
+    argmax_columns(wide.data(), ld, n, wide_fns.data());
+    ASSERT_TRUE(std::equal(wide_fns.begin(), wide_fns.end(), fns.begin()));
   }
 }
 
