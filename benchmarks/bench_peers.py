@@ -18,6 +18,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,15 @@ THREADS = (1, 2)
 BATCHES = (1, 32, 256)
 ROUNDS = 3
 INT4_GROUP = 64  # torch int4pack: weights per scale and zero, as our 64-input blocks
-SPATIAL = [(4, 1.0), (2, 1.0), (1, 1.0), (8, 1.0), (4, 0.25), (1, 0.25)]
+# SpatialLayer settings: each code width dense, nf4, and a quarter of the blocks with the default
+# local connectivity (neighbouring neurons hold neighbouring regions) and with random.
+SPATIAL = [
+    *(dict(bits=bits) for bits in (4, 2, 1, 8)),
+    dict(bits=4, codebook="nf4"),
+    dict(bits=4, density=0.25),
+    dict(bits=4, density=0.25, connectivity="random"),
+    dict(bits=1, density=0.25),
+]
 
 
 @dataclass
@@ -48,9 +57,9 @@ class Candidate:
     times: dict[int, list[float]] = field(default_factory=dict)
 
 
-def spatial(weight: torch.Tensor, bias: torch.Tensor, bits: int, density: float) -> Candidate:
+def spatial(weight: torch.Tensor, bias: torch.Tensor, settings: dict[str, Any]) -> Candidate:
     out_features, in_features = weight.shape
-    layer = st.SpatialLayer(in_features, out_features, bits=bits, density=density)
+    layer = st.SpatialLayer(in_features, out_features, **settings)
     with torch.no_grad():
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)
@@ -59,7 +68,11 @@ def spatial(weight: torch.Tensor, bias: torch.Tensor, bits: int, density: float)
         layer(torch.zeros(1, in_features))  # builds the int8 kernels' copy of the store
     # What the forward reads: the int8 kernels' copy, or the store without its bloom filter.
     used = layer.inference_bytes() or layer.store.nbytes() - layer.store.bloom.numel()
-    name = f"SpatialLayer {bits}-bit" + ("" if density == 1.0 else f", density {density}")
+    name = f"SpatialLayer {settings['bits']}-bit" + "".join(
+        f", {value}" if key == "codebook" else f", {key} {value}"
+        for key, value in settings.items()
+        if key != "bits"
+    )
     return Candidate(name, torch.no_grad()(layer), used)
 
 
@@ -152,7 +165,7 @@ def candidates(size: int) -> list[Candidate]:
     reference = nn.Linear(size, size)
     weight, bias = reference.weight.detach().clone(), reference.bias.detach().clone()
     found = [dense(weight, bias)]
-    found += [spatial(weight, bias, bits, density) for bits, density in SPATIAL]
+    found += [spatial(weight, bias, settings) for settings in SPATIAL]
     found += [torch_int8_dynamic(weight, bias), torch_int4pack(weight, bias)]
     nf4 = bitsandbytes_nf4(weight, bias)
     found += [] if nf4 is None else [nf4]
