@@ -21,8 +21,15 @@ namespace {
 constexpr int64_t kWeightsPerTask = int64_t{1} << 15;
 
 struct PackHolder : torch::CustomClassHolder {
-  explicit PackHolder(InferencePack p) : pack(std::move(p)) {}
+  explicit PackHolder(InferencePack p) : pack(std::move(p)) {
+    const std::vector<int64_t>& order = pack.neuron_order();
+    if (order.empty()) return;
+    slot_of_neuron = at::empty({pack.out_features()}, at::kLong);
+    int64_t* slot = slot_of_neuron.mutable_data_ptr<int64_t>();
+    for (int64_t s = 0; s < pack.out_features(); ++s) slot[order[s]] = s;
+  }
   InferencePack pack;
+  at::Tensor slot_of_neuron;  // where the kernels put each neuron's output; undefined: in place
 
   // x W^T + bias for a float32 [batch, in_features] x, activations quantized to int8; nullopt
   // for an input holding NaN or an infinity (the float path gives F.linear's result there).
@@ -52,6 +59,7 @@ struct PackHolder : torch::CustomClassHolder {
         pack.linear_groups(g0, g1, rows, out, pack.out_features());
       });
     }
+    if (slot_of_neuron.defined()) y = y.index_select(1, slot_of_neuron);
     if (bias.has_value()) y.add_(*bias);
     return y;
   }

@@ -36,11 +36,17 @@ def float_reference(layer: st.SpatialLayer, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("codes", [1, 2, 4, 8, "nf4"])
 @pytest.mark.parametrize(
-    "in_features, out_features, region_bits, density",
-    [(300, 70, 4, 0.5), (100, 6, 3, 1.0), (1000, 37, 6, 0.25), (65, 17, 6, 1.0)],
+    "in_features, out_features, region_bits, density, connectivity",
+    [
+        (300, 70, 4, 0.5, "local"),
+        (100, 6, 3, 1.0, "local"),
+        (1000, 37, 6, 0.25, "local"),
+        (65, 17, 6, 1.0, "local"),
+        (1000, 70, 4, 0.25, "random"),  # the pack gathers neurons: outputs in another order
+    ],
 )
 def test_int8_output_is_within_the_bound_of_the_float_product(
-    codes, in_features, out_features, region_bits, density
+    codes, in_features, out_features, region_bits, density, connectivity
 ):
     # The bound holds for a batch's outputs together (Frobenius norm): a single output's error
     # is that of rounding each activation to 1/254 of its region's range (and for nf4 each
@@ -48,7 +54,12 @@ def test_int8_output_is_within_the_bound_of_the_float_product(
     options = dict(bits=4, codebook="nf4") if codes == "nf4" else dict(bits=codes)
     torch.manual_seed(options["bits"])
     layer = st.SpatialLayer(
-        in_features, out_features, region_bits=region_bits, density=density, **options
+        in_features,
+        out_features,
+        region_bits=region_bits,
+        density=density,
+        connectivity=connectivity,
+        **options,
     )
     st.freeze(layer).eval()
     x = torch.randn(19, in_features)
@@ -189,6 +200,21 @@ def test_inference_bytes_count_the_kernels_copy():
         layer(torch.randn(1, 64))
     codes_and_scales = layer.store.codes.numel() + 2 * layer.store.scales.numel()
     assert codes_and_scales <= layer.inference_bytes() <= 1.2 * codes_and_scales
+
+
+def test_sparse_random_layouts_are_packed_in_fewer_bytes_than_dense():
+    # Groups of 16 neurons in index order would hold nearly every region (16 random quarters);
+    # the pack gathers neurons that share regions.
+    torch.manual_seed(0)
+    layers = [
+        st.freeze(st.SpatialLayer(1024, 256, density=density, connectivity="random")).eval()
+        for density in (0.25, 1.0)
+    ]
+    with torch.no_grad():
+        for layer in layers:
+            layer(torch.randn(1, 1024))
+    sparse, dense = (layer.inference_bytes() for layer in layers)
+    assert sparse < 0.7 * dense, sparse / dense
 
 
 def test_inference_mode_and_half_inputs_take_the_int8_path():

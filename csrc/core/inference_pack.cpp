@@ -1,6 +1,7 @@
 #include "inference_pack.h"
 
 #include <algorithm>
+#include <bitset>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -539,6 +540,91 @@ void check_isa(InferencePack::Isa isa) {
 }
 }  // namespace
 
+namespace {
+
+// Regions held by each neuron, as bitsets of `words` 64-bit words a neuron.
+struct RegionSets {
+  int64_t words = 0;
+  std::vector<uint64_t> bits;
+  const uint64_t* of(int64_t neuron) const { return bits.data() + neuron * words; }
+};
+
+RegionSets region_sets(const PackedView& v) {
+  RegionSets sets;
+  sets.words = (v.num_regions + 63) / 64;
+  sets.bits.assign(static_cast<size_t>(v.out_features * sets.words), 0);
+  for (int64_t n = 0; n < v.out_features; ++n) {
+    uint64_t* row = sets.bits.data() + n * sets.words;
+    v.for_each_region(n, [&](int64_t r) { row[r / 64] |= uint64_t{1} << (r % 64); });
+  }
+  return sets;
+}
+
+int popcount(uint64_t word) { return static_cast<int>(std::bitset<64>(word).count()); }
+
+// Panels the pack needs with neurons in `order`: per group of 16, the regions any holds.
+int64_t panels_in_order(const RegionSets& sets, const std::vector<int64_t>& order) {
+  int64_t panels = 0;
+  std::vector<uint64_t> held(static_cast<size_t>(sets.words));
+  for (size_t g0 = 0; g0 < order.size(); g0 += InferencePack::kGroup) {
+    std::fill(held.begin(), held.end(), 0);
+    const size_t g1 = std::min(order.size(), g0 + InferencePack::kGroup);
+    for (size_t s = g0; s < g1; ++s) {
+      for (int64_t w = 0; w < sets.words; ++w) held[w] |= sets.of(order[s])[w];
+    }
+    for (const uint64_t word : held) panels += popcount(word);
+  }
+  return panels;
+}
+
+// The neurons in the order the pack lays them out, 16 to a group: each group starts at the
+// first neuron not yet placed and takes, one at a time, the neuron that adds the fewest regions
+// to the group's union among the next kCandidates unplaced ones (the first of equals). A group
+// computes a panel for every region any of its neurons holds, so with sparse layouts whose
+// neighbours share few regions (random connectivity) the index order wastes most of the work.
+// Empty when that order needs no more panels than the greedy one (dense layouts, most local
+// ones): the pack then keeps neuron n in slot n.
+std::vector<int64_t> grouped_order(const PackedView& v) {
+  constexpr int64_t kCandidates = 256;
+  const int64_t neurons = v.out_features;
+  const RegionSets sets = region_sets(v);
+  std::vector<int64_t> order;
+  order.reserve(static_cast<size_t>(neurons));
+  std::vector<char> placed(static_cast<size_t>(neurons), 0);
+  std::vector<uint64_t> held(static_cast<size_t>(sets.words));
+  int64_t first = 0;  // every neuron before it is placed
+  while (static_cast<int64_t>(order.size()) < neurons) {
+    while (placed[first]) ++first;
+    placed[first] = 1;
+    order.push_back(first);
+    std::copy(sets.of(first), sets.of(first) + sets.words, held.begin());
+    for (int64_t lane = 1; lane < InferencePack::kGroup; ++lane) {
+      int64_t best = -1, fewest = 0, seen = 0;
+      for (int64_t n = first + 1; n < neurons && seen < kCandidates; ++n) {
+        if (placed[n]) continue;
+        ++seen;
+        int64_t added = 0;
+        for (int64_t w = 0; w < sets.words; ++w) added += popcount(sets.of(n)[w] & ~held[w]);
+        if (best < 0 || added < fewest) {
+          best = n;
+          fewest = added;
+          if (added == 0) break;
+        }
+      }
+      if (best < 0) break;  // every neuron is placed
+      placed[best] = 1;
+      order.push_back(best);
+      for (int64_t w = 0; w < sets.words; ++w) held[w] |= sets.of(best)[w];
+    }
+  }
+  std::vector<int64_t> identity(static_cast<size_t>(neurons));
+  for (int64_t n = 0; n < neurons; ++n) identity[n] = n;
+  if (panels_in_order(sets, order) < panels_in_order(sets, identity)) return order;
+  return {};
+}
+
+}  // namespace
+
 InferencePack::InferencePack(const PackedView& v)
     : bits_(v.format == quant::kNf4 ? 8 : v.format),
       nf4_(v.format == quant::kNf4),
@@ -561,15 +647,18 @@ InferencePack::InferencePack(const PackedView& v)
                                 " inputs could overflow the int32 sums at " +
                                 std::to_string(bits_) + " bits");
   }
+  order_ = grouped_order(v);
+  const auto neuron_in = [this](int64_t slot) { return order_.empty() ? slot : order_[slot]; };
   std::vector<int64_t> panel_of(static_cast<size_t>(regions), -1);
   std::vector<char> held(static_cast<size_t>(regions));
   group_begin_.assign(1, 0);
   panel_chunks_.assign(1, 0);
-  PackedView::Cursor cursor = v.cursor_at(0);
-  for (int64_t n0 = 0; n0 < out_features_; n0 += kGroup) {
-    const int64_t n1 = std::min(n0 + kGroup, out_features_);
+  for (int64_t s0 = 0; s0 < out_features_; s0 += kGroup) {
+    const int64_t s1 = std::min(s0 + kGroup, out_features_);
     std::fill(held.begin(), held.end(), 0);
-    for (int64_t n = n0; n < n1; ++n) v.for_each_region(n, [&](int64_t r) { held[r] = 1; });
+    for (int64_t s = s0; s < s1; ++s) {
+      v.for_each_region(neuron_in(s), [&](int64_t r) { held[r] = 1; });
+    }
     for (int64_t r = 0; r < regions; ++r) {
       if (!held[r]) continue;
       panel_of[r] = static_cast<int64_t>(panel_region_.size());
@@ -580,9 +669,9 @@ InferencePack::InferencePack(const PackedView& v)
     group_begin_.push_back(static_cast<int64_t>(panel_region_.size()));
     scales_.resize(panel_region_.size() * kGroup, 0);
     codes_.resize(static_cast<size_t>(panel_chunks_.back() * kChunkBytes), 0);
-    for (int64_t n = n0; n < n1; ++n) {
-      const int64_t lane = n - n0;
-      v.visit_blocks(n, cursor, [&](int64_t r, int64_t block, int64_t offset) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t lane = s - s0;
+      v.for_each_block(neuron_in(s), [&](int64_t r, int64_t block, int64_t offset) {
         const int64_t panel = panel_of[r];
         scales_[panel * kGroup + lane] = v.scales[block];
         uint8_t* chunks = codes_.data() + panel_chunks_[panel] * kChunkBytes + 4 * lane;
@@ -602,7 +691,7 @@ int64_t InferencePack::bytes() const {
   return static_cast<int64_t>(codes_.size() + scales_.size() * sizeof(uint16_t) +
                               panel_region_.size() * sizeof(int32_t) +
                               (panel_chunks_.size() + group_begin_.size() + padded_begin_.size() +
-                               region_begin_.size()) *
+                               region_begin_.size() + order_.size()) *
                                   sizeof(int64_t));
 }
 

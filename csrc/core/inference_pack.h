@@ -2,8 +2,10 @@
 // AVX-512 VNNI (vpdpbusd: 64 unsigned-byte x signed-byte products into 16 int32 sums), or
 // with AVX2 (see Isa).
 //
-// Neurons go in groups of 16, one int32 lane each. A group keeps one panel per region that any
-// of its neurons holds (the union of their blocks; a neuron without the block gets scale 0).
+// Neurons go in groups of 16 slots, one int32 lane each. A group keeps one panel per region that
+// any of its neurons holds (the union of their blocks; a neuron without the block gets scale 0).
+// Slot s holds neuron s, or for sparse layouts where that pays, the neuron neuron_order()[s]:
+// neurons gathered so that each group's union of regions stays small.
 // A panel holds the 16 neurons' fp16 scales and their stored codes in 64-byte chunks: byte
 // 4m + j of a chunk is neuron m's, and its bit plane p (bits p*b .. p*b+b-1) holds the code of
 // input 4p + j of the chunk. So one load feeds every plane's vpdpbusd for all 16 neurons, each
@@ -60,8 +62,10 @@ class InferencePack {
   int64_t out_features() const { return out_features_; }
   int64_t groups() const { return (out_features_ + kGroup - 1) / kGroup; }
   int bits() const { return bits_; }  // of the packed codes (8 for nf4)
-  // Bytes the forward reads: codes, scales and the panel index.
+  // Bytes the forward reads: codes, scales, the panel index and the neuron order.
   int64_t bytes() const;
+  // The neuron each slot holds; empty when slot s holds neuron s.
+  const std::vector<int64_t>& neuron_order() const { return order_; }
 
   // Activations of `batch` rows quantized for the kernels.
   struct Rows {
@@ -78,8 +82,8 @@ class InferencePack {
   // (the same rows either way). Throws std::invalid_argument for an isa this CPU lacks.
   void quantize(const float* x, int64_t batch, int64_t ldx, Rows& rows,
                 Isa isa = best_isa()) const;
-  // y[b * ldy + n] = sum_i w[n][i] x[b][i] for the neurons of groups [g0, g1), every row: the
-  // sums of products with the quantized rows. With kAvx512Vnni: AMX tiles for batches of 8
+  // y[b * ldy + s] = sum_i w[n][i] x[b][i] for the slots s of groups [g0, g1) and the neuron n
+  // each holds (see neuron_order), every row: the sums of products with the quantized rows. With kAvx512Vnni: AMX tiles for batches of 8
   // rows or more where the CPU and OS allow AMX-INT8, VNNI otherwise. Throws
   // std::invalid_argument for an isa this CPU lacks.
   void linear_groups(int64_t g0, int64_t g1, const Rows& rows, float* y, int64_t ldy,
@@ -90,6 +94,7 @@ class InferencePack {
   bool nf4_ = false;  // the codes are nf4 levels (see the top)
   int64_t in_features_ = 0;
   int64_t out_features_ = 0;
+  std::vector<int64_t> order_;         // [neurons] the neuron of each slot, or empty
   std::vector<int64_t> region_begin_;  // [regions + 1] the memory's
   std::vector<int64_t> padded_begin_;  // [regions + 1] where each region starts in a Rows row
   std::vector<int64_t> group_begin_;   // [groups + 1] first panel of each group

@@ -3,6 +3,7 @@
 // reproduces to compute the exact expected value.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <random>
@@ -86,14 +87,16 @@ TEST(InferencePack, SumsOfIntegerProductsAreExact) {
             rounded[i] = std::nearbyint(x[b * in + i] * inverse) * static_cast<double>(scale);
           }
         }
-        for (int64_t n = 0; n < out; ++n) {
+        const std::vector<int64_t>& order = pack.neuron_order();
+        for (int64_t slot = 0; slot < out; ++slot) {
+          const int64_t n = order.empty() ? slot : order[slot];
           double expected = 0.0, magnitude = 0.0;
           for (int64_t i = 0; i < in; ++i) {
             expected += static_cast<double>(dense[n * in + i]) * rounded[i];
             magnitude += std::fabs(static_cast<double>(dense[n * in + i]) * rounded[i]);
           }
           // float32 scale products and accumulation across blocks
-          ASSERT_NEAR(y[b * out + n], expected, 1e-5 * magnitude + 1e-7)
+          ASSERT_NEAR(y[b * out + slot], expected, 1e-5 * magnitude + 1e-7)
               << InferencePack::isa_name(isa) << " bits " << bits << " region_bits "
               << region_bits << " batch " << batch
               << " row " << b << " neuron " << n;
@@ -102,6 +105,44 @@ TEST(InferencePack, SumsOfIntegerProductsAreExact) {
      }
     }
   }
+  }
+}
+
+// Even neurons hold the first half of the regions, odd ones the second: in index order every
+// group of 16 needs every region, gathered by what they hold each group needs half. The pack
+// gathers them, and every neuron's output still lands in its own column.
+TEST(InferencePack, GathersNeuronsThatShareRegions) {
+  if (!InferencePack::cpu_supported()) GTEST_SKIP() << "no AVX2 or AVX-512 VNNI on this CPU";
+  const int64_t out = 64, in = 64, regions = 8;  // regions of 8 inputs
+  std::mt19937_64 rng(7);
+  const SpatialMemory m = test_support::memory_with_blocks(
+      out, in, 4, 3, [](int64_t n, int64_t r) { return (r < regions / 2) == (n % 2 == 0); }, rng);
+  ASSERT_EQ(m.num_regions(), regions);
+  const InferencePack pack(m.view());
+  const std::vector<int64_t>& order = pack.neuron_order();
+  ASSERT_EQ(static_cast<int64_t>(order.size()), out);
+  for (int64_t s = 0; s < out; ++s) {  // each group all even or all odd
+    EXPECT_EQ(order[s] % 2, order[s / InferencePack::kGroup * InferencePack::kGroup] % 2) << s;
+  }
+  std::vector<int64_t> sorted = order;
+  std::sort(sorted.begin(), sorted.end());
+  for (int64_t n = 0; n < out; ++n) ASSERT_EQ(sorted[n], n);  // a permutation
+  // Half the panels of the index order: a panel is 16 scales and one 64-byte chunk here.
+  const int64_t panels = out / InferencePack::kGroup * (regions / 2);
+  EXPECT_EQ(pack.bytes(), panels * (64 + 16 * 2 + 4) +
+                              (panels + 1 + out / 16 + 1 + 2 * (regions + 1) + out) * 8);
+  // A one-hot input on input i gives each neuron holding i its weight there, the others 0.
+  const std::vector<float> dense = kernel_weights(m);
+  for (int64_t i : {0, 40}) {
+    std::vector<float> x(static_cast<size_t>(in), 0.0f);
+    x[i] = 1.0f;
+    InferencePack::Rows rows;
+    pack.quantize(x.data(), 1, in, rows);
+    std::vector<float> y(static_cast<size_t>(out));
+    pack.linear_groups(0, pack.groups(), rows, y.data(), out);
+    for (int64_t s = 0; s < out; ++s) {
+      EXPECT_FLOAT_EQ(y[s], dense[order[s] * in + i]) << "input " << i << " slot " << s;
+    }
   }
 }
 
