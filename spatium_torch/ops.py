@@ -335,12 +335,9 @@ def _learnable_map_backward_fake(
     _check_table(table, pre.shape[1])
     if grad.shape != pre.shape or grad.dtype != pre.dtype:
         raise ValueError("learnable_map_backward: grad must match pre")
-    return torch.empty_like(pre), _cell_major_logits_like(pre, pre.shape[1])
-
-
-def _cell_major_logits_like(like: torch.Tensor, neurons: int) -> torch.Tensor:
-    """An empty ``[neurons, 64, 12]`` tensor stored cell-major, as a learnable map's logits."""
-    return like.new_empty((CELLS, len(ACTIVATIONS), neurons)).permute(2, 0, 1)
+    # [neurons, 64, 12] stored cell-major, as a learnable map's logits
+    grad_logits = pre.new_empty((CELLS, len(ACTIVATIONS), pre.shape[1])).permute(2, 0, 1)
+    return torch.empty_like(pre), grad_logits
 
 
 @torch.library.register_fake("spatium::map_argmax")

@@ -538,9 +538,6 @@ void check_isa(InferencePack::Isa isa) {
                                 InferencePack::isa_name(isa) + " kernels");
   }
 }
-}  // namespace
-
-namespace {
 
 // Regions held by each neuron, as bitsets of `words` 64-bit words a neuron.
 struct RegionSets {

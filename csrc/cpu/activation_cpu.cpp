@@ -51,7 +51,7 @@ at::Tensor apply_one(const at::Tensor& x_in, const at::Tensor* grad_in, act::Fn 
   return out;
 }
 
-// --- activation maps: per (neuron, cell) one function, from a table -------------------------------
+// --- activation maps: per (neuron, cell) one function, from a table ---------------------------
 constexpr int64_t kCells = 64;
 constexpr int kHashBits = 6;
 
