@@ -57,6 +57,12 @@ std::tuple<at::Tensor, at::Tensor> learnable_map_backward(const at::Tensor& grad
                                                           const at::Tensor& cells,
                                                           const at::Tensor& table);
 at::Tensor map_argmax(const at::Tensor& logits);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> factored_map_backward(const at::Tensor& grad,
+                                                                     const at::Tensor& pre,
+                                                                     const at::Tensor& cells,
+                                                                     const at::Tensor& table);
+at::Tensor factored_map_argmax(const at::Tensor& neuron_logits, const at::Tensor& cell_logits,
+                               const at::Tensor& initial, const at::Tensor& lead);
 at::Tensor simhash_cells(const at::Tensor& x, const at::Tensor& projections);
 void count_hits(at::Tensor& hits, const at::Tensor& cells);
 

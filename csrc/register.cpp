@@ -20,6 +20,8 @@ TORCH_LIBRARY_IMPL(spatium, CPU, m) {
   m.impl("activation_map_backward", &cpu::activation_map_backward);
   m.impl("learnable_map_backward", &cpu::learnable_map_backward);
   m.impl("map_argmax", &cpu::map_argmax);
+  m.impl("factored_map_backward", &cpu::factored_map_backward);
+  m.impl("factored_map_argmax", &cpu::factored_map_argmax);
   m.impl("simhash_cells", &cpu::simhash_cells);
   m.impl("count_hits_", &cpu::count_hits);
   m.impl("track_activity_", &cpu::track_activity);

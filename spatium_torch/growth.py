@@ -727,8 +727,7 @@ def _stage_tail_module(module: nn.Module, change: NeuronChange) -> Stage:
             module._argmax_key = None
 
         stage = Stage(adopt)
-        if module.logits is not None:
-            stage.replaced.append((module.logits, new_map.logits, lambda t: t[rows]))
+        stage.replaced.extend(module.parameter_moves(new_map, rows))
         return stage
     if not isinstance(module, NORMS):
         return Stage(lambda: None)

@@ -81,8 +81,9 @@ class SpatialLayer(nn.Module):
             the neuron's position, both spaces scaled to the unit cube) or ``"random"``.
         bias: whether to learn an additive bias.
         activation: ``None`` (linear) or ``"map"``: an :class:`ActivationMap` after the linear
-            part, hashing the layer's input (``map_init``, ``map_learnable``, ``map_seed`` as in
-            ActivationMap's ``init``, ``learnable``, ``seed``). Not yet fused with the matmul.
+            part, hashing the layer's input (``map_init``, ``map_learnable``,
+            ``map_logit_form``, ``map_seed`` as in ActivationMap's ``init``, ``learnable``,
+            ``logit_form``, ``seed``). Not yet fused with the matmul.
         input_positions: ``[in_features, 3]`` distinct integer positions in ``[0, 65535]``
             (default: input j at ``morton_decode(j)``); see :mod:`spatium_torch.layouts`.
         grid_dims: ``(X, Y, Z)`` grid the neurons fill in Morton order (default: neuron j at
@@ -112,6 +113,7 @@ class SpatialLayer(nn.Module):
         grid_dims: Sequence[int] | None = None,
         map_init: str = "uniform",
         map_learnable: bool = False,
+        map_logit_form: str = "factored",
         map_seed: int = 0,
         growth_threshold: float = 0.9,
         prune_threshold: float = 0.01,
@@ -189,7 +191,7 @@ class SpatialLayer(nn.Module):
             activation_map = (
                 ActivationMap(
                     out_features, in_features, init=map_init, learnable=map_learnable,
-                    seed=map_seed,
+                    logit_form=map_logit_form, seed=map_seed,
                 )
                 if activation == "map"
                 else None
@@ -731,8 +733,7 @@ class SpatialLayer(nn.Module):
             new_map = copy.deepcopy(self.activation_map)
             new_map.projections = self.activation_map.projections[:, columns] * scale
             new_map.hash_features = len(columns)
-            if new_map.logits is not None:
-                replaced.append((self.activation_map.logits, new_map.logits, lambda t: t))
+            replaced.extend(self.activation_map.parameter_moves(new_map))
 
         def commit() -> None:
             self._install(memory)
@@ -808,8 +809,8 @@ class SpatialLayer(nn.Module):
         for old, new in ((old_weight, new_weight), (old_bias, new_bias)):
             if old is not None:
                 stage.replaced.append((old, new, by_rows))
-        if new_map is not None and new_map.logits is not None:
-            stage.replaced.append((self.activation_map.logits, new_map.logits, by_rows))
+        if new_map is not None:
+            stage.replaced.extend(self.activation_map.parameter_moves(new_map, rows))
         return stage
 
     def freeze(self, keep_hits: bool = False) -> None:

@@ -112,6 +112,12 @@ SCHEMAS = {
         "(Tensor grad, Tensor pre, Tensor cells, Tensor table) -> (Tensor, Tensor)"
     ),
     "map_argmax": "(Tensor logits) -> Tensor",
+    "factored_map_backward": (
+        "(Tensor grad, Tensor pre, Tensor cells, Tensor table) -> (Tensor, Tensor, Tensor)"
+    ),
+    "factored_map_argmax": (
+        "(Tensor neuron_logits, Tensor cell_logits, Tensor initial_table, Tensor lead) -> Tensor"
+    ),
     "simhash_cells": "(Tensor x, Tensor projections) -> Tensor",
     "count_hits_": "(Tensor(a!) hits, Tensor cells) -> ()",
     "track_activity_": (
@@ -349,6 +355,46 @@ def _map_argmax_fake(logits: torch.Tensor) -> torch.Tensor:
             f"got {list(logits.shape)}"
         )
     return logits.new_empty((CELLS, logits.shape[0]), dtype=torch.uint8).t()
+
+
+@torch.library.register_fake("spatium::factored_map_backward")
+def _factored_map_backward_fake(
+    grad: torch.Tensor, pre: torch.Tensor, cells: torch.Tensor, table: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_map("factored_map_backward", pre, cells, table, grad)
+    _check_table(table, pre.shape[1])
+    if grad.shape != pre.shape or grad.dtype != pre.dtype:
+        raise ValueError("factored_map_backward: grad must match pre")
+    # [neurons, 12] stored function-major, as a factored map's neuron logits
+    grad_neurons = pre.new_empty((len(ACTIVATIONS), pre.shape[1])).t()
+    return torch.empty_like(pre), grad_neurons, pre.new_empty((CELLS, len(ACTIVATIONS)))
+
+
+@torch.library.register_fake("spatium::factored_map_argmax")
+def _factored_map_argmax_fake(
+    neuron_logits: torch.Tensor,
+    cell_logits: torch.Tensor,
+    initial_table: torch.Tensor,
+    lead: torch.Tensor,
+) -> torch.Tensor:
+    op = "factored_map_argmax"
+    _check_float(neuron_logits, op, "neuron_logits")
+    functions = len(ACTIVATIONS)
+    if neuron_logits.dim() != 2 or neuron_logits.shape[1] != functions:
+        raise ValueError(
+            f"{op}: neuron_logits must be [neurons, {functions}], got {list(neuron_logits.shape)}"
+        )
+    if cell_logits.dtype != neuron_logits.dtype:
+        raise TypeError(f"{op}: cell_logits must have neuron_logits' dtype")
+    if tuple(cell_logits.shape) != (CELLS, functions):
+        raise ValueError(
+            f"{op}: cell_logits must be [{CELLS}, {functions}], got {list(cell_logits.shape)}"
+        )
+    _check_table(initial_table, neuron_logits.shape[0])
+    if lead.dim() != 0 or lead.dtype != neuron_logits.dtype:
+        raise ValueError(f"{op}: lead must be a 0-dim tensor of neuron_logits' dtype")
+    _check_same_device(op, neuron_logits, cell_logits, initial_table, lead)
+    return neuron_logits.new_empty((CELLS, neuron_logits.shape[0]), dtype=torch.uint8).t()
 
 
 @torch.library.register_fake("spatium::simhash_cells")

@@ -573,21 +573,41 @@ def activation_map_backward(
     return grad * _pick(pre, _map_functions(pre, cells, table), 1)
 
 
+def _switch_gains(
+    grad: torch.Tensor, pre: torch.Tensor, cells: torch.Tensor, table: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_pre, gains)``: ``grad_pre`` as :func:`activation_map_backward`, ``gains[c, n, k]``
+    the sum over samples b in cell c of ``grad[b, n] * (f_k(pre[b, n]) - f_{table[n,
+    c]}(pre[b, n]))``, the first-order change of the loss were neuron n's cell c switched to
+    function k."""
+    fns = _map_functions(pre, cells, table)
+    values = torch.stack([value(pre) for value, _ in _FUNCTIONS], dim=-1)  # [B, N, 12]
+    chosen = values.gather(-1, fns.unsqueeze(-1))
+    gains = pre.new_zeros(table.shape[1], pre.shape[1], NUM_FUNCTIONS)
+    gains.index_add_(0, cells, grad.unsqueeze(-1) * (values - chosen))
+    return grad * _pick(pre, fns, 1), gains
+
+
 def learnable_map_backward(
     grad: torch.Tensor, pre: torch.Tensor, cells: torch.Tensor, table: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The backward of a learnable map trained straight through its argmax functions ``table``:
-    ``(grad_pre, grad_logits)`` with ``grad_pre`` as :func:`activation_map_backward` and
-    ``grad_logits[n, c, k]`` the sum over samples b in cell c of ``grad[b, n] * (f_k(pre[b, n])
-    - f_{table[n, c]}(pre[b, n]))``, the first-order change of the loss were the cell switched
-    to function k; ``[neurons, 64, 12]`` stored cell-major (``[64, 12, neurons]`` in memory)."""
-    fns = _map_functions(pre, cells, table)
-    values = torch.stack([value(pre) for value, _ in _FUNCTIONS], dim=-1)  # [B, N, 12]
-    chosen = values.gather(-1, fns.unsqueeze(-1))
-    per_cell = pre.new_zeros(table.shape[1], pre.shape[1], NUM_FUNCTIONS)
-    per_cell.index_add_(0, cells, grad.unsqueeze(-1) * (values - chosen))
-    grad_logits = per_cell.permute(0, 2, 1).contiguous().permute(2, 0, 1)
-    return grad * _pick(pre, fns, 1), grad_logits
+    ``(grad_pre, grad_logits)`` with ``grad_logits[n, c, k]`` the switch gain of
+    :func:`_switch_gains`; ``[neurons, 64, 12]`` stored cell-major (``[64, 12, neurons]`` in
+    memory)."""
+    grad_pre, gains = _switch_gains(grad, pre, cells, table)
+    return grad_pre, gains.permute(0, 2, 1).contiguous().permute(2, 0, 1)
+
+
+def factored_map_backward(
+    grad: torch.Tensor, pre: torch.Tensor, cells: torch.Tensor, table: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of a factored learnable map (a cell's logits are its neuron's logits plus
+    the cell's, see :func:`factored_map_argmax`): ``(grad_pre, grad_neuron_logits,
+    grad_cell_logits)``, the switch gains of :func:`_switch_gains` summed over cells
+    (``[neurons, 12]``, stored function-major) and over neurons (``[64, 12]``)."""
+    grad_pre, gains = _switch_gains(grad, pre, cells, table)
+    return grad_pre, gains.sum(0).t().contiguous().t(), gains.sum(1)
 
 
 def map_argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -595,6 +615,30 @@ def map_argmax(logits: torch.Tensor) -> torch.Tensor:
     logits ``[neurons, 64, 12]``, ``[neurons, 64]`` uint8 stored cell-major (``[64, neurons]`` in
     memory), as the map kernels read tables."""
     return logits.argmax(-1).to(torch.uint8).t().contiguous().t()
+
+
+def factored_map_logits(
+    neuron_logits: torch.Tensor,
+    cell_logits: torch.Tensor,
+    initial_table: torch.Tensor,
+    lead: torch.Tensor,
+) -> torch.Tensor:
+    """A factored map's logits ``[neurons, 64, 12]``: ``(neuron_logits[n, k] + cell_logits[c,
+    k]) + (lead if initial_table[n, c] == k else 0)``, summed in that order."""
+    summed = neuron_logits.unsqueeze(1) + cell_logits.unsqueeze(0)
+    initial = F.one_hot(initial_table.long(), NUM_FUNCTIONS).to(summed.dtype)
+    return summed + initial * lead
+
+
+def factored_map_argmax(
+    neuron_logits: torch.Tensor,
+    cell_logits: torch.Tensor,
+    initial_table: torch.Tensor,
+    lead: torch.Tensor,
+) -> torch.Tensor:
+    """The function of every cell of a factored map: :func:`map_argmax` of
+    :func:`factored_map_logits`."""
+    return map_argmax(factored_map_logits(neuron_logits, cell_logits, initial_table, lead))
 
 
 def simhash_cells(x: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:

@@ -262,6 +262,8 @@ def activation_ops_on_random_arguments(fn, batch, neurons, cell, table_value, sh
     if table.numel():
         table.view(-1)[-1] = table_value
     logits = torch.randn(neurons, 64, 12 - (shape_error == "logits")).to(dtype)
+    neuron_logits = torch.randn(neurons, 12 - (shape_error == "logits")).to(dtype)
+    cell_logits, lead = torch.randn(64, 12).to(dtype), torch.tensor(float(fn)).to(dtype)
     projections = torch.randn(6 + (shape_error == "projections"), neurons).to(dtype)
     hits = torch.zeros(neurons, 64, dtype=torch.int64)
     for call in (
@@ -271,6 +273,8 @@ def activation_ops_on_random_arguments(fn, batch, neurons, cell, table_value, sh
         lambda: ops.activation_map_backward(pre, pre, cells, table),
         lambda: ops.learnable_map_backward(pre, pre, cells, table),
         lambda: ops.map_argmax(logits),
+        lambda: ops.factored_map_backward(pre, pre, cells, table),
+        lambda: ops.factored_map_argmax(neuron_logits, cell_logits, table, lead),
         lambda: ops.count_hits_(hits, cells),
         lambda: ops.simhash_cells(pre, projections),
         lambda: ops.track_activity_(pre, torch.zeros(neurons), torch.zeros(neurons), 0.5),

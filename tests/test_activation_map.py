@@ -6,6 +6,8 @@ from helpers import train_digits, train_digits_mlp
 from torch import nn
 
 import spatium_torch as st
+from spatium_torch import reference as ref
+from spatium_torch.activation import LOGIT_FORMS
 from spatium_torch.ops import ACTIVATIONS
 
 
@@ -18,9 +20,29 @@ def reference(pre, cells, table):
     return out
 
 
+def logits_of(amap):
+    """A learnable map's logits ``[neurons, 64, 12]``, whichever form holds them."""
+    if amap.logit_form == "full":
+        return amap.logits.detach()
+    return ref.factored_map_logits(
+        amap.neuron_logits.detach(),
+        amap.cell_logits.detach(),
+        amap.initial_table,
+        amap.initial_lead.to(amap.neuron_logits.dtype),
+    )
+
+
+def randomize(amap):
+    """Random logits (of either form), so that cells hold different functions."""
+    with torch.no_grad():
+        for parameter in amap.learnable_parameters().values():
+            parameter.copy_(4 * torch.randn_like(parameter))
+
+
 @pytest.mark.parametrize("learnable", [False, True])
-def test_uniform_map_is_relu_exactly(learnable):
-    amap = st.ActivationMap(7, 16, learnable=learnable).eval()
+@pytest.mark.parametrize("form", LOGIT_FORMS)
+def test_uniform_map_is_relu_exactly(learnable, form):
+    amap = st.ActivationMap(7, 16, learnable=learnable, logit_form=form).eval()
     pre, x = torch.randn(50, 7), torch.randn(50, 16)
     assert torch.equal(amap(pre, x), torch.relu(pre))
 
@@ -39,22 +61,23 @@ def test_gradient_init_has_relu_centre_and_tanh_edge():
     assert (table[:, :, 7] == ACTIVATIONS.index("tanh")).all()
 
 
-def test_eval_learnable_map_applies_the_argmax_function():
-    amap = st.ActivationMap(6, 10, learnable=True, seed=1)
-    with torch.no_grad():
-        amap.logits.copy_(torch.randn_like(amap.logits))
+@pytest.mark.parametrize("form", LOGIT_FORMS)
+def test_eval_learnable_map_applies_the_argmax_function(form):
+    amap = st.ActivationMap(6, 10, learnable=True, logit_form=form, init="random", seed=1)
+    randomize(amap)
     amap.eval()
     pre, x = torch.randn(100, 6), torch.randn(100, 10)
-    table = amap.logits.argmax(-1).to(torch.uint8)
+    table = logits_of(amap).argmax(-1).to(torch.uint8)
+    assert len(table.unique()) > 6  # the test sees many functions
     assert torch.equal(amap(pre, x), reference(pre, amap.cells(x), table))
 
 
-def test_training_applies_the_argmax_function_as_eval_does():
-    amap = st.ActivationMap(4, 5, learnable=True, seed=2)
-    with torch.no_grad():
-        amap.logits.copy_(torch.randn_like(amap.logits))
+@pytest.mark.parametrize("form", LOGIT_FORMS)
+def test_training_applies_the_argmax_function_as_eval_does(form):
+    amap = st.ActivationMap(4, 5, learnable=True, logit_form=form, seed=2)
+    randomize(amap)
     pre, x = torch.randn(30, 4, dtype=torch.float64, requires_grad=True), torch.randn(30, 5)
-    table = amap.logits.argmax(-1).to(torch.uint8)
+    table = logits_of(amap).argmax(-1).to(torch.uint8)
     expected = reference(pre.detach(), amap.cells(x), table)
     assert torch.equal(amap(pre, x), expected)  # training, with grad
     with torch.no_grad():
@@ -76,28 +99,38 @@ def switch_gains(pre, cells, table, grad):
     return gains
 
 
-def test_logits_gradient_is_the_first_order_gain_of_switching_each_cell():
-    amap = st.ActivationMap(3, 6, learnable=True, init="random", seed=4).double()
+@pytest.mark.parametrize("form", LOGIT_FORMS)
+def test_logits_gradient_is_the_first_order_gain_of_switching_each_cell(form):
+    amap = st.ActivationMap(3, 6, learnable=True, logit_form=form, init="random", seed=4)
+    amap = amap.double()
     x = torch.randn(40, 6, dtype=torch.float64)
     pre = torch.randn(40, 3, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(40, 3, dtype=torch.float64)
     amap(pre, x).backward(grad)
     cells, table = amap.cells(x), amap.function_table()
     # The map is linear in each sample's function: switching one cell changes sum(grad * y)
-    # by exactly the gradient, and the current function's entry is zero.
-    torch.testing.assert_close(amap.logits.grad, switch_gains(pre.detach(), cells, table, grad))
-    chosen = amap.logits.grad.gather(-1, table.long().unsqueeze(-1))
-    assert torch.equal(chosen, torch.zeros_like(chosen))
+    # by exactly the gradient, and the current function's entry is zero. A factored map's
+    # logits add up to a cell's: their gradients are those gains summed over the neuron's
+    # cells and over the cell's neurons.
+    gains = switch_gains(pre.detach(), cells, table, grad)
+    if form == "full":
+        torch.testing.assert_close(amap.logits.grad, gains)
+        chosen = amap.logits.grad.gather(-1, table.long().unsqueeze(-1))
+        assert torch.equal(chosen, torch.zeros_like(chosen))
+    else:
+        torch.testing.assert_close(amap.neuron_logits.grad, gains.sum(1))
+        torch.testing.assert_close(amap.cell_logits.grad, gains.sum(0))
     # the pre-activations' gradient is the argmax functions' (gradcheck away from kinks)
     away = pre.detach().where(pre.detach().abs() > 1e-2, 0.5).requires_grad_()
     assert torch.autograd.gradcheck(lambda p: amap(p, x), (away,))
 
 
-def test_cells_switch_to_the_function_that_lowers_the_loss():
+@pytest.mark.parametrize("form", LOGIT_FORMS)
+def test_cells_switch_to_the_function_that_lowers_the_loss(form):
     # Target |pre|: abs is the one function that fits, and every other function that beats relu
     # is beaten by abs, so the trained cells (all relu at first) end on abs.
     torch.manual_seed(0)
-    amap = st.ActivationMap(2, 4, learnable=True, initial_logit=1.0)
+    amap = st.ActivationMap(2, 4, learnable=True, logit_form=form, initial_logit=1.0)
     optimizer = torch.optim.Adam(amap.parameters(), lr=0.05)
     x = torch.randn(256, 4)
     losses = []
@@ -132,6 +165,17 @@ def test_ops_pass_opcheck():
     logits = torch.randn(3, 64, 12)
     for layout in (logits, logits.permute(1, 2, 0).contiguous().permute(2, 0, 1)):
         torch.library.opcheck(torch.ops.spatium.map_argmax.default, (layout,))
+    for layout in (table, table.t().contiguous().t()):
+        torch.library.opcheck(
+            torch.ops.spatium.factored_map_backward.default, (grad, pre, cells, layout)
+        )
+    cell_logits = torch.randn(64, 12)
+    for neuron_logits in (torch.randn(3, 12), torch.randn(12, 3).t()):
+        for initial in (table, table.t().contiguous().t()):
+            torch.library.opcheck(
+                torch.ops.spatium.factored_map_argmax.default,
+                (neuron_logits, cell_logits, initial, torch.tensor(1.5)),
+            )
 
 
 def test_same_input_same_cell_and_small_perturbations_keep_it():
@@ -157,14 +201,16 @@ def test_hit_counts_sum_to_samples_times_neurons_and_reset():
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_argmax_is_computed_once_per_optimizer_step(fused, monkeypatch):
-    amap = st.ActivationMap(4, 6, learnable=True)
+@pytest.mark.parametrize("form", LOGIT_FORMS)
+def test_argmax_is_computed_once_per_optimizer_step(fused, form, monkeypatch):
+    amap = st.ActivationMap(4, 6, learnable=True, logit_form=form)
     optimizer = torch.optim.Adam(amap.parameters(), lr=0.1, fused=fused)
     pre, x = torch.randn(16, 4, requires_grad=True), torch.randn(16, 6)
     calls = []
-    argmax = torch.ops.spatium.map_argmax
+    name = "map_argmax" if form == "full" else "factored_map_argmax"
+    argmax = getattr(torch.ops.spatium, name)
     monkeypatch.setattr(
-        st.activation.torch.ops.spatium, "map_argmax", lambda t: calls.append(1) or argmax(t)
+        st.activation.torch.ops.spatium, name, lambda *a: calls.append(1) or argmax(*a)
     )
     for step in range(3):
         for _ in range(4):  # several forwards and backwards (gradient accumulation) per step
@@ -176,21 +222,29 @@ def test_argmax_is_computed_once_per_optimizer_step(fused, monkeypatch):
     assert len(calls) == 4
 
 
-def test_state_dict_round_trip():
-    amap = st.ActivationMap(4, 6, learnable=True, seed=8)
-    with torch.no_grad():
-        amap.logits.normal_()
+@pytest.mark.parametrize("form", LOGIT_FORMS)
+def test_state_dict_round_trip(form):
+    amap = st.ActivationMap(4, 6, learnable=True, logit_form=form, init="random", seed=8)
+    randomize(amap)
     amap(torch.randn(5, 4), torch.randn(5, 6))
-    other = st.ActivationMap(4, 6, learnable=True, seed=9)
+    other = st.ActivationMap(4, 6, learnable=True, logit_form=form, initial_logit=2.0, seed=9)
     other.load_state_dict(amap.state_dict())
     pre, x = torch.randn(10, 4), torch.randn(10, 6)
     assert torch.equal(other(pre, x), amap(pre, x))
     assert torch.equal(other.projections, amap.projections)
+    assert torch.equal(other.function_table(), amap.function_table())
+    frozen = st.ActivationMap(4, 6, learnable=True, logit_form=form, seed=10)
+    frozen.freeze()
+    frozen.load_state_dict(amap.state_dict())  # a frozen map takes the argmax of saved logits
+    assert torch.equal(frozen.table, amap.function_table())
+    assert torch.equal(frozen(pre, x), amap(pre, x))
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="init"):
         st.ActivationMap(3, 4, init="checkerboard")
+    with pytest.raises(ValueError, match="logit_form"):
+        st.ActivationMap(3, 4, learnable=True, logit_form="low-rank")
     with pytest.raises(ValueError, match="num_features"):
         st.ActivationMap(0, 4)
     amap = st.ActivationMap(3, 4)
@@ -231,7 +285,8 @@ def test_spatial_layer_with_a_map():
     learnable = st.SpatialLayer(100, 12, activation="map", map_init="random", map_learnable=True)
     x = torch.randn(4, 100, requires_grad=True)
     learnable(x).sum().backward()
-    assert x.grad is not None and learnable.activation_map.logits.grad is not None
+    grads = [p.grad for p in learnable.activation_map.learnable_parameters().values()]
+    assert x.grad is not None and len(grads) == 2 and all(g is not None for g in grads)
     other = st.SpatialLayer(100, 12, activation="map", map_init="random", map_learnable=True)
     other.load_state_dict(learnable.state_dict())
     learnable.eval()
@@ -239,15 +294,17 @@ def test_spatial_layer_with_a_map():
     assert torch.equal(other(x), learnable(x))
 
 
-def test_initial_logit_is_the_lead_of_the_initial_function():
-    amap = st.ActivationMap(2, 3, learnable=True, init="gradient", initial_logit=0.5)
-    fixed = st.ActivationMap(2, 3, init="gradient")
+@pytest.mark.parametrize("form", LOGIT_FORMS)
+@pytest.mark.parametrize("init", ["gradient", "random"])
+def test_initial_logit_is_the_lead_of_the_initial_function(form, init):
+    amap = st.ActivationMap(2, 3, learnable=True, logit_form=form, init=init, initial_logit=0.5)
+    fixed = st.ActivationMap(2, 3, init=init)
     assert torch.equal(amap.function_table(), fixed.table)
-    top2 = amap.logits.topk(2, dim=-1).values
+    top2 = logits_of(amap).topk(2, dim=-1).values
     assert torch.equal(top2[..., 0] - top2[..., 1], torch.full((2, 64), 0.5))
-    for bad in (0.0, -1.0, float("nan")):
-        with pytest.raises(ValueError, match="initial_logit must be > 0"):
-            st.ActivationMap(2, 3, learnable=True, initial_logit=bad)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="initial_logit must be finite and > 0"):
+            st.ActivationMap(2, 3, learnable=True, logit_form=form, initial_logit=bad)
 
 
 def test_cells_are_the_signs_of_the_projections():
@@ -297,7 +354,7 @@ def test_batch_one_and_batched_maps_agree():
 def test_learnable_logits_are_held_cell_major_and_saved_contiguous():
     # Cell-major logits (neurons last in memory) make their argmax and gradient
     # transposition-free; a state_dict holds them contiguous (safetensors).
-    amap = st.ActivationMap(5, 7, learnable=True, init="random")
+    amap = st.ActivationMap(5, 7, learnable=True, logit_form="full", init="random")
     cell_major = lambda t: t.permute(1, 2, 0).is_contiguous()  # noqa: E731
     assert cell_major(amap.logits)
     amap(torch.randn(9, 5), torch.randn(9, 7)).sum().backward()
@@ -306,8 +363,50 @@ def test_learnable_logits_are_held_cell_major_and_saved_contiguous():
     assert cell_major(amap.logits)
     state = amap.state_dict()
     assert state["logits"].is_contiguous() and torch.equal(state["logits"], amap.logits)
-    twin = st.ActivationMap(5, 7, learnable=True)
+    twin = st.ActivationMap(5, 7, learnable=True, logit_form="full")
     twin.load_state_dict(state)
     assert cell_major(twin.logits) and torch.equal(twin.logits, amap.logits)
     picked = amap.select_neurons(torch.tensor([4, 0, 0]))
     assert cell_major(picked.logits) and torch.equal(picked.logits[1], amap.logits[0])
+
+
+def test_factored_logits_are_held_function_major_and_saved_contiguous():
+    # Function-major neuron logits and a cell-major initial table (neurons last in memory), as
+    # the kernels read them; a state_dict holds them contiguous, the table at 4 bits a cell.
+    amap = st.ActivationMap(5, 7, learnable=True, init="random")
+    neurons_last = lambda t: t.t().is_contiguous()  # noqa: E731
+    assert neurons_last(amap.neuron_logits) and neurons_last(amap.initial_table)
+    amap(torch.randn(9, 5), torch.randn(9, 7)).sum().backward()
+    assert neurons_last(amap.neuron_logits.grad) and amap.cell_logits.grad.shape == (64, 12)
+    torch.optim.Adam(amap.parameters()).step()
+    state = amap.state_dict()
+    assert state["neuron_logits"].is_contiguous() and state["initial_table"].shape == (5, 32)
+    twin = st.ActivationMap(5, 7, learnable=True)
+    twin.load_state_dict(state)
+    for name in ("neuron_logits", "initial_table"):
+        assert neurons_last(getattr(twin, name))
+        assert torch.equal(getattr(twin, name), getattr(amap, name))
+    rows = torch.tensor([4, 0, 0])
+    picked = amap.select_neurons(rows)
+    assert neurons_last(picked.neuron_logits) and neurons_last(picked.initial_table)
+    assert torch.equal(picked.function_table(), amap.function_table()[rows])
+    assert torch.equal(picked.cell_logits, amap.cell_logits)
+
+
+def test_a_factored_map_has_twelve_logits_a_neuron():
+    full = st.ActivationMap(256, 40, learnable=True, logit_form="full")
+    factored = st.ActivationMap(256, 40, learnable=True)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(full) == 256 * 64 * 12 and count(factored) == 256 * 12 + 64 * 12
+
+
+def test_a_state_of_the_other_logit_form_is_refused_by_name():
+    full = st.ActivationMap(3, 4, learnable=True, logit_form="full")
+    factored = st.ActivationMap(3, 4, learnable=True)
+    before = factored.state_dict()
+    with pytest.raises(ValueError, match="logit_form='full'"):
+        factored.load_state_dict(full.state_dict())
+    for key, value in factored.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with pytest.raises(ValueError, match="logit_form='factored'"):
+        full.load_state_dict(before)

@@ -390,7 +390,9 @@ def test_norms_and_activation_maps_follow_the_layer():
     x = torch.rand(32, 64)
     step(model, optimizer, x, torch.rand(32, 2))
     hits = layer.activation_map.hits.clone()
-    logits = layer.activation_map.logits.detach().clone()
+    neuron_logits = layer.activation_map.neuron_logits.detach().clone()
+    cell_logits = layer.activation_map.cell_logits.detach().clone()
+    table = layer.activation_map.function_table().clone()
     running = norm.running_mean.clone()
     controller = st.GrowthController(model, optimizer)
     (event,) = controller.grow()
@@ -399,8 +401,12 @@ def test_norms_and_activation_maps_follow_the_layer():
     assert torch.equal(norm.running_mean, running[rows])
     assert layer_norm.normalized_shape == (9,) and layer_norm.bias.shape == (9,)
     assert torch.equal(layer.activation_map.hits, hits[rows])
-    assert torch.equal(layer.activation_map.logits, logits[rows])
-    assert layer.activation_map.logits in optimizer.state
+    # the neurons' logits and initial functions follow their rows, the cells' logits stay
+    assert torch.equal(layer.activation_map.neuron_logits, neuron_logits[rows])
+    assert torch.equal(layer.activation_map.cell_logits, cell_logits)
+    assert torch.equal(layer.activation_map.function_table(), table[rows])
+    for parameter in layer.activation_map.learnable_parameters().values():
+        assert parameter in optimizer.state
     model.eval()
     assert model(x).shape == (32, 2)
 
@@ -874,12 +880,12 @@ def test_a_consumer_learnable_map_stays_in_the_optimizer():
     x, target = torch.rand(16, 64), torch.rand(16, 3)
     step(model, optimizer, x, target)
     st.GrowthController(model, optimizer).grow()
-    logits = head.activation_map.logits
-    assert any(p is logits for g in optimizer.param_groups for p in g["params"])
-    assert logits in optimizer.state
-    before = logits.detach().clone()
+    for name, logits in head.activation_map.learnable_parameters().items():
+        assert any(p is logits for g in optimizer.param_groups for p in g["params"]), name
+        assert logits in optimizer.state
+    before = head.activation_map.neuron_logits.detach().clone()
     step(model, optimizer, x, target)
-    assert not torch.equal(head.activation_map.logits, before)
+    assert not torch.equal(head.activation_map.neuron_logits, before)
 
 
 def test_pruning_a_float64_model_through_batchnorm_folds_exactly():

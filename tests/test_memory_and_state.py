@@ -446,7 +446,8 @@ def test_freezing_keeps_the_map_functions_and_drops_statistics():
     expected = layer.eval()(x)
     table = layer.activation_map.function_table().clone()
     st.freeze(layer)
-    assert layer.activation_map.logits is None and layer.activation_map.hits is None
+    assert not layer.activation_map.learnable_parameters() and layer.activation_map.hits is None
+    assert layer.activation_map.initial_table is None
     assert torch.equal(layer.activation_map.function_table(), table)
     assert layer.activity is None and layer.split_cooldown is None
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
@@ -500,7 +501,8 @@ def test_select_neurons_copies_and_drops_rows_atomically(activation):
     torch.testing.assert_close(layer(x), before[:, rows])
     assert layer.memory.stats().total_capacity == 4 * 100
     if activation:
-        assert layer.activation_map.logits.shape[0] == 4
+        assert layer.activation_map.neuron_logits.shape[0] == 4
+        assert layer.activation_map.initial_table.shape[0] == 4
     state = layer.state_dict()
     with pytest.raises(IndexError):
         layer._select_neurons(torch.tensor([0, 9]))

@@ -281,6 +281,28 @@ def test_activation_map_and_learnable_backward(dtype, cell_major):
     close(grad_logits, expected_logits)
     for logits in (grad_logits, expected_logits):  # cell-major, as a learnable map's logits
         assert logits.permute(1, 2, 0).is_contiguous()
+    # a factored map's: the same gains summed over cells and over neurons
+    factored = kernel("factored_map_backward", None, grad, pre, cells, table)
+    expected = ref.factored_map_backward(grad, pre, cells, table)
+    assert torch.equal(factored[0], grad_pre)
+    for got, want in zip(factored[1:], expected[1:], strict=True):
+        close(got, want)
+    close(factored[1], expected_logits.sum(1))
+    assert factored[1].t().is_contiguous()  # function-major, as a factored map's neuron logits
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_factored_backward_does_not_depend_on_the_threads(threads):
+    pre, cells, table, grad = map_inputs(torch.float32, batch=64, neurons=2000)  # 8 chunks
+    expected = kernel("factored_map_backward", None, grad, pre, cells, table)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        again = kernel("factored_map_backward", None, grad, pre, cells, table)
+    finally:
+        torch.set_num_threads(before)
+    for got, want in zip(again, expected, strict=True):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", ACTIVATION_FLOATS)
@@ -294,6 +316,30 @@ def test_map_argmax(dtype, neurons):
         assert torch.equal(table, logits.argmax(-1).to(torch.uint8))
         assert table.t().is_contiguous()  # cell-major, as the map kernels read tables
     assert table[0, 0] == 4
+
+
+@pytest.mark.parametrize("dtype", ACTIVATION_FLOATS)
+@pytest.mark.parametrize("neurons", [1, 37, 300])
+def test_factored_map_argmax(dtype, neurons):
+    # few values: many ties, broken by the first index unless the lead decides
+    neuron_logits = torch.randint(-2, 3, (neurons, 12)).to(dtype)
+    cell_logits = torch.randint(-2, 3, (64, 12)).to(dtype)
+    cell_logits[5, 7] = float("nan")  # cell 5: function 7 everywhere
+    initial = torch.randint(0, 12, (neurons, 64), dtype=torch.uint8)
+    for lead in (0.0, 1.0, 2.5):
+        lead = torch.tensor(lead, dtype=dtype)
+        logits = ref.factored_map_logits(neuron_logits, cell_logits, initial, lead)
+        for layouts in (
+            (neuron_logits, initial),
+            (neuron_logits.t().contiguous().t(), initial.t().contiguous().t()),
+        ):
+            table = kernel("factored_map_argmax", None, layouts[0], cell_logits, layouts[1], lead)
+            assert torch.equal(
+                table, ref.factored_map_argmax(*layouts[:1], cell_logits, layouts[1], lead)
+            )
+            assert torch.equal(table, logits.argmax(-1).to(torch.uint8))
+            assert table.t().is_contiguous()
+        assert (table[:, 5] == 7).all()
 
 
 def test_activation_map_on_one_function_equals_activation():

@@ -297,12 +297,14 @@ def test_onnx_export_and_torchscript_say_what_is_unsupported():
         assert torch.equal(traced(x), model(x))
 
 
-def test_a_data_edit_of_map_logits_reaches_the_next_forward():
-    layer = layer_of(activation="map", map_learnable=True).eval()
+@pytest.mark.parametrize("form", st.activation.LOGIT_FORMS)
+def test_a_data_edit_of_map_logits_reaches_the_next_forward(form):
+    layer = layer_of(activation="map", map_learnable=True, map_logit_form=form).eval()
     x = torch.randn(8, 100)
     before = layer(x).detach()
     table = layer.activation_map.function_table().clone()
-    layer.activation_map.logits.data[..., st.ops.ACTIVATIONS.index("abs")] += 100.0
+    name = "logits" if form == "full" else "neuron_logits"
+    getattr(layer.activation_map, name).data[..., st.ops.ACTIVATIONS.index("abs")] += 100.0
     assert (layer.activation_map.function_table() == st.ops.ACTIVATIONS.index("abs")).all()
     assert not torch.equal(layer.activation_map.function_table(), table)
     expected = F.linear(x, layer.dequantized_weight(), layer.bias.detach()).abs()

@@ -196,32 +196,42 @@ template <class FnAt>
   pick_groups(used, [fns](int64_t i) { return int{fns[i]}; }, x, grad, n, out);
 }
 
-// The learnable map's backward, in blocks as pick_run: every function's value (and slope) into
-// rows first, then one loop per function over the block. (Accumulating into gains from inside
-// evaluate's sink does not vectorise: GCC cannot tell the stores from the other arrays' loads.)
+// The learnable map's backward, in blocks as pick_run: every function's value into rows first,
+// then one loop per function over the block. (Accumulating into gains from inside evaluate's
+// sink does not vectorise: GCC cannot tell the stores from the other arrays' loads.) grad_x
+// takes only the slopes of the functions the block uses, as the fixed map's backward does.
 [[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void switch_backward_f32(
     const uint8_t* __restrict fns, const float* __restrict x, const float* __restrict grad,
-    int64_t n, float* __restrict grad_x, float* __restrict gains, int64_t ld) {
+    int64_t n, float* __restrict grad_x, float* __restrict gains, int64_t ld,
+    float* __restrict total_gains) {
   constexpr int64_t kBlock = 64;
-  float values[kNumFns][kBlock], slopes[kNumFns][kBlock];
+  float values[kNumFns][kBlock];
   for (int64_t begin = 0; begin < n; begin += kBlock) {
     const int64_t size = std::min(kBlock, n - begin);
     for (int64_t j = 0; j < size; ++j) {
-      evaluate<true, true, true>(x[begin + j], [&](Fn fn, float value, float slope) {
+      evaluate<true, true, true>(x[begin + j], [&](Fn fn, float value, float) {
         values[static_cast<int>(fn)][j] = value;
-        slopes[static_cast<int>(fn)][j] = slope;
       });
     }
     const float* g = grad + begin;
     const uint8_t* f = fns + begin;
+    uint32_t used = 0;
     float chosen[kBlock];
     for (int64_t j = 0; j < size; ++j) {
       chosen[j] = values[f[j]][j];
-      grad_x[begin + j] = g[j] * slopes[f[j]][j];
+      used |= 1u << f[j];
     }
+    pick_groups(used, [f](int64_t i) { return int{f[i]}; }, x + begin, g, size, grad_x + begin);
     for (int k = 0; k < kNumFns; ++k) {
       float* gk = gains + k * ld + begin;
-      for (int64_t j = 0; j < size; ++j) gk[j] += g[j] * (values[k][j] - chosen[j]);
+      float total = 0;
+#pragma omp simd reduction(+ : total)
+      for (int64_t j = 0; j < size; ++j) {
+        const float gain = g[j] * (values[k][j] - chosen[j]);
+        gk[j] += gain;
+        total += gain;
+      }
+      if (total_gains != nullptr) total_gains[k] += total;
     }
   }
 }
@@ -249,37 +259,72 @@ template <class T>
   simhash_rows(x, batch, features, projections, bits, cells);
 }
 
-// The first index of each column's largest logit; a NaN counts as the largest (torch.argmax's
-// rule). One pass per function over contiguous columns, so it vectorises.
-template <class T>
-[[gnu::always_inline]] inline void argmax_columns_impl(const T* __restrict logits, int64_t ld,
-                                                       int64_t n, uint8_t* __restrict fns) {
+// fns[j] = the first index k of the largest logit(k, j) over the 12 functions, for each of n
+// columns; a NaN counts as the largest (torch.argmax's rule). One pass per function over
+// contiguous columns, so it vectorises.
+template <class T, class Logit>
+[[gnu::always_inline]] inline void argmax_impl(int64_t n, Logit logit, uint8_t* __restrict fns) {
   constexpr int64_t kChunk = 256;
   for (int64_t begin = 0; begin < n; begin += kChunk) {
     const int64_t size = std::min(kChunk, n - begin);
+    // The index as wide as the logit (not uint8): the selects then vectorise lane for lane.
+    using Index = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
     T best[kChunk];
-    uint8_t index[kChunk];
-    const T* l = logits + begin;
+    Index index[kChunk];
     for (int64_t j = 0; j < size; ++j) {
-      best[j] = l[j];
+      best[j] = logit(0, begin + j);
       index[j] = 0;
     }
     for (int k = 1; k < kNumFns; ++k) {
       for (int64_t j = 0; j < size; ++j) {
-        const T v = l[k * ld + j];
+        const T v = logit(k, begin + j);
         // Taken when larger, or when it is the first NaN (a NaN best is never replaced).
         const bool take = v > best[j] || (v != v && best[j] == best[j]);
         best[j] = take ? v : best[j];
-        index[j] = take ? static_cast<uint8_t>(k) : index[j];
+        index[j] = take ? Index{k} : index[j];
       }
     }
-    std::memcpy(fns + begin, index, static_cast<size_t>(size));
+    for (int64_t j = 0; j < size; ++j) fns[begin + j] = static_cast<uint8_t>(index[j]);
+  }
+}
+
+template <class T>
+[[gnu::always_inline]] inline void argmax_columns_impl(const T* __restrict logits, int64_t ld,
+                                                       int64_t n, uint8_t* __restrict fns) {
+  argmax_impl<T>(n, [=](int k, int64_t j) { return logits[k * ld + j]; }, fns);
+}
+
+template <class T>
+[[gnu::always_inline]] inline void argmax_factored_impl(const T* __restrict neuron_logits,
+                                                        int64_t ld, const T* __restrict cell_logits,
+                                                        const uint8_t* __restrict initial, T lead,
+                                                        int64_t n, uint8_t* __restrict fns) {
+  // Chunk by chunk, the initial functions widened first: comparing bytes with the function
+  // index in every pass does not vectorise as well.
+  constexpr int64_t kChunk = 256;
+  for (int64_t begin = 0; begin < n; begin += kChunk) {
+    const int64_t size = std::min(kChunk, n - begin);
+    int32_t wide[kChunk];
+    for (int64_t j = 0; j < size; ++j) wide[j] = initial[begin + j];
+    const T* a = neuron_logits + begin;
+    argmax_impl<T>(
+        size,
+        [&](int k, int64_t j) {
+          return (a[k * ld + j] + cell_logits[k]) + (wide[j] == k ? lead : T{0});
+        },
+        fns + begin);
   }
 }
 
 [[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void argmax_columns_f32(
     const float* logits, int64_t ld, int64_t n, uint8_t* fns) {
   argmax_columns_impl(logits, ld, n, fns);
+}
+
+[[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void argmax_factored_f32(
+    const float* neuron_logits, int64_t ld, const float* cell_logits, const uint8_t* initial,
+    float lead, int64_t n, uint8_t* fns) {
+  argmax_factored_impl(neuron_logits, ld, cell_logits, initial, lead, n, fns);
 }
 
 }  // namespace
@@ -309,8 +354,8 @@ void apply_table<float>(const uint8_t* fns, const float* x, const float* grad, i
 
 template <>
 void switch_backward<float>(const uint8_t* fns, const float* x, const float* grad, int64_t n,
-                            float* grad_x, float* gains, int64_t ld) {
-  switch_backward_f32(fns, x, grad, n, grad_x, gains, ld);
+                            float* grad_x, float* gains, int64_t ld, float* total_gains) {
+  switch_backward_f32(fns, x, grad, n, grad_x, gains, ld, total_gains);
 }
 
 // --- float64: the libm-based functions of activations.h ----------------------------------------
@@ -328,13 +373,15 @@ void apply_table<double>(const uint8_t* fns, const double* x, const double* grad
 
 template <>
 void switch_backward<double>(const uint8_t* fns, const double* x, const double* grad, int64_t n,
-                             double* grad_x, double* gains, int64_t ld) {
+                             double* grad_x, double* gains, int64_t ld, double* total_gains) {
   for (int64_t i = 0; i < n; ++i) {
     const auto chosen = static_cast<Fn>(fns[i]);
     const double value = apply(chosen, x[i]);
     grad_x[i] = grad[i] * derivative(chosen, x[i]);
     for (int k = 0; k < kNumFns; ++k) {
-      gains[k * ld + i] += grad[i] * (apply(static_cast<Fn>(k), x[i]) - value);
+      const double gain = grad[i] * (apply(static_cast<Fn>(k), x[i]) - value);
+      gains[k * ld + i] += gain;
+      if (total_gains != nullptr) total_gains[k] += gain;
     }
   }
 }
@@ -347,6 +394,18 @@ void argmax_columns<float>(const float* logits, int64_t ld, int64_t n, uint8_t* 
 template <>
 void argmax_columns<double>(const double* logits, int64_t ld, int64_t n, uint8_t* fns) {
   argmax_columns_impl(logits, ld, n, fns);
+}
+
+template <>
+void argmax_factored<float>(const float* neuron_logits, int64_t ld, const float* cell_logits,
+                            const uint8_t* initial, float lead, int64_t n, uint8_t* fns) {
+  argmax_factored_f32(neuron_logits, ld, cell_logits, initial, lead, n, fns);
+}
+
+template <>
+void argmax_factored<double>(const double* neuron_logits, int64_t ld, const double* cell_logits,
+                             const uint8_t* initial, double lead, int64_t n, uint8_t* fns) {
+  argmax_factored_impl(neuron_logits, ld, cell_logits, initial, lead, n, fns);
 }
 
 }  // namespace spatium::act

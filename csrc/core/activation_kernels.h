@@ -32,15 +32,23 @@ void apply_table(const uint8_t* fns, const T* x, const T* grad, int64_t n, T* ou
 
 // A learnable map's backward (its forward is apply_table with the argmax functions fns): grad_x[i]
 // = grad[i] * f'_{fns[i]}(x[i]), and gains[k * ld + i] += grad[i] * (f_k(x[i]) - f_{fns[i]}(x[i])),
-// the first-order change of the loss were element i's function switched to k.
+// the first-order change of the loss were element i's function switched to k; when total_gains
+// is given, total_gains[k] += the sum of those n gains (a factored map's cell logits).
 template <class T>
 void switch_backward(const uint8_t* fns, const T* x, const T* grad, int64_t n, T* grad_x,
-                     T* gains, int64_t ld);
+                     T* gains, int64_t ld, T* total_gains = nullptr);
 
 // fns[j] = the first k with the largest logits[k * ld + j] over the 12 functions (a NaN counts as
 // the largest, as in torch.argmax), for each of n columns: logits function-major, the layout a
 // learnable map keeps them in.
 template <class T>
 void argmax_columns(const T* logits, int64_t ld, int64_t n, uint8_t* fns);
+
+// A factored map's argmax: as argmax_columns over the logits neuron_logits[k * ld + j] +
+// cell_logits[k] + (initial[j] == k ? lead : 0), that sum in that order, for the n neurons of
+// one cell (neuron logits function-major, as a factored map keeps them).
+template <class T>
+void argmax_factored(const T* neuron_logits, int64_t ld, const T* cell_logits,
+                     const uint8_t* initial, T lead, int64_t n, uint8_t* fns);
 
 }  // namespace spatium::act

@@ -3,7 +3,8 @@
 // per sample and neuron, the function its (neuron, cell) holds in a table, with its backward op.
 // A learnable map trains straight through its argmax: map_argmax turns its logits into that
 // table, and learnable_map_backward gives the pre-activations' gradient and the logits' (the
-// first-order change of the loss were a cell switched to each function), stored cell-major.
+// first-order change of the loss were a cell switched to each function), stored cell-major; a
+// factored map's ops do the same for logits that are a per-neuron and a per-cell part.
 // simhash_cells picks each sample's cell and count_hits_ counts the cells' hits. The kernels
 // (core/activation_kernels.h) run over contiguous runs of neurons.
 #include <ATen/ATen.h>
@@ -130,6 +131,24 @@ at::Tensor map_table(const at::Tensor& pre_in, const at::Tensor& cells_in,
   return out;
 }
 
+// A learnable map backward's inputs, checked: pre [B, N] float, cells [B], the table cell-major,
+// grad like pre; all contiguous.
+struct SwitchInputs {
+  at::Tensor grad, pre, cells, table;
+  int64_t batch, neurons;
+};
+
+SwitchInputs checked_switch_inputs(const at::Tensor& grad_in, const at::Tensor& pre_in,
+                                   const at::Tensor& cells_in, const at::Tensor& table_in,
+                                   const char* op) {
+  const at::Tensor pre = checked_pre(pre_in, op);
+  const int64_t batch = pre.size(0), neurons = pre.size(1);
+  TORCH_CHECK_VALUE(grad_in.sizes() == pre.sizes() && grad_in.scalar_type() == pre.scalar_type(),
+                    op, ": grad must match pre");
+  return {grad_in.contiguous(), pre, checked_cells(cells_in, batch, op),
+          cell_major_table(table_in, neurons), batch, neurons};
+}
+
 // --- hashing and hit counts --------------------------------------------------------------------
 
 }  // namespace
@@ -160,22 +179,17 @@ std::tuple<at::Tensor, at::Tensor> learnable_map_backward(const at::Tensor& grad
                                                           const at::Tensor& pre_in,
                                                           const at::Tensor& cells_in,
                                                           const at::Tensor& table_in) {
-  const char* op = "learnable_map_backward";
-  const at::Tensor pre = checked_pre(pre_in, op);
-  const int64_t batch = pre.size(0), neurons = pre.size(1);
-  const at::Tensor cells = checked_cells(cells_in, batch, op);
-  const at::Tensor table = cell_major_table(table_in, neurons);
-  TORCH_CHECK_VALUE(grad_in.sizes() == pre.sizes() && grad_in.scalar_type() == pre.scalar_type(),
-                    op, ": grad must match pre");
-  const at::Tensor grad = grad_in.contiguous();
-  at::Tensor grad_pre = at::empty_like(pre);
+  const SwitchInputs in =
+      checked_switch_inputs(grad_in, pre_in, cells_in, table_in, "learnable_map_backward");
+  const int64_t batch = in.batch, neurons = in.neurons;
+  at::Tensor grad_pre = at::empty_like(in.pre);
   // Cell-major [64, 12, N], the layout of a learnable map's logits: autograd takes it as is.
-  at::Tensor grad_logits = at::zeros({kCells, act::kNumFns, neurons}, pre.options());
-  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "learnable_map_backward", [&] {
-    const scalar_t* x = pre.const_data_ptr<scalar_t>();
-    const scalar_t* g = grad.const_data_ptr<scalar_t>();
-    const int64_t* c = cells.const_data_ptr<int64_t>();
-    const uint8_t* t = table.const_data_ptr<uint8_t>();
+  at::Tensor grad_logits = at::zeros({kCells, act::kNumFns, neurons}, in.pre.options());
+  AT_DISPATCH_FLOATING_TYPES(in.pre.scalar_type(), "learnable_map_backward", [&] {
+    const scalar_t* x = in.pre.const_data_ptr<scalar_t>();
+    const scalar_t* g = in.grad.const_data_ptr<scalar_t>();
+    const int64_t* c = in.cells.const_data_ptr<int64_t>();
+    const uint8_t* t = in.table.const_data_ptr<uint8_t>();
     scalar_t* gx = grad_pre.mutable_data_ptr<scalar_t>();
     scalar_t* gl = grad_logits.mutable_data_ptr<scalar_t>();
     for_neurons(batch, neurons, [&](int64_t b, int64_t n0, int64_t n1) {
@@ -185,6 +199,44 @@ std::tuple<at::Tensor, at::Tensor> learnable_map_backward(const at::Tensor& grad
     });
   });
   return {grad_pre, grad_logits.permute({2, 0, 1})};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> factored_map_backward(const at::Tensor& grad_in,
+                                                                     const at::Tensor& pre_in,
+                                                                     const at::Tensor& cells_in,
+                                                                     const at::Tensor& table_in) {
+  const SwitchInputs in =
+      checked_switch_inputs(grad_in, pre_in, cells_in, table_in, "factored_map_backward");
+  const int64_t batch = in.batch, neurons = in.neurons;
+  at::Tensor grad_pre = at::empty_like(in.pre);
+  // Function-major [12, N], the layout of a factored map's neuron logits: autograd takes it as is.
+  at::Tensor grad_neurons = at::zeros({act::kNumFns, neurons}, in.pre.options());
+  // Fixed chunks of neurons (not the threads' share), each with its own cell sums, added up in
+  // chunk order: the cell logits' gradient does not depend on the number of threads.
+  const int64_t chunk = std::max<int64_t>(1, kGrain / std::max<int64_t>(batch, 1));
+  const int64_t chunks = neurons == 0 ? 0 : (neurons + chunk - 1) / chunk;
+  at::Tensor partial = at::zeros({chunks, kCells, act::kNumFns}, in.pre.options());
+  AT_DISPATCH_FLOATING_TYPES(in.pre.scalar_type(), "factored_map_backward", [&] {
+    const scalar_t* x = in.pre.const_data_ptr<scalar_t>();
+    const scalar_t* g = in.grad.const_data_ptr<scalar_t>();
+    const int64_t* c = in.cells.const_data_ptr<int64_t>();
+    const uint8_t* t = in.table.const_data_ptr<uint8_t>();
+    scalar_t* gx = grad_pre.mutable_data_ptr<scalar_t>();
+    scalar_t* gn = grad_neurons.mutable_data_ptr<scalar_t>();
+    scalar_t* cell_sums = partial.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t part = first; part < last; ++part) {
+        const int64_t n0 = part * chunk, n1 = std::min(neurons, n0 + chunk);
+        scalar_t* sums = cell_sums + part * kCells * act::kNumFns;
+        for (int64_t b = 0; b < batch; ++b) {
+          const int64_t i = b * neurons + n0;
+          act::switch_backward(t + c[b] * neurons + n0, x + i, g + i, n1 - n0, gx + i, gn + n0,
+                               neurons, sums + c[b] * act::kNumFns);
+        }
+      }
+    });
+  });
+  return {grad_pre, grad_neurons.t(), partial.sum(0)};
 }
 
 namespace {
@@ -221,6 +273,42 @@ at::Tensor map_argmax(const at::Tensor& logits_in) {
     uint8_t* out = table.mutable_data_ptr<uint8_t>();
     for_cells(neurons, [&](int64_t c) {
       act::argmax_columns(l + c * act::kNumFns * neurons, neurons, neurons, out + c * neurons);
+    });
+  });
+  return table.t();  // [N, 64], cell-major as the map kernels read it
+}
+
+at::Tensor factored_map_argmax(const at::Tensor& neuron_logits_in,
+                               const at::Tensor& cell_logits_in, const at::Tensor& initial_in,
+                               const at::Tensor& lead_in) {
+  const char* op = "factored_map_argmax";
+  check_float(neuron_logits_in, "neuron_logits");
+  TORCH_CHECK_VALUE(neuron_logits_in.dim() == 2 && neuron_logits_in.size(1) == act::kNumFns, op,
+                    ": neuron_logits must be [neurons, ", act::kNumFns, "], got ",
+                    neuron_logits_in.sizes());
+  const int64_t neurons = neuron_logits_in.size(0);
+  TORCH_CHECK_TYPE(cell_logits_in.scalar_type() == neuron_logits_in.scalar_type(), op,
+                   ": cell_logits must have neuron_logits' dtype");
+  TORCH_CHECK_VALUE(cell_logits_in.dim() == 2 && cell_logits_in.size(0) == kCells &&
+                        cell_logits_in.size(1) == act::kNumFns,
+                    op, ": cell_logits must be [64, ", act::kNumFns, "], got ",
+                    cell_logits_in.sizes());
+  TORCH_CHECK_VALUE(lead_in.dim() == 0 && lead_in.scalar_type() == neuron_logits_in.scalar_type(),
+                    op, ": lead must be a 0-dim tensor of neuron_logits' dtype");
+  const at::Tensor initial = cell_major_table(initial_in, neurons);
+  // Function-major [12, N] (no copy when a view of one, as a factored map's logits are).
+  const at::Tensor neuron_logits = neuron_logits_in.t().contiguous();
+  const at::Tensor cell_logits = cell_logits_in.contiguous();
+  at::Tensor table = at::empty({kCells, neurons}, neuron_logits.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES(neuron_logits.scalar_type(), "factored_map_argmax", [&] {
+    const scalar_t* a = neuron_logits.const_data_ptr<scalar_t>();
+    const scalar_t* b = cell_logits.const_data_ptr<scalar_t>();
+    const uint8_t* init = initial.const_data_ptr<uint8_t>();
+    const auto lead = lead_in.item<scalar_t>();
+    uint8_t* out = table.mutable_data_ptr<uint8_t>();
+    for_cells(neurons, [&](int64_t c) {
+      act::argmax_factored(a, neurons, b + c * act::kNumFns, init + c * neurons,
+                           lead, neurons, out + c * neurons);
     });
   });
   return table.t();  // [N, 64], cell-major as the map kernels read it

@@ -69,9 +69,16 @@ TEST(ActivationKernels, TableAndSwitchBackwardPickTheSameValuesAsOneFunction) {
   std::vector<float> mapped(xs.size()), mapped_grad(xs.size());
   apply_table<float>(fns.data(), xs.data(), nullptr, n, mapped.data());
   apply_table(fns.data(), xs.data(), grad.data(), n, mapped_grad.data());
-  // Gains accumulate: start them at 1 to see the += .
+  // Gains and their totals accumulate: start them at 1 to see the += .
   std::vector<float> switch_grad(xs.size()), gains(kNumFns * xs.size(), 1.0f);
-  switch_backward(fns.data(), xs.data(), grad.data(), n, switch_grad.data(), gains.data(), n);
+  std::vector<float> totals(kNumFns, 1.0f);
+  switch_backward(fns.data(), xs.data(), grad.data(), n, switch_grad.data(), gains.data(), n,
+                  totals.data());
+  for (int f = 0; f < kNumFns; ++f) {
+    double expected = 0;  // the sum of the gains the kernel wrote, in double
+    for (size_t i = 0; i < xs.size(); ++i) expected += gains[f * xs.size() + i] - 1.0;
+    EXPECT_NEAR(totals[f] - 1.0, expected, 1e-4 * (1.0 + std::fabs(expected))) << kNames[f];
+  }
   std::vector<std::vector<float>> values;
   for (int f = 0; f < kNumFns; ++f) values.push_back(run_one(static_cast<Fn>(f), xs, nullptr));
   for (int f = 0; f < kNumFns; ++f) {
@@ -136,6 +143,39 @@ TEST(ActivationKernels, ArgmaxColumnsTakesTheFirstLargestAndNaN) {
     std::vector<uint8_t> wide_fns(static_cast<size_t>(n));
     argmax_columns(wide.data(), ld, n, wide_fns.data());
     ASSERT_TRUE(std::equal(wide_fns.begin(), wide_fns.end(), fns.begin()));
+  }
+}
+
+// A factored map's argmax is argmax_columns over neuron logit + cell logit + the lead of each
+// neuron's initial function, whose lead breaks ties towards it and makes up for smaller logits.
+TEST(ActivationKernels, ArgmaxFactoredIsTheArgmaxOfTheSummedLogits) {
+  std::mt19937 rng(4);
+  std::uniform_int_distribution<int> small(-2, 2);  // few values: many ties
+  for (int64_t n : {1, 37, 300}) {
+    const int64_t ld = n + 3;
+    std::vector<float> neuron(static_cast<size_t>(kNumFns * ld)), cell(kNumFns);
+    for (auto& v : neuron) v = static_cast<float>(small(rng));
+    for (auto& v : cell) v = static_cast<float>(small(rng));
+    std::vector<uint8_t> initial(static_cast<size_t>(n));
+    for (auto& v : initial) v = static_cast<uint8_t>(rng() % kNumFns);
+    for (float lead : {0.0f, 1.0f, 2.5f}) {
+      std::vector<float> summed(neuron.size());
+      for (int k = 0; k < kNumFns; ++k) {
+        for (int64_t j = 0; j < n; ++j) {
+          summed[k * ld + j] = neuron[k * ld + j] + cell[k] + (initial[j] == k ? lead : 0.0f);
+        }
+      }
+      std::vector<uint8_t> expected(static_cast<size_t>(n)), fns(static_cast<size_t>(n) + 1, 99);
+      argmax_columns(summed.data(), ld, n, expected.data());
+      argmax_factored(neuron.data(), ld, cell.data(), initial.data(), lead, n, fns.data());
+      ASSERT_TRUE(std::equal(expected.begin(), expected.end(), fns.begin())) << n << " " << lead;
+      ASSERT_EQ(fns[n], 99);
+      std::vector<double> wide(neuron.begin(), neuron.end()), wide_cell(cell.begin(), cell.end());
+      std::vector<uint8_t> wide_fns(static_cast<size_t>(n));
+      argmax_factored(wide.data(), ld, wide_cell.data(), initial.data(), double{lead}, n,
+                      wide_fns.data());
+      ASSERT_TRUE(std::equal(wide_fns.begin(), wide_fns.end(), fns.begin()));
+    }
   }
 }
 
