@@ -53,9 +53,9 @@ SETUP = (
 SCHEDULE = dict(grow_every=100, prune_every=200, rewire_every=25, max_neurons=CAP)
 # (label, controller settings beyond SCHEDULE; "held_out" gives a closure on the held-out data)
 MODES = (
-    ("duplicate (default)", dict(mode="duplicate")),
+    ("duplicate", dict(mode="duplicate")),
     ("partition", dict(mode="partition")),
-    ("fresh", dict(mode="fresh")),
+    ("fresh (default)", dict(mode="fresh")),
     ("fresh, plateau of held-out loss", dict(mode="fresh", grow_when="plateau", held_out=True)),
 )
 

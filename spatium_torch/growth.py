@@ -189,7 +189,11 @@ class GrowthController:
         grow_every, prune_every, rewire_every: period in optimizer steps (None: never).
         growth_threshold, prune_threshold, max_neurons, max_split_fraction, cooldown: override
             the layers' settings.
-        mode: ``"duplicate"``, ``"partition"`` or ``"fresh"`` (see :meth:`SpatialLayer.grow`).
+        mode: ``"fresh"`` (the default), ``"duplicate"`` or ``"partition"`` (see
+            :meth:`SpatialLayer.grow`). Fresh children start as new neurons in their parents'
+            blocks, with zero weight in the consumer and zeroed optimizer state; on MNIST-1D
+            and digits they ended 3.4 and 0.8 points above duplicated children, at about
+            half the width (README, "Growth").
         perturbation: noise between ``"duplicate"`` children.
         grow_ratio, drop_ratio: memory growth's thresholds (see :meth:`SpatialLayer.rewire`).
         closure: optional callable returning the loss on fixed data; it is evaluated (without
@@ -230,7 +234,7 @@ class GrowthController:
         max_neurons: int | None = None,
         max_split_fraction: float | None = None,
         cooldown: int | None = None,
-        mode: str = "duplicate",
+        mode: str = "fresh",
         perturbation: float = DEFAULT_PERTURBATION,
         grow_ratio: float = 1.0,
         drop_ratio: float = 0.05,
@@ -484,14 +488,14 @@ class GrowthController:
                 f"GrowthController: SpatialLayer {link.name!r} has one block per neuron "
                 f"({layer.in_features} inputs, region_bits {layer.region_bits}), and a "
                 "partition split needs two: it will never grow. Use a smaller region_bits or "
-                "mode='duplicate'",
+                "mode='fresh'",
                 stacklevel=3,
             )
         threshold = (
             layer.growth_threshold if self.growth_threshold is None else self.growth_threshold
         )
         saturated = bool((layer.saturation() > threshold).all())
-        if self.grow_when == "saturated" and self.mode == "duplicate" and saturated:
+        if self.grow_when == "saturated" and saturated:
             warnings.warn(
                 f"GrowthController: every neuron of SpatialLayer {link.name!r} is saturated "
                 f"(saturation > growth_threshold {threshold}): each growth event will split "

@@ -273,7 +273,8 @@ def test_optimizer_state_follows_splits_and_prunes(name):
     x, target = torch.rand(32, 64), torch.rand(32, 3)
     for _ in range(3):
         step(model, optimizer, x, target)
-    controller = st.GrowthController(model, optimizer)
+    # Duplicated children inherit their parent's state (fresh ones start at zero: tested above).
+    controller = st.GrowthController(model, optimizer, mode="duplicate")
     old = {
         key: [optimizer.state[p][key].clone() for p in (layer.weight, layer.bias, model[2].weight)]
         for key in keys
