@@ -62,6 +62,12 @@ NOTES = """\
   loop: `integer_forward_*` on the best kernels this CPU runs (AVX-512 VNNI; AMX-INT8 from 8
   rows where allowed), `integer_forward_avx2_*` on the AVX2 kernels that CPUs without VNNI run
   (same outputs); ns per call, the float kernels' batch-1 figure is `layer_forward_1024x1024`.
+- Activation maps (`csrc/core/activation_kernels.cpp`): `switch_backward_64x256/*` is a
+  learnable map's backward over a batch of 64 samples x 256 neurons (every function's value per
+  element, the switch gains; `mixed`: any of the 12 functions per element, `relu`: relu
+  everywhere, `with_cell_sums`: also a factored map's per-cell sums);
+  `map_argmax_256_neurons/*` is the function table of a 256-neuron map from full or factored
+  logits (random initial functions); ns per call.
 - Bloom: `4096` = a filter sized for 4 Ki keys (5 KiB, in L1/L2); `67108864` = sized for 64 Mi
   keys (84 MiB, far out of cache, on 2 MiB pages where the kernel grants them). Kernel `avx2` is
   what the library uses where the CPU has AVX2; `portable` is the fallback.
