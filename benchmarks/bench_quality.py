@@ -26,9 +26,10 @@ import spatium_torch as st
 from spatium_torch import compare
 
 HIDDEN = 256
-# The sparse model's regions: 8 positions, so that a 40-input layer has several (with the
-# default 64, one region holds every input and density cannot drop below 1).
-SPARSE_REGION_BITS = 3
+# Small regions: 8 positions, so that a 40-input layer has several (with the default 64, one
+# region holds every input: density cannot drop below 1, and the block has a single scale).
+SMALL_REGION_BITS = 3
+DEFAULT_REGION_BITS = 6
 
 
 def mlp(layer: Callable[[int, int, bool], nn.Module], relu: bool = True) -> compare.Spec:
@@ -49,12 +50,19 @@ def mlp(layer: Callable[[int, int, bool], nn.Module], relu: bool = True) -> comp
 
 
 def specs() -> list[compare.Spec]:
-    """nn.Linear, SpatialLayer at 8/4/2/1 bits and 4-bit nf4, 4-bit at density 0.25 with local
-    (the default) and random connectivity, 4-bit with a learnable activation map on its hidden
-    layers."""
+    """nn.Linear, SpatialLayer at 8/4/2/1 bits, 1-bit with small regions in the 40-input
+    layer, 4-bit nf4, 4-bit at density 0.25 with local (the default) and random connectivity,
+    4-bit with a learnable activation map on its hidden layers."""
 
     def spatial(**options) -> Callable[[int, int, bool], nn.Module]:
         return lambda n_in, n_out, hidden: st.SpatialLayer(n_in, n_out, **options)
+
+    def one_bit_small_first_regions(n_in: int, n_out: int, hidden: int) -> nn.Module:
+        # A 1-bit block cannot zero an input, only scale the whole block: with one region the
+        # first layer's neurons weigh every sample alike (see the README's quality notes).
+        small = n_in < 1 << DEFAULT_REGION_BITS
+        region_bits = SMALL_REGION_BITS if small else DEFAULT_REGION_BITS
+        return st.SpatialLayer(n_in, n_out, bits=1, region_bits=region_bits)
 
     def mapped(n_in: int, n_out: int, hidden: int) -> nn.Module:
         if not hidden:
@@ -64,6 +72,7 @@ def specs() -> list[compare.Spec]:
     return [
         compare.Spec("nn.Linear", mlp(lambda n_in, n_out, hidden: nn.Linear(n_in, n_out))),
         *(compare.Spec(f"{b}-bit", mlp(spatial(bits=b))) for b in (8, 4, 2, 1)),
+        compare.Spec("1-bit, 8-input regions in the first layer", mlp(one_bit_small_first_regions)),
         compare.Spec("4-bit nf4", mlp(spatial(bits=4, codebook="nf4"))),
         *(
             compare.Spec(
@@ -72,7 +81,7 @@ def specs() -> list[compare.Spec]:
                     spatial(
                         bits=4,
                         density=0.25,
-                        region_bits=SPARSE_REGION_BITS,
+                        region_bits=SMALL_REGION_BITS,
                         connectivity=connectivity,
                     )
                 ),
