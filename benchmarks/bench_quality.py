@@ -50,19 +50,25 @@ def mlp(layer: Callable[[int, int, bool], nn.Module], relu: bool = True) -> comp
 
 
 def specs() -> list[compare.Spec]:
-    """nn.Linear, SpatialLayer at 8/4/2/1 bits, 1-bit with small regions in the 40-input
-    layer, 4-bit nf4, 4-bit at density 0.25 with local (the default) and random connectivity,
-    4-bit with a learnable activation map on its hidden layers."""
+    """nn.Linear, SpatialLayer at 8/4/2/1 bits, 2-bit odd codes (with default and small
+    regions in the 40-input layer), 1-bit with small regions there, 4-bit nf4, 4-bit at
+    density 0.25 with local (the default) and random connectivity, 4-bit with a learnable
+    activation map on its hidden layers."""
 
     def spatial(**options) -> Callable[[int, int, bool], nn.Module]:
         return lambda n_in, n_out, hidden: st.SpatialLayer(n_in, n_out, **options)
 
-    def one_bit_small_first_regions(n_in: int, n_out: int, hidden: int) -> nn.Module:
-        # A 1-bit block cannot zero an input, only scale the whole block: with one region the
-        # first layer's neurons weigh every sample alike (see the README's quality notes).
-        small = n_in < 1 << DEFAULT_REGION_BITS
-        region_bits = SMALL_REGION_BITS if small else DEFAULT_REGION_BITS
-        return st.SpatialLayer(n_in, n_out, bits=1, region_bits=region_bits)
+    def small_first_regions(**options) -> Callable[[int, int, bool], nn.Module]:
+        # Low-bit blocks cannot zero or weigh down part of an input (1 bit) or do so coarsely
+        # (2 bits): with one region, the first layer's neurons weigh every sample alike (see
+        # the README's quality notes). Layers with fewer inputs than a default region get
+        # small ones.
+        def build(n_in: int, n_out: int, hidden: int) -> nn.Module:
+            small = n_in < 1 << DEFAULT_REGION_BITS
+            region_bits = SMALL_REGION_BITS if small else DEFAULT_REGION_BITS
+            return st.SpatialLayer(n_in, n_out, region_bits=region_bits, **options)
+
+        return build
 
     def mapped(n_in: int, n_out: int, hidden: int) -> nn.Module:
         if not hidden:
@@ -72,7 +78,12 @@ def specs() -> list[compare.Spec]:
     return [
         compare.Spec("nn.Linear", mlp(lambda n_in, n_out, hidden: nn.Linear(n_in, n_out))),
         *(compare.Spec(f"{b}-bit", mlp(spatial(bits=b))) for b in (8, 4, 2, 1)),
-        compare.Spec("1-bit, 8-input regions in the first layer", mlp(one_bit_small_first_regions)),
+        compare.Spec("2-bit odd codes", mlp(spatial(bits=2, codebook="odd"))),
+        compare.Spec(
+            "2-bit odd codes, 8-input regions in the first layer",
+            mlp(small_first_regions(bits=2, codebook="odd")),
+        ),
+        compare.Spec("1-bit, 8-input regions in the first layer", mlp(small_first_regions(bits=1))),
         compare.Spec("4-bit nf4", mlp(spatial(bits=4, codebook="nf4"))),
         *(
             compare.Spec(

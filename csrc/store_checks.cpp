@@ -27,8 +27,8 @@ void check_part(const at::Tensor& t, at::ScalarType dtype, const char* name,
 int checked_format(int64_t format) {
   TORCH_CHECK_VALUE(0 < format && format <= quant::kNf4 &&
                         quant::valid_format(static_cast<int>(format)),
-                    "spatium: the code format must be a width 1, 2, 4 or 8, or ", quant::kNf4,
-                    " (nf4), got ", format);
+                    "spatium: the code format must be a width 1, 2, 4 or 8, ", quant::kOdd2,
+                    " (2-bit odd codes) or ", quant::kNf4, " (nf4), got ", format);
   return static_cast<int>(format);
 }
 

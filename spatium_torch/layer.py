@@ -37,7 +37,7 @@ ACTIVITY_EMA = 0.05
 # Children of a "duplicate" split differ by this much noise (relative to the parent's RMS weight).
 DEFAULT_PERTURBATION = 0.2
 CONNECTIVITIES = ("local", "random")
-CODEBOOKS = ("int", "nf4")
+CODEBOOKS = ("int", "odd", "nf4")
 INFERENCE_PRECISIONS = ("int8", "fp32")
 # Whether this CPU runs the int8 inference kernels (AVX-512 VNNI, or AVX2 with FMA and F16C).
 INT8_KERNELS: bool = torch.classes.spatium.InferencePack.supported()
@@ -71,7 +71,10 @@ class SpatialLayer(nn.Module):
         out_features: size of each output sample (number of neurons).
         bits: code width, one of 1, 2, 4, 8.
         codebook: what a code stands for: ``"int"`` (default), an integer times its block's
-            scale; or ``"nf4"`` (``bits=4`` only), one of the 16 NormalFloat levels, denser
+            scale; ``"odd"`` (``bits=2`` only), an odd integer -3, -1, 1 or 3 times the
+            scale: four evenly spaced levels without a zero, which fit bell-shaped weights
+            better than the integer codes -1..2 and train more accurate 2-bit models; or
+            ``"nf4"`` (``bits=4`` only), one of the 16 NormalFloat levels, denser
             near 0, times the scale: lower error on bell-shaped and heavy-tailed weights
             (pretrained models), for a re-quantization about 3x as long and int8 inference
             kernels that read 8-bit codes (see :attr:`inference_precision`).
@@ -131,6 +134,8 @@ class SpatialLayer(nn.Module):
             raise ValueError(f"codebook must be one of {CODEBOOKS}, got {codebook!r}")
         if codebook == "nf4" and bits != 4:
             raise ValueError(f"codebook='nf4' takes bits=4, got bits={bits}")
+        if codebook == "odd" and bits != 2:
+            raise ValueError(f"codebook='odd' takes bits=2, got bits={bits}")
         if isinstance(region_bits, bool) or not isinstance(region_bits, int):
             raise ValueError(f"region_bits must be an int in [0, {CODE_BITS}], got {region_bits!r}")
         if not 0 <= region_bits <= CODE_BITS:

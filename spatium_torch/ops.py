@@ -175,8 +175,8 @@ def _check_store(
     _check_same_device(op, like, *store)
     if code_format not in reference.VALID_FORMATS:
         raise ValueError(
-            "spatium: the code format must be a width 1, 2, 4 or 8, or "
-            f"{reference.NF4_FORMAT} (nf4), got {code_format}"
+            f"spatium: the code format must be a width 1, 2, 4 or 8, {reference.ODD2_FORMAT} "
+            f"(2-bit odd codes) or {reference.NF4_FORMAT} (nf4), got {code_format}"
         )
     region_begin, bitmap, block_begin, code_begin = store[:4]
     regions = region_begin.shape[0] - 1

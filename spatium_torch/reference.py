@@ -23,8 +23,10 @@ The store arrays and their layout are those of ``csrc/core/spatial_memory.h``:
   ``(j // q) * bits``, stored as ``code + offset`` (``offset`` 1, 7, 127 for 2, 4, 8 bits, so
   codes run -1..2, -7..8, -127..128; for 1 bit, stored 1 is +1 and 0 is -1).
 
-The ops take a *code format*: a width (1, 2, 4, 8) for integer codes, or :data:`NF4_FORMAT`:
-4-bit codes that index :data:`NF4_LEVELS` (a weight is ``scale * NF4_LEVELS[stored]``).
+The ops take a *code format*: a width (1, 2, 4, 8) for integer codes, :data:`ODD2_FORMAT`:
+2-bit odd codes {-3, -1, 1, 3} (a weight is ``scale * (2 * stored - 3)``), or
+:data:`NF4_FORMAT`: 4-bit codes that index :data:`NF4_LEVELS` (a weight is
+``scale * NF4_LEVELS[stored]``).
 
 Inputs and weight columns are in Morton-sorted order, as the ops take them.
 """
@@ -40,7 +42,11 @@ import torch.nn.functional as F
 VALID_BITS = (1, 2, 4, 8)
 #: The code format of 4-bit indices into NF4_LEVELS (the C++ ``quant::kNf4``).
 NF4_FORMAT = 0x14
-VALID_FORMATS = (*VALID_BITS, NF4_FORMAT)
+#: The code format of 2-bit odd codes {-3, -1, 1, 3} (the C++ ``quant::kOdd2``).
+ODD2_FORMAT = 0x12
+VALID_FORMATS = (*VALID_BITS, ODD2_FORMAT, NF4_FORMAT)
+#: The stored value of the code +1, which blocks of zeros and non-finite blocks store.
+ODD2_PLUS_ONE = 2
 #: NormalFloat4 levels (Dettmers et al., QLoRA, 2023): 7 negative, 0, 8 positive.
 NF4_LEVELS = torch.tensor(
     [
@@ -76,29 +82,47 @@ def code_range(bits: int) -> tuple[int, int]:
 
 #: Per format: the clipping ratio (of absmax / largest level) the scale search starts from and
 #: the Lloyd steps that refine it (the C++ ``scale_search``).
-SCALE_SEARCH = {2: (0.8, 0), 4: (0.95, 1), 8: (1.0, 0), NF4_FORMAT: (1.0, 1)}
+SCALE_SEARCH = {
+    2: (0.8, 0),
+    4: (0.95, 1),
+    8: (1.0, 0),
+    ODD2_FORMAT: (0.5, 1),
+    NF4_FORMAT: (1.0, 1),
+}
+
+
+def level_range(code_format: int) -> tuple[int, int]:
+    """The smallest and largest level of an integer or odd-code format, in units of the
+    scale: :func:`code_range` of a width, (-3, 3) for the odd codes."""
+    return (-3, 3) if code_format == ODD2_FORMAT else code_range(code_format)
 
 
 def format_of(bits: int, codebook: str) -> int:
-    """The code format of ``bits``-wide codes from ``codebook`` (``"int"`` or ``"nf4"``)."""
-    return NF4_FORMAT if codebook == "nf4" else bits
+    """The code format of ``bits``-wide codes from ``codebook`` (``"int"``, ``"odd"`` or
+    ``"nf4"``)."""
+    return {"nf4": NF4_FORMAT, "odd": ODD2_FORMAT}.get(codebook, bits)
+
+
+def codebook_of(code_format: int) -> str:
+    """The codebook of a code format: the inverse of :func:`format_of`."""
+    return {NF4_FORMAT: "nf4", ODD2_FORMAT: "odd"}.get(code_format, "int")
 
 
 def width(code_format: int) -> int:
     """Bits per code of a format."""
-    return 4 if code_format == NF4_FORMAT else code_format
+    return {NF4_FORMAT: 4, ODD2_FORMAT: 2}.get(code_format, code_format)
 
 
 def describe(code_format: int) -> str:
-    """A format in words: ``"4-bit"``, ``"nf4"``."""
-    return "nf4" if code_format == NF4_FORMAT else f"{code_format}-bit"
+    """A format in words: ``"4-bit"``, ``"2-bit odd"``, ``"nf4"``."""
+    return {NF4_FORMAT: "nf4", ODD2_FORMAT: "2-bit odd"}.get(code_format, f"{code_format}-bit")
 
 
 def _check_format(code_format: int) -> None:
     if code_format not in VALID_FORMATS:
         raise ValueError(
-            f"the code format must be a width 1, 2, 4 or 8, or {NF4_FORMAT} (nf4), got "
-            f"{code_format}"
+            f"the code format must be a width 1, 2, 4 or 8, {ODD2_FORMAT} (2-bit odd codes) "
+            f"or {NF4_FORMAT} (nf4), got {code_format}"
         )
 
 
@@ -174,11 +198,13 @@ def stored_codes(layout: BlockLayout, codes: torch.Tensor, code_format: int) -> 
 
 def levels(stored: torch.Tensor, code_format: int) -> torch.Tensor:
     """The values that stored codes stand for before their block's scale, float32: +-1 for 1
-    bit, ``stored - offset`` for wider integer codes, ``NF4_LEVELS[stored]`` for nf4."""
+    bit, ``stored - offset`` for wider integer codes, ``2 * stored - 3`` for the odd codes,
+    ``NF4_LEVELS[stored]`` for nf4."""
     if code_format == NF4_FORMAT:
         return NF4_LEVELS.to(stored.device).index_select(0, stored.flatten().long()).view_as(stored)
-    bits = code_format
-    return (2 * stored - 1 if bits == 1 else stored - code_offset(bits)).to(torch.float32)
+    if code_format in (1, ODD2_FORMAT):
+        return (2 * stored - ((1 << width(code_format)) - 1)).to(torch.float32)
+    return (stored - code_offset(code_format)).to(torch.float32)
 
 
 def block_scales(layout: BlockLayout, scales: torch.Tensor) -> torch.Tensor:
@@ -305,7 +331,9 @@ def requantize_(
     0. For 1 bit the scale is ``mean |w|`` rounded to the nearest fp16 and the code is +1 for
     ``w >= 0`` (zeros included), -1 below. A block holding NaN or +-Inf gets the NaN scale
     (fp16 bits 0x7E00) and the codes of 0 (stored 0, i.e. -1, for 1 bit), so it dequantizes
-    to NaN.
+    to NaN. The odd codes take the same steps with their levels (-3, -1, 1, 3): the nearest
+    is ``2 round_half_even((w / scale + 1) / 2) - 1`` after the clamp, and blocks of zeros or
+    non-finite ones store the code +1 (they have no 0).
 
     nf4 follows the same steps with its levels in place of the codes: the scale starts at
     ``sign * absmax`` (the positive side has the extra level); a weight's level is the one
@@ -338,7 +366,7 @@ def requantize_(
         stored = (w >= 0).to(torch.int64)
         stored_if_not_finite = 0
     else:
-        lo, hi = code_range(width(code_format))
+        hi = level_range(code_format)[1]
         absmax = per_block(w.abs(), "amax")
         sign = torch.where(per_block(w, "amax") >= -per_block(w, "amin"), 1.0, -1.0)
         ratio, steps = SCALE_SEARCH[code_format]
@@ -350,17 +378,23 @@ def requantize_(
                 count = region_begin.diff().double().expand(out_features, regions)
                 scale = _nf4_refit(w64, w64 * inverse, count, per_block)
             else:
-                q = torch.round(w64 * inverse).clamp(lo, hi)
+                q = _nearest_levels(w64 * inverse, code_format)
                 scale = per_block(w64 * q, "sum") / per_block(q * q, "sum")
         slot_bits = _scale_bits(scale)
         slot_bits = torch.where(absmax > 0, slot_bits, 0)
         scale = slot_bits.view(torch.float16).to(torch.float32).index_select(1, layout.region)
-        zero = NF4_ZERO if nf4 else code_offset(code_format)
+        zero = {NF4_FORMAT: NF4_ZERO, ODD2_FORMAT: ODD2_PLUS_ONE}.get(
+            code_format, code_offset(code_format)
+        )
         if nf4:
             # The number of midpoints strictly below w / scale (bucketize, right=False).
             stored = torch.bucketize(w / scale, NF4_MIDPOINTS.to(w.device))
+        elif code_format == ODD2_FORMAT:
+            stored = torch.div(
+                _nearest_levels(w / scale, code_format) + 3, 2, rounding_mode="floor"
+            )
         else:
-            stored = torch.round(w / scale).clamp(lo, hi) + zero  # torch.round: half to even
+            stored = _nearest_levels(w / scale, code_format) + zero
         stored = torch.where(scale != 0, stored, zero)
         stored_if_not_finite = zero
     slot_bits = torch.where(not_finite, HALF_NAN_BITS, slot_bits)
@@ -375,6 +409,17 @@ def requantize_(
     new_scales.scatter_(0, layout.block_of_slot.flatten(), slot_bits.flatten())
     target = scales if scales.dtype == torch.int16 else scales.view(torch.int16)
     target.copy_(new_scales[:-1])
+
+
+def _nearest_levels(t: torch.Tensor, code_format: int) -> torch.Tensor:
+    """The level nearest ``t`` (in units of the scale) of an integer or odd-code format, as the
+    C++ rounds it: ``t`` clamped to the levels' range, then rounded half to even (torch.round);
+    odd codes are ``2 round((t + 1) / 2) - 1``."""
+    lo, hi = level_range(code_format)
+    t = t.clamp(lo, hi)
+    if code_format == ODD2_FORMAT:
+        return 2 * torch.round((t + 1) * 0.5) - 1
+    return torch.round(t)
 
 
 def _nf4_refit(

@@ -34,14 +34,14 @@ CONFIGS = {
     ),
     "one-input-regions": dict(in_features=20, out_features=5, region_bits=0, density=0.5),
 }
-# Every code format: the integer widths and nf4.
-FORMATS = {"1": 1, "2": 2, "4": 4, "8": 8, "nf4": ref.NF4_FORMAT}
+# Every code format: the integer widths, the 2-bit odd codes and nf4.
+FORMATS = {"1": 1, "2": 2, "4": 4, "8": 8, "odd": ref.ODD2_FORMAT, "nf4": ref.NF4_FORMAT}
 BATCHES = (0, 1, 5, 16, 17, 300)  # up to 16: the fused kernel; above: dequantize + cuBLAS
 
 
 def make_layer(config, code_format):
     torch.manual_seed(0)
-    codebook = "nf4" if code_format == ref.NF4_FORMAT else "int"
+    codebook = ref.codebook_of(code_format)
     return st.SpatialLayer(bits=ref.width(code_format), codebook=codebook, **CONFIGS[config])
 
 

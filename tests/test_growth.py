@@ -248,8 +248,10 @@ def test_fresh_split_adds_silent_new_neurons_with_fresh_optimizer_state(consumer
     assert torch.equal(consumer_weight[:, children], torch.zeros(4, 2))
     with torch.no_grad():
         after = nn.Sequential(model[0], model[2], model[3])(x)
-    # The function is unchanged; a SpatialLayer consumer quantizes its regrouped inputs again.
-    torch.testing.assert_close(after, before, rtol=0, atol=0 if consumer == "linear" else 5e-3)
+    # The function is unchanged, up to the order the consumer's product sums in (a BLAS may
+    # block two more, zero, columns otherwise: 1.5e-8 on one CPU); a SpatialLayer consumer
+    # quantizes its regrouped inputs again.
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6 if consumer == "linear" else 5e-3)
     # The children's optimizer state starts at zero; the others keep theirs.
     for key in ("exp_avg", "exp_avg_sq"):
         state = optimizer.state[layer.weight][key]

@@ -34,7 +34,7 @@ def float_reference(layer: st.SpatialLayer, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.double(), layer.dequantized_weight().double(), bias).float()
 
 
-@pytest.mark.parametrize("codes", [1, 2, 4, 8, "nf4"])
+@pytest.mark.parametrize("codes", [1, 2, 4, 8, "odd", "nf4"])
 @pytest.mark.parametrize(
     "in_features, out_features, region_bits, density, connectivity",
     [
@@ -51,7 +51,9 @@ def test_int8_output_is_within_the_bound_of_the_float_product(
     # The bound holds for a batch's outputs together (Frobenius norm): a single output's error
     # is that of rounding each activation to 1/254 of its region's range (and for nf4 each
     # level to 1/254 of its scale), and varies.
-    options = dict(bits=4, codebook="nf4") if codes == "nf4" else dict(bits=codes)
+    options = {"nf4": dict(bits=4, codebook="nf4"), "odd": dict(bits=2, codebook="odd")}.get(
+        codes, dict(bits=codes)
+    )
     torch.manual_seed(options["bits"])
     layer = st.SpatialLayer(
         in_features,

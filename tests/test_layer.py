@@ -210,6 +210,8 @@ def test_codebook_is_checked():
         st.SpatialLayer(8, 4, codebook="fp4")
     with pytest.raises(ValueError, match="takes bits=4"):
         st.SpatialLayer(8, 4, bits=2, codebook="nf4")
+    with pytest.raises(ValueError, match="takes bits=2"):
+        st.SpatialLayer(8, 4, bits=4, codebook="odd")
 
 
 @pytest.mark.parametrize("device", DEVICES)

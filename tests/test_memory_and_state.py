@@ -513,21 +513,24 @@ def test_select_neurons_copies_and_drops_rows_atomically(activation):
 
 
 @pytest.mark.parametrize("frozen", [False, True])
-def test_nf4_state_round_trips_and_loads_only_into_nf4_layers(frozen):
-    layer = layer_of(codebook="nf4", density=0.5)
+@pytest.mark.parametrize("codebook, bits, name", [("nf4", 4, "nf4"), ("odd", 2, "2-bit odd")])
+def test_codebook_state_round_trips_and_loads_only_into_layers_of_that_codebook(
+    frozen, codebook, bits, name
+):
+    layer = layer_of(codebook=codebook, bits=bits, density=0.5)
     if frozen:
         st.freeze(layer)
     state = save_load(layer.state_dict())
-    twin = layer_of(codebook="nf4", density=0.5, bias=True)
+    twin = layer_of(codebook=codebook, bits=bits, density=0.5, bias=True)
     if frozen:
         st.freeze(twin)
     twin.load_state_dict(state)
     assert torch.equal(twin.dequantized_weight(), layer.dequantized_weight())
     assert twin.memory.read(0, (1, 0, 0)) == layer.memory.read(0, (1, 0, 0))
-    integer = layer_of(density=0.5)
+    integer = layer_of(bits=bits, density=0.5)
     if frozen:
         st.freeze(integer)
     before = integer.dequantized_weight()
-    with pytest.raises(ValueError, match="nf4 in the state but 4-bit in this layer"):
+    with pytest.raises(ValueError, match=f"{name} in the state but {bits}-bit in this layer"):
         integer.load_state_dict(state)
     assert torch.equal(integer.dequantized_weight(), before)

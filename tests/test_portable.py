@@ -12,8 +12,10 @@ import spatium_torch as st
 
 
 def codes(kind: int | str) -> dict:
-    """A code width, or "nf4", as SpatialLayer's keyword arguments."""
-    return dict(bits=4, codebook="nf4") if kind == "nf4" else dict(bits=kind)
+    """A code width, "odd" or "nf4", as SpatialLayer's keyword arguments."""
+    return {"nf4": dict(bits=4, codebook="nf4"), "odd": dict(bits=2, codebook="odd")}.get(
+        kind, dict(bits=kind)
+    )
 
 
 def sparse_mlp(kind: int | str) -> nn.Sequential:
@@ -29,7 +31,7 @@ def sparse_mlp(kind: int | str) -> nn.Sequential:
 
 
 @pytest.mark.parametrize("frozen", [False, True])
-@pytest.mark.parametrize("kind", [1, 2, 4, 8, "nf4"])
+@pytest.mark.parametrize("kind", [1, 2, 4, 8, "odd", "nf4"])
 def test_portable_layers_hold_the_same_quantized_weights(kind, frozen):
     model = sparse_mlp(kind)
     if frozen:
@@ -82,7 +84,7 @@ def exporters():
 
 
 @pytest.mark.parametrize("dynamo", exporters())
-@pytest.mark.parametrize("kind", [1, 4, 8, "nf4"])
+@pytest.mark.parametrize("kind", [1, 4, 8, "odd", "nf4"])
 def test_export_onnx_runs_in_onnxruntime_and_keeps_the_codes_packed(kind, dynamo):
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")

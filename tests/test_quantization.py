@@ -62,6 +62,16 @@ def test_weight_error_within_bounds_and_below_the_absmax_rule(kind):
     assert relative_error(weight, 1) > relative_error(weight, 2)
 
 
+# The 2-bit odd codes (measured: Gaussian 0.342, Student-t 0.567): four symmetric levels fit
+# bell-shaped weights better than the integer codes -1..2; heavy tails want a zero level.
+def test_odd_codes_beat_the_integer_codes_on_gaussian_weights_only():
+    gaussian, heavy = weights("gaussian"), weights("student-t")
+    assert relative_error(gaussian, 2, codebook="odd") <= 0.345
+    assert relative_error(gaussian, 2, codebook="odd") < relative_error(gaussian, 2)
+    assert relative_error(heavy, 2, codebook="odd") <= 0.57
+    assert relative_error(heavy, 2, codebook="odd") > relative_error(heavy, 2)
+
+
 def bitsandbytes_nf4_error(weight: torch.Tensor) -> float:
     """bitsandbytes' nf4 rule: blocks of 64 scaled by their float32 absmax, each weight at its
     nearest level."""

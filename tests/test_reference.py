@@ -59,13 +59,13 @@ CONFIGS = {
     ),
     "one-input-regions": dict(in_features=20, out_features=5, region_bits=0, density=0.5),
 }
-# Every code format: the integer widths and nf4.
-FORMATS = {"1": 1, "2": 2, "4": 4, "8": 8, "nf4": ref.NF4_FORMAT}
+# Every code format: the integer widths, the 2-bit odd codes and nf4.
+FORMATS = {"1": 1, "2": 2, "4": 4, "8": 8, "odd": ref.ODD2_FORMAT, "nf4": ref.NF4_FORMAT}
 FLOATS = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def make_layer(config, code_format):
-    codebook = "nf4" if code_format == ref.NF4_FORMAT else "int"
+    codebook = ref.codebook_of(code_format)
     bits = ref.width(code_format)
     return st.SpatialLayer(bits=bits, codebook=codebook, **CONFIGS[config])
 

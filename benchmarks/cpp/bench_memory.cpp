@@ -102,6 +102,9 @@ BENCHMARK_CAPTURE(BM_IntegerForward, vnni, InferencePack::Isa::kAvx512Vnni)
 BENCHMARK_CAPTURE(BM_IntegerForward, vnni, InferencePack::Isa::kAvx512Vnni)
     ->Name("integer_forward_1024x1024_batch32")
     ->Apply([](auto* b) { for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 32}); });
+BENCHMARK_CAPTURE(BM_IntegerForward, vnni, InferencePack::Isa::kAvx512Vnni)
+    ->Name("integer_forward_1024x1024_batch256")
+    ->Apply([](auto* b) { for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 256}); });
 BENCHMARK_CAPTURE(BM_IntegerForward, avx2, InferencePack::Isa::kAvx2)
     ->Name("integer_forward_avx2_1024x1024_batch1")
     ->Apply([](auto* b) { for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 1}); });

@@ -24,8 +24,6 @@
 namespace spatium {
 namespace {
 
-// A block's value is scale * (kMult * stored - kOffset): 1-bit codes are +-1 = 2 * stored - 1.
-constexpr int stored_offset(int bits) { return bits == 1 ? 1 : quant::offset(bits); }
 
 // nf4 codes go in as 8-bit stored values round(127 * level) + 127 (mult 1 / 127, offset 1):
 // each level within 1 / 254 of the scale, the integer kernels unchanged.
@@ -623,8 +621,8 @@ std::vector<int64_t> grouped_order(const PackedView& v) {
 }  // namespace
 
 InferencePack::InferencePack(const PackedView& v)
-    : bits_(v.format == quant::kNf4 ? 8 : v.format),
-      nf4_(v.format == quant::kNf4),
+    : bits_(v.format == quant::kNf4 ? 8 : quant::width(v.format)),
+      format_(v.format),
       in_features_(v.in_features),
       out_features_(v.out_features) {
   const int code_bits = quant::width(v.format);
@@ -675,7 +673,7 @@ InferencePack::InferencePack(const PackedView& v)
         const int64_t size = v.region_size(r);
         for (int64_t i = 0; i < size; ++i) {
           const uint32_t code = quant::get_stored(v.codes + offset, code_bits, size, i);
-          const uint32_t stored = nf4_ ? nf4_stored(code) : code;
+          const uint32_t stored = format_ == quant::kNf4 ? nf4_stored(code) : code;
           const int64_t c = i / chunk, k = i % chunk;
           chunks[c * kChunkBytes + k % 4] |= static_cast<uint8_t>(stored << (k / 4 * bits_));
         }
@@ -709,8 +707,16 @@ void InferencePack::quantize(const float* x, int64_t batch, int64_t ldx, Rows& r
   rows.q.assign(static_cast<size_t>(held * rows.stride + kChunkBytes), 0);
   rows.multiplier.assign(static_cast<size_t>(held * regions), 0.0f);
   rows.correction.assign(static_cast<size_t>(held * regions), 0.0f);
-  const float mult = nf4_ ? 1.0f / kNf4Steps : bits_ == 1 ? 2.0f : 1.0f;
-  const float offset = nf4_ ? 1.0f : static_cast<float>(stored_offset(bits_));
+  // A block's value is scale * (mult * stored - offset): odd codes (1 bit, kOdd2) are
+  // 2 * stored - (2^bits - 1), nf4's 8-bit stand-ins stored / 127 - 1.
+  float mult = 1.0f, offset = static_cast<float>(quant::offset(bits_));
+  if (format_ == quant::kNf4) {
+    mult = 1.0f / kNf4Steps;
+    offset = 1.0f;
+  } else if (format_ == 1 || format_ == quant::kOdd2) {
+    mult = 2.0f;
+    offset = static_cast<float>((1 << bits_) - 1);
+  }
   (isa == Isa::kAvx2 ? quantize_rows_avx2 : quantize_rows)(
       x, batch, ldx, region_begin_.data(), padded_begin_.data(), regions, mult, offset, rows);
 #else

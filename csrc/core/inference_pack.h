@@ -16,7 +16,7 @@
 //
 // Activations are quantized to int8 per row and region (scale max|x| / 127, round to nearest),
 // so a block's sum is scale_w * scale_x * (mult * sum(stored * q) - offset * sum(q)) with the
-// stored values' offset (mult 2 for 1-bit's +-1 codes). The int32 sums are exact: the only
+// stored values' offset (mult 2 for the odd codes of 1 bit and kOdd2). The int32 sums are exact: the only
 // error is the activations' rounding (relative output error about 5e-3 on Gaussian inputs).
 // nf4 codes are packed as 8-bit values, round(127 x level) + 127, which adds each level's
 // rounding (at most 1 / 254 of the scale).
@@ -91,7 +91,7 @@ class InferencePack {
 
  private:
   int bits_ = 0;
-  bool nf4_ = false;  // the codes are nf4 levels (see the top)
+  int format_ = 0;  // the store's code format
   int64_t in_features_ = 0;
   int64_t out_features_ = 0;
   std::vector<int64_t> order_;         // [neurons] the neuron of each slot, or empty

@@ -160,6 +160,7 @@ template <template <int, int> class Kernel, class... Args>
     case 2: by_region_size<2, Kernel>(rb, v, args...); return;
     case 4: by_region_size<4, Kernel>(rb, v, args...); return;
     case quant::kNf4: by_region_size<quant::kNf4, Kernel>(rb, v, args...); return;
+    case quant::kOdd2: by_region_size<quant::kOdd2, Kernel>(rb, v, args...); return;
     default: by_region_size<8, Kernel>(rb, v, args...); return;
   }
 }

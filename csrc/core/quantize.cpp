@@ -17,6 +17,7 @@ namespace {
     case 2: decode_planes<2>(codes, count, scale, out); return;
     case 4: decode_planes<4>(codes, count, scale, out); return;
     case kNf4: decode_planes<kNf4>(codes, count, scale, out); return;
+    case kOdd2: decode_planes<kOdd2>(codes, count, scale, out); return;
     default: decode_planes<8>(codes, count, scale, out); return;
   }
 }
@@ -28,6 +29,8 @@ namespace {
 // 0.0933 -> 0.0921; a second gives 0.0915), 2 bits none (one more: 0.365 -> 0.359), 8 bits
 // gains nothing from any. kNf4 starts at absmax (its levels reach 1) and takes one step (error
 // 0.0920 -> 0.0897 Gaussian, 0.111 -> 0.109 Student-t; a second gives 0.0885 / 0.108).
+// kOdd2 starts at half of absmax / 3 and takes one step (Gaussian 0.342, Student-t 0.56;
+// without it, at the best start for each, 0.347 / 0.598).
 struct ScaleSearch {
   double start;
   int steps;
@@ -37,12 +40,16 @@ constexpr ScaleSearch scale_search(int format) {
     case 2: return {0.8, 0};
     case 4: return {0.95, 1};
     case kNf4: return {1.0, 1};
+    case kOdd2: return {0.5, 1};
     default: return {1.0, 0};
   }
 }
 
+// Smallest and largest level of an integer or odd-code format, in units of the scale.
+constexpr int lowest_level(int format) { return format == kOdd2 ? -3 : min_code(format); }
+constexpr int highest_level(int format) { return format == kOdd2 ? 3 : max_code(format); }
 // Largest level of a format, in units of the scale.
-constexpr double top_level(int format) { return format == kNf4 ? 1.0 : max_code(format); }
+constexpr double top_level(int format) { return format == kNf4 ? 1.0 : highest_level(format); }
 
 // Midpoints between consecutive kNf4 levels, in float32: a value's level index is the number of
 // midpoints below it (ties go to the lower level). The reference computes them alike.
@@ -80,6 +87,25 @@ inline constexpr auto kMax = [](auto a, auto b) { return a > b ? a : b; };
 inline constexpr double kRoundingShift = 6755399441055744.0;  // 1.5 * 2^52
 inline constexpr float kFloatRoundingShift = 12582912.0f;      // 1.5 * 2^23: |x| <= 2^22
 
+// Replaces t (in units of the scale) by the nearest level of an integer or odd-code format,
+// for a vector of lanes or one value (in place: a 64-byte vector by value has an
+// ISA-dependent ABI): t clamped to the levels' range first (then rounding is in range, and
+// the same), then rounded half to even through `shift` (kRoundingShift for double,
+// kFloatRoundingShift for float); odd codes are 2 round((t + 1) / 2) - 1.
+template <int Format, class V, class S>
+[[gnu::always_inline]] inline void round_to_level(V& t, S shift) {
+  const V lo = V{} + static_cast<S>(lowest_level(Format));
+  const V hi = V{} + static_cast<S>(highest_level(Format));
+  t = t < lo ? lo : t;
+  t = t > hi ? hi : t;
+  if constexpr (Format == kOdd2) {
+    const V half = (t + static_cast<S>(1)) * static_cast<S>(0.5);
+    t = ((half + shift) - shift) * static_cast<S>(2) - static_cast<S>(1);
+  } else {
+    t = (t + shift) - shift;
+  }
+}
+
 // One Lloyd step: the nearest codes for `scale`, then the least-squares scale for those codes.
 // Codes come from a product with the reciprocal, in double (fp32 weights convert exactly), and
 // the sums are exact for any block whose weights span under 2^21 in magnitude, so the result
@@ -90,21 +116,17 @@ inline constexpr float kFloatRoundingShift = 12582912.0f;      // 1.5 * 2^23: |x
 // the sums are exact for any block whose weights span under 2^21 in magnitude, so the result
 // does not depend on the order of summation (the reference computes it with other sums). The
 // largest weight always gets a non-zero code (|scale| <= absmax), so the denominator is >= 1.
-template <int Bits>
+template <int Format>
 [[gnu::always_inline]] inline double refit_scale(const float* w, int64_t count, double scale) {
-  constexpr auto lo = static_cast<double>(min_code(Bits)), hi = static_cast<double>(max_code(Bits));
   const double inverse = 1.0 / scale;
-  const DoubleLanes lo_lanes = DoubleLanes{} + lo, hi_lanes = DoubleLanes{} + hi;
   // Two accumulators each, alternating: halves the chain of dependent adds.
   DoubleLanes wq_lanes[2] = {}, qq_lanes[2] = {};
   const auto accumulate = [&](int64_t j, int a) {
     FloatsOfDoubleLanes f;
     std::memcpy(&f, w + j, sizeof(f));
     const DoubleLanes x = __builtin_convertvector(f, DoubleLanes);
-    DoubleLanes q = x * inverse;  // clamped first: then rounding is in range, and the same
-    q = q < lo_lanes ? lo_lanes : q;
-    q = q > hi_lanes ? hi_lanes : q;
-    q = (q + kRoundingShift) - kRoundingShift;
+    DoubleLanes q = x * inverse;
+    round_to_level<Format>(q, kRoundingShift);
     wq_lanes[a] += x * q;
     qq_lanes[a] += q * q;
   };
@@ -121,7 +143,8 @@ template <int Bits>
   qq_lanes[0] += qq_lanes[1];
   double wq = combine_lanes(wq_lanes[0], kAdd), qq = combine_lanes(qq_lanes[0], kAdd);
   for (; j < count; ++j) {
-    const double q = std::nearbyint(std::clamp(static_cast<double>(w[j]) * inverse, lo, hi));
+    double q = static_cast<double>(w[j]) * inverse;
+    round_to_level<Format>(q, kRoundingShift);
     wq += static_cast<double>(w[j]) * q;
     qq += q * q;
   }
@@ -250,23 +273,21 @@ template <int Format>
       stored[j] = index;
     }
   } else {
-    constexpr auto lo = static_cast<float>(min_code(Format)),
-                   hi = static_cast<float>(max_code(Format));
-    const Lanes lo_lanes = Lanes{} + lo, hi_lanes = Lanes{} + hi;
+    // A level's stored value: code + offset, or (code + 3) / 2 for odd codes.
+    constexpr int add = Format == kOdd2 ? 3 : offset(Format), shift = Format == kOdd2 ? 1 : 0;
     int64_t j = 0;
     for (; j + kLanes <= count; j += kLanes) {
       Lanes q;
       std::memcpy(&q, w + j, sizeof(q));
       q /= s;
-      q = q < lo_lanes ? lo_lanes : q;
-      q = q > hi_lanes ? hi_lanes : q;
-      q = (q + kFloatRoundingShift) - kFloatRoundingShift;
-      const IntLanes code = __builtin_convertvector(q, IntLanes) + offset(Format);
+      round_to_level<Format>(q, kFloatRoundingShift);
+      const IntLanes code = (__builtin_convertvector(q, IntLanes) + add) >> shift;
       std::memcpy(stored + j, &code, sizeof(code));
     }
     for (; j < count; ++j) {
-      const float q = std::nearbyint(std::clamp(w[j] / s, lo, hi));
-      stored[j] = static_cast<uint32_t>(static_cast<int32_t>(q) + offset(Format));
+      float q = w[j] / s;
+      round_to_level<Format>(q, kFloatRoundingShift);
+      stored[j] = static_cast<uint32_t>((static_cast<int32_t>(q) + add) >> shift);
     }
   }
 }
@@ -279,7 +300,9 @@ template <int Format>
                                                      uint8_t* codes) {
   constexpr int bits = width(Format);
   const auto [largest, negated_smallest, abs_sum] = stats;
-  constexpr uint32_t zero = Format == kNf4 ? kNf4Zero : to_stored(bits, 0);
+  // The code of a block of zeros (and of a non-finite one): level 0, or for odd codes, which
+  // have none, +1 (any code times the scale 0 is 0).
+  constexpr uint32_t zero = Format == kNf4 ? kNf4Zero : Format == kOdd2 ? 2 : to_stored(bits, 0);
   const auto constant = [&](uint16_t scale) {
     std::fill(stored, stored + count, zero);
     pack_planes<bits>(stored, count, codes);
@@ -321,6 +344,7 @@ template <int Format>
     case 2: return quantize_with<2>(w, count, stats, stored, codes);
     case 4: return quantize_with<4>(w, count, stats, stored, codes);
     case kNf4: return quantize_with<kNf4>(w, count, stats, stored, codes);
+    case kOdd2: return quantize_with<kOdd2>(w, count, stats, stored, codes);
     default: return quantize_with<8>(w, count, stats, stored, codes);
   }
 }

@@ -1,6 +1,6 @@
 // Block quantization: one fp16 scale per block and one b-bit code per weight. A store's code
-// format is its width b in {1, 2, 4, 8} (integer codes) or kNf4 (4-bit indices into the
-// NormalFloat levels); every function taking `format` takes either.
+// format is its width b in {1, 2, 4, 8} (integer codes), kNf4 (4-bit indices into the
+// NormalFloat levels) or kOdd2 (2-bit odd codes); every function taking `format` takes any.
 // An integer-code weight is scale * code. Codes are stored offset to be unsigned:
 // stored = code + offset(b).
 //   b = 1: codes {-1, +1}, scale mean |w| (the error-minimising scale for signs).
@@ -11,6 +11,11 @@
 //   steps (nearest codes for the scale, then the least-squares scale for those codes), all
 //   chosen by measurement (docs/architecture.md). Its magnitude saturates at fp16's 65504, so
 //   a block holds magnitudes up to 65504 * max_code(b); larger weights are clipped there.
+// A kOdd2 weight is scale * code with the odd codes {-3, -1, 1, 3} (stored = (code + 3) / 2):
+// four evenly spaced levels symmetric about zero, without a zero level. On bell-shaped weights
+// they err less than the integer codes' {-1, 0, 1, 2} (whose extra level serves one side
+// only), and a model trained with them learns more (docs/architecture.md). The scale is found
+// like the integer codes'.
 // An kNf4 weight is scale * kNf4Levels[stored]: 16 levels in [-1, 1], denser near 0 (the
 // quantiles of a normal distribution, as QLoRA's NormalFloat4), which follow bell-shaped and
 // heavy-tailed weights better than evenly spaced codes. Its scale is found like the integer
@@ -38,9 +43,17 @@ inline constexpr bool valid_bits(int bits) {
 // The NormalFloat4 code format: 4-bit indices into kNf4Levels. A value no width can take, so a
 // format is one int wherever a width was.
 inline constexpr int kNf4 = 0x14;
-inline constexpr bool valid_format(int format) { return valid_bits(format) || format == kNf4; }
+// The 2-bit odd-code format (see the top), a value no width can take either.
+inline constexpr int kOdd2 = 0x12;
+inline constexpr bool valid_format(int format) {
+  return valid_bits(format) || format == kNf4 || format == kOdd2;
+}
 // Bits per code of a format.
-inline constexpr int width(int format) { return format == kNf4 ? 4 : format; }
+inline constexpr int width(int format) {
+  return format == kNf4 ? 4 : format == kOdd2 ? 2 : format;
+}
+// The odd code of a 1-bit or kOdd2 stored value: 2 * stored - 1 (+-1) or 2 * stored - 3.
+inline constexpr int odd_code(int bits, int stored) { return 2 * stored - ((1 << bits) - 1); }
 
 // NormalFloat4: 7 negative levels, 0 and 8 positive ones (Dettmers et al., QLoRA, 2023). A
 // macro so that CUDA code can put the same values in constant memory.
@@ -74,7 +87,11 @@ template <int Format>
     // Arithmetic, not from_stored's select: GCC turns scale * (s ? 1 : -1) into a sign flip,
     // which flips a NaN scale's sign too.
     const auto value = static_cast<int>(stored);
-    return static_cast<float>(Format == 1 ? 2 * value - 1 : value - offset(Format));
+    if constexpr (Format == 1 || Format == kOdd2) {
+      return static_cast<float>(odd_code(width(Format), value));
+    } else {
+      return static_cast<float>(value - offset(Format));
+    }
   }
 }
 
@@ -84,6 +101,7 @@ inline float level_of(int format, uint32_t stored) {
     case 1: return level<1>(stored);
     case 2: return level<2>(stored);
     case 4: return level<4>(stored);
+    case kOdd2: return level<kOdd2>(stored);
     case kNf4: return level<kNf4>(stored);
     default: return level<8>(stored);
   }

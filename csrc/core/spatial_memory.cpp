@@ -36,7 +36,7 @@ SpatialMemory::SpatialMemory(int64_t out_features, std::vector<uint64_t> input_c
     throw error("out_features must be >= 1, got " + std::to_string(out_features));
   }
   if (!quant::valid_format(format)) {
-    throw error("bits must be one of 1, 2, 4, 8 (or the nf4 format), got " +
+    throw error("bits must be one of 1, 2, 4, 8 (or the nf4 or 2-bit odd format), got " +
                 std::to_string(format));
   }
   if (region_bits < 0 || region_bits > morton::kCodeBits) {

@@ -96,6 +96,8 @@ template <int Format>
 __device__ float device_level(uint32_t stored) {
   if constexpr (Format == quant::kNf4) {
     return kDeviceNf4Levels[stored];
+  } else if constexpr (Format == quant::kOdd2) {
+    return static_cast<float>(quant::odd_code(2, static_cast<int>(stored)));
   } else {
     return static_cast<float>(quant::from_stored(Format, stored));
   }
@@ -205,6 +207,7 @@ void with_format(int format, Fn&& fn) {
     case 2: fn(std::integral_constant<int, 2>{}); return;
     case 4: fn(std::integral_constant<int, 4>{}); return;
     case quant::kNf4: fn(std::integral_constant<int, quant::kNf4>{}); return;
+    case quant::kOdd2: fn(std::integral_constant<int, quant::kOdd2>{}); return;
     default: fn(std::integral_constant<int, 8>{}); return;
   }
 }

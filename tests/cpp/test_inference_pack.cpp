@@ -57,7 +57,7 @@ std::vector<float> kernel_weights(const SpatialMemory& m) {
 TEST(InferencePack, SumsOfIntegerProductsAreExact) {
   if (!InferencePack::cpu_supported()) GTEST_SKIP() << "no AVX2 or AVX-512 VNNI on this CPU";
   for (const InferencePack::Isa isa : isas()) {
-  for (int bits : {1, 2, 4, 8, quant::kNf4}) {
+  for (int bits : {1, 2, 4, 8, quant::kOdd2, quant::kNf4}) {
     for (int region_bits : {0, 3, 6, 7}) {
      for (int64_t batch : {3, 11, 40}) {
       const int64_t out = 37, in = 150;

@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <iterator>
 #include <numeric>
 #include <random>
 #include <stdexcept>
@@ -125,55 +126,79 @@ TEST_P(Quantize, ZeroAndNonFiniteBlocks) {
 
 INSTANTIATE_TEST_SUITE_P(Bits, Quantize, ::testing::Values(1, 2, 4, 8));
 
-// The squared error of a block at `scale` with each weight at its nearest kNf4 level.
-double nf4_error(const std::vector<float>& w, float scale) {
+// The squared error of a block at `scale` with each weight at its nearest of `levels`.
+double nearest_error(const std::vector<float>& w, float scale, const std::vector<float>& levels) {
   double error = 0.0;
   for (float v : w) {
     double best = INFINITY;
-    for (float level : quant::kNf4Levels) best = std::min(best, std::fabs(v - double(level) * scale));
+    for (float level : levels) best = std::min(best, std::fabs(v - double(level) * scale));
     error += best * best;
   }
   return error;
 }
 
-TEST(QuantizeNf4, NearestLevelsOfARefinedScale) {
+// A format whose codes stand for a table of levels, and what its quantizer does.
+struct LevelFormat {
+  int format;
+  std::vector<float> levels;  // the level of each stored value
+  double start;               // the scale search's start, a fraction of the largest magnitude
+  uint8_t zero_byte;          // the code bytes of a block of zeros (4-bit or 2-bit fields)
+};
+
+class QuantizeLevels : public ::testing::TestWithParam<LevelFormat> {};
+
+TEST_P(QuantizeLevels, NearestLevelsOfARefinedScale) {
+  const LevelFormat& f = GetParam();
+  const int bits = quant::width(f.format);
   for (int64_t count : {1, 7, 64, 100, 128}) {
     const auto w = random_weights(static_cast<size_t>(count), 20 + count);
-    std::vector<uint8_t> codes(static_cast<size_t>(quant::code_bytes(4, count)));
-    const uint16_t scale_half = quant::quantize_block(w.data(), count, quant::kNf4, codes.data());
+    std::vector<uint8_t> codes(static_cast<size_t>(quant::code_bytes(bits, count)));
+    const uint16_t scale_half = quant::quantize_block(w.data(), count, f.format, codes.data());
     const float scale = half_to_float(scale_half);
     std::vector<float> back(static_cast<size_t>(count));
-    quant::dequantize_block(codes.data(), count, quant::kNf4, scale_half, back.data());
+    quant::dequantize_block(codes.data(), count, f.format, scale_half, back.data());
     double absmax = 0.0;
     for (int64_t j = 0; j < count; ++j) {
-      const uint32_t index = quant::get_stored(codes.data(), 4, count, j);
-      ASSERT_LT(index, 16u);
-      ASSERT_EQ(back[j], scale * quant::kNf4Levels[index]);
+      const float level = f.levels.at(quant::get_stored(codes.data(), bits, count, j));
+      ASSERT_EQ(back[j], scale * level);
       // the nearest level to w / scale (a tie may go either way by rounding)
       const float t = w[j] / scale;
-      for (float level : quant::kNf4Levels) {
-        ASSERT_LE(std::fabs(t - quant::kNf4Levels[index]), std::fabs(t - level) * (1 + 1e-6f));
+      for (float other : f.levels) {
+        ASSERT_LE(std::fabs(t - level), std::fabs(t - other) * (1 + 1e-6f));
       }
       absmax = std::max(absmax, double(std::fabs(w[j])));
     }
-    // The Lloyd step never loses to bitsandbytes' rule: the scale absmax, levels of both signs.
+    // The Lloyd step never loses to the scale it starts from (up to the fp16 rounding): for
+    // nf4 bitsandbytes' rule, the absmax scale with levels of both signs.
     const float largest = *std::max_element(w.begin(), w.end(), [](float a, float b) {
       return std::fabs(a) < std::fabs(b);
     });
-    const float absmax_scale = half_to_float(float_to_half(largest < 0 ? -absmax : absmax));
-    EXPECT_LE(nf4_error(w, scale), nf4_error(w, absmax_scale) * (1 + 1e-9)) << count;
+    const auto start = static_cast<float>(f.start * (largest < 0 ? -absmax : absmax));
+    EXPECT_LE(nearest_error(w, scale, f.levels),
+              nearest_error(w, half_to_float(float_to_half(start)), f.levels) * (1 + 1e-6))
+        << count;
   }
+  // A block of zeros stores the level 0 (odd codes, which have none: +1) at scale 0; a NaN
+  // makes the block NaN.
   std::vector<float> w(16, 0.0f), back(16);
-  std::vector<uint8_t> codes(8);
-  uint16_t scale = quant::quantize_block(w.data(), 16, quant::kNf4, codes.data());
-  quant::dequantize_block(codes.data(), 16, quant::kNf4, scale, back.data());
+  std::vector<uint8_t> codes(static_cast<size_t>(quant::code_bytes(bits, 16)));
+  uint16_t scale = quant::quantize_block(w.data(), 16, f.format, codes.data());
+  quant::dequantize_block(codes.data(), 16, f.format, scale, back.data());
   for (float v : back) ASSERT_EQ(v, 0.0f);
-  for (uint8_t byte : codes) ASSERT_EQ(byte, quant::kNf4Zero | quant::kNf4Zero << 4);
+  for (uint8_t byte : codes) ASSERT_EQ(byte, f.zero_byte);
   w[3] = std::nanf("");
-  scale = quant::quantize_block(w.data(), 16, quant::kNf4, codes.data());
-  quant::dequantize_block(codes.data(), 16, quant::kNf4, scale, back.data());
+  scale = quant::quantize_block(w.data(), 16, f.format, codes.data());
+  quant::dequantize_block(codes.data(), 16, f.format, scale, back.data());
   for (float v : back) ASSERT_TRUE(std::isnan(v));
 }
+
+INSTANTIATE_TEST_SUITE_P(
+    Formats, QuantizeLevels,
+    ::testing::Values(
+        LevelFormat{quant::kNf4,
+                    std::vector<float>(std::begin(quant::kNf4Levels), std::end(quant::kNf4Levels)),
+                    1.0, quant::kNf4Zero | quant::kNf4Zero << 4},
+        LevelFormat{quant::kOdd2, {-3.0f, -1.0f, 1.0f, 3.0f}, 0.5 / 3, 0xAA}));
 
 TEST(SpatialMemory, RegionsAreRunsOfSortedInputs) {
   const SpatialMemory m(2, {0, 1, 2, 64, 65, 200}, 4, 6);
