@@ -52,15 +52,22 @@ struct PackHolder : torch::CustomClassHolder {
     pack.quantize(x.const_data_ptr<float>(), batch, pack.in_features(), rows);
     at::Tensor y = at::empty({batch, pack.out_features()}, x.options());
     if (batch > 0) {
+      // The kernels start each sum from the bias, in their slot order.
+      at::Tensor slot_bias;
+      if (bias.has_value()) {
+        slot_bias = slot_of_neuron.defined()
+                        ? at::empty_like(*bias).index_copy_(0, slot_of_neuron, *bias)
+                        : bias->contiguous();
+      }
+      const float* bias_data = slot_bias.defined() ? slot_bias.const_data_ptr<float>() : nullptr;
       float* out = y.mutable_data_ptr<float>();
       const int64_t per_group = InferencePack::kGroup * pack.in_features() * batch;
       const int64_t grain = std::max<int64_t>(1, kWeightsPerTask / std::max<int64_t>(per_group, 1));
       at::parallel_for(0, pack.groups(), grain, [&](int64_t g0, int64_t g1) {
-        pack.linear_groups(g0, g1, rows, out, pack.out_features());
+        pack.linear_groups(g0, g1, rows, bias_data, out, pack.out_features());
       });
     }
     if (slot_of_neuron.defined()) y = y.index_select(1, slot_of_neuron);
-    if (bias.has_value()) y.add_(*bias);
     return y;
   }
 };

@@ -69,7 +69,7 @@ void BM_IntegerForward(benchmark::State& state, InferencePack::Isa isa) {
   InferencePack::Rows rows;
   for (auto _ : state) {
     pack.quantize(x.data(), batch, in, rows, isa);
-    pack.linear_groups(0, pack.groups(), rows, y.data(), out, isa);
+    pack.linear_groups(0, pack.groups(), rows, nullptr, y.data(), out, isa);
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }

@@ -40,9 +40,18 @@ struct Panels {
   const uint16_t* scales;
   const int64_t* panel_chunks;
   const uint8_t* codes;
+  const float* bias;  // in slot order; null: none
   int64_t out_features;
   int64_t regions;
 };
+
+// The bias of group g's 16 slots (0 past the last neuron, or without a bias).
+inline void group_bias(const Panels& p, int64_t g, float* out) {
+  const int64_t n0 = g * InferencePack::kGroup;
+  const int64_t lanes = std::min<int64_t>(InferencePack::kGroup, p.out_features - n0);
+  std::fill(out, out + InferencePack::kGroup, 0.0f);
+  if (p.bias != nullptr) std::copy(p.bias + n0, p.bias + n0 + lanes, out);
+}
 
 // Rows the register tile holds: R int32 sums and R float accumulators, 16 lanes each.
 constexpr int kTileRows = 8;
@@ -166,7 +175,9 @@ SPATIUM_VNNI void group_rows(const Panels& p, int64_t g, const InferencePack::Ro
   const int8_t* q[R];
   for (int b = 0; b < R; ++b) q[b] = rows.q.data() + (b0 + b) * rows.stride;
   __m512 acc[R];
-  for (int b = 0; b < R; ++b) acc[b] = _mm512_setzero_ps();
+  alignas(64) float bias[InferencePack::kGroup];
+  group_bias(p, g, bias);
+  for (int b = 0; b < R; ++b) acc[b] = _mm512_load_ps(bias);
   for (int64_t panel = p.group_begin[g]; panel < p.group_begin[g + 1]; ++panel) {
     const int64_t r = p.panel_region[panel];
     const uint8_t* w = p.codes + p.panel_chunks[panel] * InferencePack::kChunkBytes;
@@ -313,11 +324,13 @@ SPATIUM_AMX void amx_groups(const Panels& p, int64_t g0, int64_t g1,
     const int64_t n0 = g * InferencePack::kGroup;
     const int64_t lanes = std::min<int64_t>(InferencePack::kGroup, p.out_features - n0);
     const auto mask = static_cast<__mmask16>((1u << lanes) - 1u);
+    alignas(64) float bias[InferencePack::kGroup];
+    group_bias(p, g, bias);
     for (int64_t b0 = 0; b0 < rows.batch; b0 += kAmxRows) {
       const int8_t* a_rows = rows.q.data() + b0 * rows.stride;
       const uint8_t* b_tile = tiles.data();
       __m512 acc[kAmxRows];
-      for (auto& a : acc) a = _mm512_setzero_ps();
+      for (auto& a : acc) a = _mm512_load_ps(bias);
       for (int64_t panel = first; panel < last; ++panel) {
         const int64_t chunks = p.panel_chunks[panel + 1] - p.panel_chunks[panel];
         const int64_t count = (chunks + chunks_per_tile - 1) / chunks_per_tile;
@@ -452,7 +465,12 @@ SPATIUM_AVX2 void group_rows_avx2(const Panels& p, int64_t g, const InferencePac
   const int8_t* q[R];
   for (int b = 0; b < R; ++b) q[b] = rows.q.data() + (b0 + b) * rows.stride;
   __m256 acc[R][2];
-  for (auto& row : acc) row[0] = row[1] = _mm256_setzero_ps();
+  alignas(32) float bias[InferencePack::kGroup];
+  group_bias(p, g, bias);
+  for (auto& row : acc) {
+    row[0] = _mm256_load_ps(bias);
+    row[1] = _mm256_load_ps(bias + 8);
+  }
   for (int64_t panel = p.group_begin[g]; panel < p.group_begin[g + 1]; ++panel) {
     const int64_t r = p.panel_region[panel];
     const uint8_t* w = p.codes + p.panel_chunks[panel] * InferencePack::kChunkBytes;
@@ -725,13 +743,14 @@ void InferencePack::quantize(const float* x, int64_t batch, int64_t ldx, Rows& r
 #endif
 }
 
-void InferencePack::linear_groups(int64_t g0, int64_t g1, const Rows& rows, float* y,
-                                  int64_t ldy, Isa isa) const {
+void InferencePack::linear_groups(int64_t g0, int64_t g1, const Rows& rows, const float* bias,
+                                  float* y, int64_t ldy, Isa isa) const {
 #if defined(__x86_64__)
   check_isa(isa);
   const Panels p{padded_begin_.data(),  group_begin_.data(), panel_region_.data(),
                  scales_.data(),        panel_chunks_.data(), codes_.data(),
-                 out_features_,         static_cast<int64_t>(region_begin_.size()) - 1};
+                 bias,                  out_features_,
+                 static_cast<int64_t>(region_begin_.size()) - 1};
   if (isa == Isa::kAvx2) {
     switch (bits_) {
       case 1: avx2_groups<1>(p, g0, g1, rows, y, ldy); return;

@@ -82,12 +82,13 @@ class InferencePack {
   // (the same rows either way). Throws std::invalid_argument for an isa this CPU lacks.
   void quantize(const float* x, int64_t batch, int64_t ldx, Rows& rows,
                 Isa isa = best_isa()) const;
-  // y[b * ldy + s] = sum_i w[n][i] x[b][i] for the slots s of groups [g0, g1) and the neuron n
-  // each holds (see neuron_order), every row: the sums of products with the quantized rows.
-  // With kAvx512Vnni: AMX tiles for batches of 8 rows or more where the CPU and OS allow
-  // AMX-INT8, VNNI otherwise. Throws std::invalid_argument for an isa this CPU lacks.
-  void linear_groups(int64_t g0, int64_t g1, const Rows& rows, float* y, int64_t ldy,
-                     Isa isa = best_isa()) const;
+  // y[b * ldy + s] = bias[s] + sum_i w[n][i] x[b][i] for the slots s of groups [g0, g1) and
+  // the neuron n each holds (see neuron_order), every row: the sums of products with the
+  // quantized rows, started from the bias (in slot order; null: none). With kAvx512Vnni: AMX
+  // tiles for batches of 8 rows or more where the CPU and OS allow AMX-INT8, VNNI otherwise.
+  // Throws std::invalid_argument for an isa this CPU lacks.
+  void linear_groups(int64_t g0, int64_t g1, const Rows& rows, const float* bias, float* y,
+                     int64_t ldy, Isa isa = best_isa()) const;
 
  private:
   int bits_ = 0;

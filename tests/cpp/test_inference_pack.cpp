@@ -54,6 +54,7 @@ std::vector<float> kernel_weights(const SpatialMemory& m) {
 }
 
 // With AVX-512, batches under 8 rows take the VNNI kernel, others AMX where the CPU has it.
+// Each sum starts from its slot's bias.
 TEST(InferencePack, SumsOfIntegerProductsAreExact) {
   if (!InferencePack::cpu_supported()) GTEST_SKIP() << "no AVX2 or AVX-512 VNNI on this CPU";
   for (const InferencePack::Isa isa : isas()) {
@@ -70,8 +71,9 @@ TEST(InferencePack, SumsOfIntegerProductsAreExact) {
       for (auto& v : x) v = normal(rng);
       InferencePack::Rows rows;
       pack.quantize(x.data(), batch, in, rows, isa);
-      std::vector<float> y(static_cast<size_t>(batch * out), -1.0f);
-      pack.linear_groups(0, pack.groups(), rows, y.data(), out, isa);
+      std::vector<float> y(static_cast<size_t>(batch * out), -1.0f), bias(static_cast<size_t>(out));
+      for (int64_t s = 0; s < out; ++s) bias[s] = 0.25f * static_cast<float>(s) - 3.0f;
+      pack.linear_groups(0, pack.groups(), rows, bias.data(), y.data(), out, isa);
       // Expected: the kernels' weights times the rounded activations, in double.
       const std::vector<float> dense = kernel_weights(m);
       for (int64_t b = 0; b < batch; ++b) {
@@ -90,7 +92,7 @@ TEST(InferencePack, SumsOfIntegerProductsAreExact) {
         const std::vector<int64_t>& order = pack.neuron_order();
         for (int64_t slot = 0; slot < out; ++slot) {
           const int64_t n = order.empty() ? slot : order[slot];
-          double expected = 0.0, magnitude = 0.0;
+          double expected = bias[slot], magnitude = std::fabs(bias[slot]);
           for (int64_t i = 0; i < in; ++i) {
             expected += static_cast<double>(dense[n * in + i]) * rounded[i];
             magnitude += std::fabs(static_cast<double>(dense[n * in + i]) * rounded[i]);
@@ -139,7 +141,7 @@ TEST(InferencePack, GathersNeuronsThatShareRegions) {
     InferencePack::Rows rows;
     pack.quantize(x.data(), 1, in, rows);
     std::vector<float> y(static_cast<size_t>(out));
-    pack.linear_groups(0, pack.groups(), rows, y.data(), out);
+    pack.linear_groups(0, pack.groups(), rows, nullptr, y.data(), out);
     for (int64_t s = 0; s < out; ++s) {
       EXPECT_FLOAT_EQ(y[s], dense[order[s] * in + i]) << "input " << i << " slot " << s;
     }
