@@ -97,25 +97,42 @@ def level_range(code_format: int) -> tuple[int, int]:
     return (-3, 3) if code_format == ODD2_FORMAT else code_range(code_format)
 
 
+class _NamedFormat(NamedTuple):
+    codebook: str
+    width: int
+    description: str
+
+
+#: The formats that are not a plain width (whose codebook is "int"), by format.
+_NAMED_FORMATS = {
+    NF4_FORMAT: _NamedFormat("nf4", 4, "nf4"),
+    ODD2_FORMAT: _NamedFormat("odd", 2, "2-bit odd"),
+}
+
+
 def format_of(bits: int, codebook: str) -> int:
     """The code format of ``bits``-wide codes from ``codebook`` (``"int"``, ``"odd"`` or
     ``"nf4"``)."""
-    return {"nf4": NF4_FORMAT, "odd": ODD2_FORMAT}.get(codebook, bits)
+    named = [f for f, entry in _NAMED_FORMATS.items() if entry.codebook == codebook]
+    return named[0] if named else bits
 
 
 def codebook_of(code_format: int) -> str:
     """The codebook of a code format: the inverse of :func:`format_of`."""
-    return {NF4_FORMAT: "nf4", ODD2_FORMAT: "odd"}.get(code_format, "int")
+    named = _NAMED_FORMATS.get(code_format)
+    return named.codebook if named else "int"
 
 
 def width(code_format: int) -> int:
     """Bits per code of a format."""
-    return {NF4_FORMAT: 4, ODD2_FORMAT: 2}.get(code_format, code_format)
+    named = _NAMED_FORMATS.get(code_format)
+    return named.width if named else code_format
 
 
 def describe(code_format: int) -> str:
     """A format in words: ``"4-bit"``, ``"2-bit odd"``, ``"nf4"``."""
-    return {NF4_FORMAT: "nf4", ODD2_FORMAT: "2-bit odd"}.get(code_format, f"{code_format}-bit")
+    named = _NAMED_FORMATS.get(code_format)
+    return named.description if named else f"{code_format}-bit"
 
 
 def _check_format(code_format: int) -> None:

@@ -24,7 +24,6 @@
 namespace spatium {
 namespace {
 
-
 // nf4 codes go in as 8-bit stored values round(127 * level) + 127 (mult 1 / 127, offset 1):
 // each level within 1 / 254 of the scale, the integer kernels unchanged.
 constexpr float kNf4Steps = 127.0f;
@@ -733,7 +732,7 @@ void InferencePack::quantize(const float* x, int64_t batch, int64_t ldx, Rows& r
     offset = 1.0f;
   } else if (format_ == 1 || format_ == quant::kOdd2) {
     mult = 2.0f;
-    offset = static_cast<float>((1 << bits_) - 1);
+    offset = static_cast<float>(-quant::odd_code(bits_, 0));
   }
   (isa == Isa::kAvx2 ? quantize_rows_avx2 : quantize_rows)(
       x, batch, ldx, region_begin_.data(), padded_begin_.data(), regions, mult, offset, rows);
