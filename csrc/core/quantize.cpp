@@ -111,11 +111,6 @@ template <int Format, class V, class S>
 // the sums are exact for any block whose weights span under 2^21 in magnitude, so the result
 // does not depend on the order of summation (the reference computes it with other sums). The
 // largest weight always gets a non-zero code (|scale| <= absmax), so the denominator is >= 1.
-// One Lloyd step: the nearest codes for `scale`, then the least-squares scale for those codes.
-// Codes come from a product with the reciprocal, in double (fp32 weights convert exactly), and
-// the sums are exact for any block whose weights span under 2^21 in magnitude, so the result
-// does not depend on the order of summation (the reference computes it with other sums). The
-// largest weight always gets a non-zero code (|scale| <= absmax), so the denominator is >= 1.
 template <int Format>
 [[gnu::always_inline]] inline double refit_scale(const float* w, int64_t count, double scale) {
   const double inverse = 1.0 / scale;
