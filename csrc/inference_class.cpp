@@ -46,10 +46,11 @@ struct PackHolder : torch::CustomClassHolder {
                         "], got ", bias->scalar_type(), " ", bias->sizes());
     }
     const at::Tensor x = x_in.contiguous();
-    if (!cpu::all_finite(x)) return std::nullopt;
     const int64_t batch = x.size(0);
     InferencePack::Rows rows;
-    pack.quantize(x.const_data_ptr<float>(), batch, pack.in_features(), rows);
+    if (!pack.quantize(x.const_data_ptr<float>(), batch, pack.in_features(), rows)) {
+      return std::nullopt;
+    }
     at::Tensor y = at::empty({batch, pack.out_features()}, x.options());
     if (batch > 0) {
       // The kernels start each sum from the bias, in their slot order.

@@ -68,7 +68,10 @@ void BM_IntegerForward(benchmark::State& state, InferencePack::Isa isa) {
   std::vector<float> x(static_cast<size_t>(batch * in), 0.5f), y(static_cast<size_t>(batch * out));
   InferencePack::Rows rows;
   for (auto _ : state) {
-    pack.quantize(x.data(), batch, in, rows, isa);
+    if (!pack.quantize(x.data(), batch, in, rows, isa)) {
+      state.SkipWithError("non-finite input");
+      break;
+    }
     pack.linear_groups(0, pack.groups(), rows, nullptr, y.data(), out, isa);
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();

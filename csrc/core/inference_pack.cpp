@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -90,10 +91,13 @@ bool amx_usable() {
 #define SPATIUM_AMX [[gnu::target("amx-tile,amx-int8,avx512f,avx512bw,avx512vnni,f16c,fma")]]
 
 // Rows quantized region by region: q = round(x * 127 / max|x|) (to nearest even), and the
-// factors that turn a block's int32 sum into multiplier * sum - correction.
-SPATIUM_VNNI void quantize_rows(const float* x, int64_t batch, int64_t ldx, const int64_t* begin,
+// factors that turn a block's int32 sum into multiplier * sum - correction. False when x holds
+// a NaN or an infinity (found in the pass that takes max|x|, so no pass of its own).
+SPATIUM_VNNI bool quantize_rows(const float* x, int64_t batch, int64_t ldx, const int64_t* begin,
                                 const int64_t* padded_begin, int64_t regions, float mult,
                                 float offset, InferencePack::Rows& rows) {
+  const __m512 finite_limit = _mm512_set1_ps(std::numeric_limits<float>::max());
+  __mmask16 not_finite = 0;
   for (int64_t b = 0; b < batch; ++b) {
     const float* xb = x + b * ldx;
     for (int64_t r = 0; r < regions; ++r) {
@@ -102,8 +106,12 @@ SPATIUM_VNNI void quantize_rows(const float* x, int64_t batch, int64_t ldx, cons
       __m512 largest = _mm512_setzero_ps();
       for (int64_t i = 0; i < size; i += 16) {
         const auto lanes = static_cast<__mmask16>(size - i >= 16 ? 0xffff : (1u << (size - i)) - 1);
-        largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes, xr + i)));
+        const __m512 magnitude = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes, xr + i));
+        // Not <= the largest float, or unordered: an infinity or a NaN (which max_ps may drop).
+        not_finite |= _mm512_cmp_ps_mask(magnitude, finite_limit, _CMP_NLE_UQ);
+        largest = _mm512_max_ps(largest, magnitude);
       }
+      if (not_finite != 0) return false;
       const float top = _mm512_reduce_max_ps(largest);
       const __m512 inverse = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
       int8_t* q = rows.q.data() + b * rows.stride + padded_begin[r];
@@ -121,6 +129,7 @@ SPATIUM_VNNI void quantize_rows(const float* x, int64_t batch, int64_t ldx, cons
           scale * offset * static_cast<float>(_mm512_reduce_add_epi32(sum));
     }
   }
+  return true;
 }
 
 // Bit plane `Plane` of 64 code bytes: the codes of inputs 4 * Plane + j, one byte each.
@@ -366,24 +375,33 @@ SPATIUM_AVX2 inline float max_lane(__m256 v) {
 }
 
 // quantize_rows with AVX2: the same products and rounding (to nearest even, the default mode),
-// so the same rows.
-SPATIUM_AVX2 void quantize_rows_avx2(const float* x, int64_t batch, int64_t ldx,
+// so the same rows, and the same answer for a NaN or an infinity.
+SPATIUM_AVX2 bool quantize_rows_avx2(const float* x, int64_t batch, int64_t ldx,
                                      const int64_t* begin, const int64_t* padded_begin,
                                      int64_t regions, float mult, float offset,
                                      InferencePack::Rows& rows) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
+  constexpr float kFiniteLimit = std::numeric_limits<float>::max();
+  const __m256 finite_limit = _mm256_set1_ps(kFiniteLimit);
   for (int64_t b = 0; b < batch; ++b) {
     const float* xb = x + b * ldx;
     for (int64_t r = 0; r < regions; ++r) {
       const float* xr = xb + begin[r];
       const int64_t size = begin[r + 1] - begin[r];
       __m256 largest = _mm256_setzero_ps();
+      __m256 not_finite = _mm256_setzero_ps();
       int64_t i = 0;
       for (; i + 8 <= size; i += 8) {
-        largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + i)));
+        const __m256 magnitude = _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + i));
+        not_finite = _mm256_or_ps(not_finite, _mm256_cmp_ps(magnitude, finite_limit, _CMP_NLE_UQ));
+        largest = _mm256_max_ps(largest, magnitude);
       }
+      if (_mm256_movemask_ps(not_finite) != 0) return false;
       float top = max_lane(largest);
-      for (; i < size; ++i) top = std::max(top, std::fabs(xr[i]));
+      for (; i < size; ++i) {
+        if (!(std::fabs(xr[i]) <= kFiniteLimit)) return false;
+        top = std::max(top, std::fabs(xr[i]));
+      }
       const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
       int8_t* q = rows.q.data() + b * rows.stride + padded_begin[r];
       __m256i sum = _mm256_setzero_si256();
@@ -408,6 +426,7 @@ SPATIUM_AVX2 void quantize_rows_avx2(const float* x, int64_t batch, int64_t ldx,
       rows.correction[b * regions + r] = scale * offset * static_cast<float>(total);
     }
   }
+  return true;
 }
 
 // sums + the products of 32 code bytes with 4 activation bytes repeated, summed per int32
@@ -707,7 +726,7 @@ int64_t InferencePack::bytes() const {
                                   sizeof(int64_t));
 }
 
-void InferencePack::quantize(const float* x, int64_t batch, int64_t ldx, Rows& rows,
+bool InferencePack::quantize(const float* x, int64_t batch, int64_t ldx, Rows& rows,
                              Isa isa) const {
 #if defined(__x86_64__)
   check_isa(isa);
@@ -734,7 +753,7 @@ void InferencePack::quantize(const float* x, int64_t batch, int64_t ldx, Rows& r
     mult = 2.0f;
     offset = static_cast<float>(-quant::odd_code(bits_, 0));
   }
-  (isa == Isa::kAvx2 ? quantize_rows_avx2 : quantize_rows)(
+  return (isa == Isa::kAvx2 ? quantize_rows_avx2 : quantize_rows)(
       x, batch, ldx, region_begin_.data(), padded_begin_.data(), regions, mult, offset, rows);
 #else
   (void)x, (void)batch, (void)ldx, (void)rows, (void)isa;

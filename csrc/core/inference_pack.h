@@ -78,10 +78,11 @@ class InferencePack {
     std::vector<float> multiplier;
     std::vector<float> correction;
   };
-  // Quantizes rows x[b * ldx + i] (all finite) for linear_groups, with `isa`'s instructions
-  // (the same rows either way). Throws std::invalid_argument for an isa this CPU lacks.
-  void quantize(const float* x, int64_t batch, int64_t ldx, Rows& rows,
-                Isa isa = best_isa()) const;
+  // Quantizes rows x[b * ldx + i] for linear_groups, with `isa`'s instructions (the same rows
+  // either way). Returns false, leaving `rows` unusable, when x holds a NaN or an infinity.
+  // Throws std::invalid_argument for an isa this CPU lacks.
+  [[nodiscard]] bool quantize(const float* x, int64_t batch, int64_t ldx, Rows& rows,
+                              Isa isa = best_isa()) const;
   // y[b * ldy + s] = bias[s] + sum_i w[n][i] x[b][i] for the slots s of groups [g0, g1) and
   // the neuron n each holds (see neuron_order), every row: the sums of products with the
   // quantized rows, started from the bias (in slot order; null: none). With kAvx512Vnni: AMX

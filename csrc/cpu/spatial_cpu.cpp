@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "core/packed_view.h"
@@ -69,9 +71,16 @@ PackedView view_of(const StoreArrays& s, int64_t format, int64_t in_features,
 // F.linear's result.
 bool all_finite(const at::Tensor& t) {
   const float* p = t.const_data_ptr<float>();
-  bool finite = true;
-  for (int64_t i = 0, n = t.numel(); i < n; ++i) finite &= std::isfinite(p[i]);
-  return finite;
+  // An exponent of all ones is an infinity or a NaN. Integer tests on the bits, with no early
+  // exit, so the loop vectorizes (std::isfinite's did not: 5x slower).
+  constexpr uint32_t kExponent = 0x7f800000u;
+  uint32_t special = 0;
+  for (int64_t i = 0, n = t.numel(); i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, p + i, sizeof bits);
+    special |= static_cast<uint32_t>((bits & kExponent) == kExponent);
+  }
+  return special == 0;
 }
 
 at::Tensor spatial_linear(const at::Tensor& x_in, const std::optional<at::Tensor>& weight,

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <stdexcept>
@@ -70,7 +71,7 @@ TEST(InferencePack, SumsOfIntegerProductsAreExact) {
       std::vector<float> x(static_cast<size_t>(batch * in));
       for (auto& v : x) v = normal(rng);
       InferencePack::Rows rows;
-      pack.quantize(x.data(), batch, in, rows, isa);
+      ASSERT_TRUE(pack.quantize(x.data(), batch, in, rows, isa));
       std::vector<float> y(static_cast<size_t>(batch * out), -1.0f), bias(static_cast<size_t>(out));
       for (int64_t s = 0; s < out; ++s) bias[s] = 0.25f * static_cast<float>(s) - 3.0f;
       pack.linear_groups(0, pack.groups(), rows, bias.data(), y.data(), out, isa);
@@ -113,6 +114,34 @@ TEST(InferencePack, SumsOfIntegerProductsAreExact) {
 // Even neurons hold the first half of the regions, odd ones the second: in index order every
 // group of 16 needs every region, gathered by what they hold each group needs half. The pack
 // gathers them, and every neuron's output still lands in its own column.
+// A NaN or an infinity anywhere, in a whole vector of a region or in its tail (150 inputs
+// in regions of 8, 64 and 128: tails of AVX2's 8 lanes and AVX-512's 16), makes quantize
+// refuse the rows; finite extremes do not.
+TEST(InferencePack, QuantizeRefusesNonFiniteInputs) {
+  const int64_t batch = 3, in = 150;
+  const float specials[] = {std::nanf(""), INFINITY, -INFINITY};
+  for (const InferencePack::Isa isa : isas()) {
+    for (int region_bits : {3, 6, 7}) {
+      const InferencePack pack(random_memory(5, in, 4, region_bits, 1).view());
+      std::vector<float> x(static_cast<size_t>(batch * in), 0.5f);
+      x[7] = std::numeric_limits<float>::max();
+      x[8] = -std::numeric_limits<float>::max();
+      InferencePack::Rows rows;
+      EXPECT_TRUE(pack.quantize(x.data(), batch, in, rows, isa));
+      for (const float special : specials) {
+        for (int64_t at : {int64_t{0}, int64_t{17}, int64_t{63}, int64_t{127}, in + 140,
+                           batch * in - 1}) {
+          std::vector<float> bad = x;
+          bad[static_cast<size_t>(at)] = special;
+          EXPECT_FALSE(pack.quantize(bad.data(), batch, in, rows, isa))
+              << InferencePack::isa_name(isa) << " region_bits " << region_bits << " at " << at
+              << " value " << special;
+        }
+      }
+    }
+  }
+}
+
 TEST(InferencePack, GathersNeuronsThatShareRegions) {
   if (!InferencePack::cpu_supported()) GTEST_SKIP() << "no AVX2 or AVX-512 VNNI on this CPU";
   const int64_t out = 64, in = 64, regions = 8;  // regions of 8 inputs
@@ -139,7 +168,7 @@ TEST(InferencePack, GathersNeuronsThatShareRegions) {
     std::vector<float> x(static_cast<size_t>(in), 0.0f);
     x[i] = 1.0f;
     InferencePack::Rows rows;
-    pack.quantize(x.data(), 1, in, rows);
+    ASSERT_TRUE(pack.quantize(x.data(), 1, in, rows));
     std::vector<float> y(static_cast<size_t>(out));
     pack.linear_groups(0, pack.groups(), rows, nullptr, y.data(), out);
     for (int64_t s = 0; s < out; ++s) {
