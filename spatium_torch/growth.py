@@ -309,6 +309,7 @@ class GrowthController:
         self._input_handle = model.register_forward_pre_hook(self._record_input, with_kwargs=True)
         self._last_input: tuple[tuple, dict] | None = None
         self._resizes_checked = False
+        self._warned_saturated: set[str] = set()
         for link in self.links:
             self._measure_activity(link)
         if grow_every is not None:
@@ -491,19 +492,31 @@ class GrowthController:
                 "mode='fresh'",
                 stacklevel=3,
             )
+        self._warn_if_all_saturated(link, stacklevel=4)
+
+    def _warn_if_all_saturated(self, link: Link, stacklevel: int) -> None:
+        """Warns, once per layer, when growth on saturation has become unconditional for it:
+        every neuron saturated, at construction (a dense layer) or later (a sparse layer whose
+        memory growth filled its fan-in)."""
+        if self.grow_when != "saturated" or link.name in self._warned_saturated:
+            return
+        layer = link.layer
         threshold = (
             layer.growth_threshold if self.growth_threshold is None else self.growth_threshold
         )
-        saturated = bool((layer.saturation() > threshold).all())
-        if self.grow_when == "saturated" and saturated:
-            warnings.warn(
-                f"GrowthController: every neuron of SpatialLayer {link.name!r} is saturated "
-                f"(saturation > growth_threshold {threshold}): each growth event will split "
-                "max_split_fraction of it until max_neurons, whatever the loss does. Saturation "
-                "is the share of the fan-in a neuron's blocks cover, always 1 at density 1; use "
-                "a sparse layer with rewiring, or a higher growth_threshold",
-                stacklevel=3,
-            )
+        if not bool((layer.saturation() > threshold).all()):
+            return
+        self._warned_saturated.add(link.name)
+        when = "is" if self.steps == 0 else f"has become, at step {self.steps},"
+        warnings.warn(
+            f"GrowthController: every neuron of SpatialLayer {link.name!r} {when} saturated "
+            f"(saturation > growth_threshold {threshold}): each growth event will split "
+            "max_split_fraction of it until max_neurons, whatever the loss does. Saturation "
+            "is the share of the fan-in a neuron's blocks cover, always 1 at density 1 and "
+            "reached by a sparse layer once memory growth fills its fan-in; use a sparser "
+            "layer, a higher growth_threshold, a lower max_neurons, or grow_when='plateau'",
+            stacklevel=stacklevel,
+        )
 
     def _average_over_ranks(self, *tensors: torch.Tensor | None) -> None:
         """Under torch.distributed, replaces each tensor by its mean over the ranks, in place."""
@@ -626,6 +639,8 @@ class GrowthController:
             generator = torch.Generator().manual_seed(draw % 2**63)
         # A plateau decided that the model grows: any neuron with blocks may split.
         plateau = scheduled and isinstance(self.grow_when, Plateau)
+        if scheduled:
+            self._warn_if_all_saturated(link, stacklevel=1)
         change, stage = link.layer.plan_growth(
             self.mode,
             self.perturbation,

@@ -561,6 +561,26 @@ def test_growth_settings_that_cannot_do_what_they_say_warn():
         st.GrowthController(sparse, torch.optim.SGD(sparse.parameters(), lr=0.1), grow_every=10)
 
 
+def test_growth_warns_once_when_a_layer_becomes_saturated():
+    # A sparse layer starts unsaturated (no warning); once every neuron is saturated, growth
+    # on saturation no longer depends on anything: the controller says so, once.
+    torch.manual_seed(0)
+    model = nn.Sequential(sparse_layer(), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, target = torch.randn(16, 64), torch.randn(16, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        st.GrowthController(model, optimizer, grow_every=1, max_neurons=64)
+        step(model, optimizer, x, target)
+    model[0].growth_threshold = 0.3  # under every neuron's saturation, 3 of 8 regions
+    with pytest.warns(UserWarning, match="SpatialLayer '0' has become, at step 2, saturated"):
+        step(model, optimizer, x, target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step(model, optimizer, x, target)
+    assert model[0].out_features > 8
+
+
 def test_controller_bad_settings():
     model = nn.Sequential(sparse_layer(), nn.ReLU(), nn.Linear(8, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
