@@ -21,15 +21,8 @@ namespace {
 constexpr int64_t kWeightsPerTask = int64_t{1} << 15;
 
 struct PackHolder : torch::CustomClassHolder {
-  explicit PackHolder(InferencePack p) : pack(std::move(p)) {
-    const std::vector<int64_t>& order = pack.neuron_order();
-    if (order.empty()) return;
-    slot_of_neuron = at::empty({pack.out_features()}, at::kLong);
-    int64_t* slot = slot_of_neuron.mutable_data_ptr<int64_t>();
-    for (int64_t s = 0; s < pack.out_features(); ++s) slot[order[s]] = s;
-  }
+  explicit PackHolder(InferencePack p) : pack(std::move(p)) {}
   InferencePack pack;
-  at::Tensor slot_of_neuron;  // where the kernels put each neuron's output; undefined: in place
 
   // x W^T + bias for a float32 [batch, in_features] x, activations quantized to int8; nullopt
   // for an input holding NaN or an infinity (the float path gives F.linear's result there).
@@ -53,14 +46,8 @@ struct PackHolder : torch::CustomClassHolder {
     }
     at::Tensor y = at::empty({batch, pack.out_features()}, x.options());
     if (batch > 0) {
-      // The kernels start each sum from the bias, in their slot order.
-      at::Tensor slot_bias;
-      if (bias.has_value()) {
-        slot_bias = slot_of_neuron.defined()
-                        ? at::empty_like(*bias).index_copy_(0, slot_of_neuron, *bias)
-                        : bias->contiguous();
-      }
-      const float* bias_data = slot_bias.defined() ? slot_bias.const_data_ptr<float>() : nullptr;
+      const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+      const float* bias_data = b.defined() ? b.const_data_ptr<float>() : nullptr;
       float* out = y.mutable_data_ptr<float>();
       const int64_t per_group = InferencePack::kGroup * pack.in_features() * batch;
       const int64_t grain = std::max<int64_t>(1, kWeightsPerTask / std::max<int64_t>(per_group, 1));
@@ -68,7 +55,6 @@ struct PackHolder : torch::CustomClassHolder {
         pack.linear_groups(g0, g1, rows, bias_data, out, pack.out_features());
       });
     }
-    if (slot_of_neuron.defined()) y = y.index_select(1, slot_of_neuron);
     return y;
   }
 };

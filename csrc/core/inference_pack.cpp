@@ -40,17 +40,31 @@ struct Panels {
   const uint16_t* scales;
   const int64_t* panel_chunks;
   const uint8_t* codes;
-  const float* bias;  // in slot order; null: none
+  const int32_t* order;  // the neuron of each slot; null: slot s holds neuron s
+  const float* bias;     // per neuron; null: none
   int64_t out_features;
   int64_t regions;
+  int64_t lanes(int64_t g) const {  // slots of group g that hold a neuron
+    return std::min<int64_t>(InferencePack::kGroup, out_features - g * InferencePack::kGroup);
+  }
 };
 
 // The bias of group g's 16 slots (0 past the last neuron, or without a bias).
 inline void group_bias(const Panels& p, int64_t g, float* out) {
   const int64_t n0 = g * InferencePack::kGroup;
-  const int64_t lanes = std::min<int64_t>(InferencePack::kGroup, p.out_features - n0);
   std::fill(out, out + InferencePack::kGroup, 0.0f);
-  if (p.bias != nullptr) std::copy(p.bias + n0, p.bias + n0 + lanes, out);
+  if (p.bias == nullptr) return;
+  for (int64_t k = 0; k < p.lanes(g); ++k) out[k] = p.bias[p.order ? p.order[n0 + k] : n0 + k];
+}
+
+// Writes group g's 16 slot values to their neurons' places in an output row.
+inline void store_group(const Panels& p, int64_t g, const float* values, float* row) {
+  const int64_t n0 = g * InferencePack::kGroup;
+  if (p.order == nullptr) {
+    std::memcpy(row + n0, values, static_cast<size_t>(p.lanes(g)) * sizeof(float));
+    return;
+  }
+  for (int64_t k = 0; k < p.lanes(g); ++k) row[p.order[n0 + k]] = values[k];
 }
 
 // Rows the register tile holds: R int32 sums and R float accumulators, 16 lanes each.
@@ -152,6 +166,17 @@ SPATIUM_VNNI inline __m512 scaled(__m512 acc, __m512i sums, __m512 scale,
   return _mm512_fmadd_ps(scale, sum, acc);
 }
 
+// store_group from a register: a masked store, or a scatter to the neurons' places.
+SPATIUM_VNNI inline void store_group_512(const Panels& p, int64_t g, __m512 values, float* row) {
+  const int64_t n0 = g * InferencePack::kGroup;
+  const auto mask = static_cast<__mmask16>((1u << p.lanes(g)) - 1u);
+  if (p.order == nullptr) {
+    _mm512_mask_storeu_ps(row + n0, mask, values);
+  } else {
+    _mm512_mask_i32scatter_ps(row, mask, _mm512_maskz_loadu_epi32(mask, p.order + n0), values, 4);
+  }
+}
+
 SPATIUM_VNNI inline __m512 panel_scales(const Panels& p, int64_t panel) {
   return _mm512_cvtph_ps(
       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.scales + panel * InferencePack::kGroup)));
@@ -200,10 +225,7 @@ SPATIUM_VNNI void group_rows(const Panels& p, int64_t g, const InferencePack::Ro
     const __m512 scale = panel_scales(p, panel);
     for (int b = 0; b < R; ++b) acc[b] = scaled(acc[b], sums[b], scale, rows, (b0 + b) * p.regions + r);
   }
-  const int64_t n0 = g * InferencePack::kGroup;
-  const int64_t lanes = std::min<int64_t>(InferencePack::kGroup, p.out_features - n0);
-  const auto mask = static_cast<__mmask16>((1u << lanes) - 1u);
-  for (int b = 0; b < R; ++b) _mm512_mask_storeu_ps(y + (b0 + b) * ldy + n0, mask, acc[b]);
+  for (int b = 0; b < R; ++b) store_group_512(p, g, acc[b], y + (b0 + b) * ldy);
 }
 
 // run(std::integral_constant<int, R>, b) for rows [b, b + R) of a batch: whole tiles of
@@ -329,9 +351,6 @@ SPATIUM_AMX void amx_groups(const Panels& p, int64_t g0, int64_t g1,
   for (int64_t g = g0; g < g1; ++g) {
     unpack_group<Bits>(p, g, tiles, std::make_integer_sequence<int, 8 / Bits>{});
     const int64_t first = p.group_begin[g], last = p.group_begin[g + 1];
-    const int64_t n0 = g * InferencePack::kGroup;
-    const int64_t lanes = std::min<int64_t>(InferencePack::kGroup, p.out_features - n0);
-    const auto mask = static_cast<__mmask16>((1u << lanes) - 1u);
     alignas(64) float bias[InferencePack::kGroup];
     group_bias(p, g, bias);
     for (int64_t b0 = 0; b0 < rows.batch; b0 += kAmxRows) {
@@ -355,7 +374,7 @@ SPATIUM_AMX void amx_groups(const Panels& p, int64_t g0, int64_t g1,
         scale_panel(acc, (last - first) % 2 == 1 ? sums : sums + slot, p, last - 1, rows, b0);
       }
       for (int64_t b = 0; b < std::min(kAmxRows, rows.batch - b0); ++b) {
-        _mm512_mask_storeu_ps(y + (b0 + b) * ldy + n0, mask, acc[b]);
+        store_group_512(p, g, acc[b], y + (b0 + b) * ldy);
       }
     }
   }
@@ -514,13 +533,11 @@ SPATIUM_AVX2 void group_rows_avx2(const Panels& p, int64_t g, const InferencePac
       }
     }
   }
-  const int64_t n0 = g * InferencePack::kGroup;
-  const int64_t lanes = std::min<int64_t>(InferencePack::kGroup, p.out_features - n0);
   for (int b = 0; b < R; ++b) {
     alignas(32) float out[InferencePack::kGroup];
     _mm256_store_ps(out, acc[b][0]);
     _mm256_store_ps(out + 8, acc[b][1]);
-    std::memcpy(y + (b0 + b) * ldy + n0, out, static_cast<size_t>(lanes) * sizeof(float));
+    store_group(p, g, out, y + (b0 + b) * ldy);
   }
 }
 
@@ -672,13 +689,18 @@ InferencePack::InferencePack(const PackedView& v)
     largest = std::max(largest, size);
     padded_begin_.push_back(padded_begin_.back() + (size + chunk - 1) / chunk * chunk);
   }
+  if (out_features_ > INT32_MAX) {
+    throw std::invalid_argument("InferencePack: " + std::to_string(out_features_) +
+                                " neurons; the kernels index at most 2^31 - 1");
+  }
   // Each int32 lane sums stored value x |q| <= (2^bits - 1) x 127 over a region.
   if (largest * ((int64_t{1} << bits_) - 1) * 127 > INT32_MAX) {
     throw std::invalid_argument("InferencePack: a region of " + std::to_string(largest) +
                                 " inputs could overflow the int32 sums at " +
                                 std::to_string(bits_) + " bits");
   }
-  order_ = grouped_order(v);
+  const std::vector<int64_t> order = grouped_order(v);
+  order_.assign(order.begin(), order.end());  // fits: out_features <= INT32_MAX, checked above
   const auto neuron_in = [this](int64_t slot) { return order_.empty() ? slot : order_[slot]; };
   std::vector<int64_t> panel_of(static_cast<size_t>(regions), -1);
   std::vector<char> held(static_cast<size_t>(regions));
@@ -721,8 +743,9 @@ InferencePack::InferencePack(const PackedView& v)
 int64_t InferencePack::bytes() const {
   return static_cast<int64_t>(codes_.size() + scales_.size() * sizeof(uint16_t) +
                               panel_region_.size() * sizeof(int32_t) +
+                              order_.size() * sizeof(int32_t) +
                               (panel_chunks_.size() + group_begin_.size() + padded_begin_.size() +
-                               region_begin_.size() + order_.size()) *
+                               region_begin_.size()) *
                                   sizeof(int64_t));
 }
 
@@ -765,9 +788,15 @@ void InferencePack::linear_groups(int64_t g0, int64_t g1, const Rows& rows, cons
                                   float* y, int64_t ldy, Isa isa) const {
 #if defined(__x86_64__)
   check_isa(isa);
-  const Panels p{padded_begin_.data(),  group_begin_.data(), panel_region_.data(),
-                 scales_.data(),        panel_chunks_.data(), codes_.data(),
-                 bias,                  out_features_,
+  const Panels p{padded_begin_.data(),
+                 group_begin_.data(),
+                 panel_region_.data(),
+                 scales_.data(),
+                 panel_chunks_.data(),
+                 codes_.data(),
+                 order_.empty() ? nullptr : order_.data(),
+                 bias,
+                 out_features_,
                  static_cast<int64_t>(region_begin_.size()) - 1};
   if (isa == Isa::kAvx2) {
     switch (bits_) {

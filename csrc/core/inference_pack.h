@@ -5,7 +5,8 @@
 // Neurons go in groups of 16 slots, one int32 lane each. A group keeps one panel per region that
 // any of its neurons holds (the union of their blocks; a neuron without the block gets scale 0).
 // Slot s holds neuron s, or for sparse layouts where that pays, the neuron neuron_order()[s]:
-// neurons gathered so that each group's union of regions stays small.
+// neurons gathered so that each group's union of regions stays small; the kernels write each
+// slot's output to its neuron's place (a scatter), so callers see neuron order.
 // A panel holds the 16 neurons' fp16 scales and their stored codes in 64-byte chunks: byte
 // 4m + j of a chunk is neuron m's, and its bit plane p (bits p*b .. p*b+b-1) holds the code of
 // input 4p + j of the chunk. So one load feeds every plane's vpdpbusd for all 16 neurons, each
@@ -55,7 +56,7 @@ class InferencePack {
 
   // Re-lays the memory `v` views (a copy: the view's arrays may go away after). Throws
   // std::invalid_argument for a memory whose int32 sums could overflow (a region of more than
-  // 66,311 inputs at 8 bits, 1.1 million at 4).
+  // 66,311 inputs at 8 bits, 1.1 million at 4), or of more than 2^31 - 1 neurons.
   explicit InferencePack(const PackedView& v);
 
   int64_t in_features() const { return in_features_; }
@@ -65,7 +66,7 @@ class InferencePack {
   // Bytes the forward reads: codes, scales, the panel index and the neuron order.
   int64_t bytes() const;
   // The neuron each slot holds; empty when slot s holds neuron s.
-  const std::vector<int64_t>& neuron_order() const { return order_; }
+  const std::vector<int32_t>& neuron_order() const { return order_; }
 
   // Activations of `batch` rows quantized for the kernels.
   struct Rows {
@@ -83,11 +84,12 @@ class InferencePack {
   // Throws std::invalid_argument for an isa this CPU lacks.
   [[nodiscard]] bool quantize(const float* x, int64_t batch, int64_t ldx, Rows& rows,
                               Isa isa = best_isa()) const;
-  // y[b * ldy + s] = bias[s] + sum_i w[n][i] x[b][i] for the slots s of groups [g0, g1) and
-  // the neuron n each holds (see neuron_order), every row: the sums of products with the
-  // quantized rows, started from the bias (in slot order; null: none). With kAvx512Vnni: AMX
-  // tiles for batches of 8 rows or more where the CPU and OS allow AMX-INT8, VNNI otherwise.
-  // Throws std::invalid_argument for an isa this CPU lacks.
+  // y[b * ldy + n] = bias[n] + sum_i w[n][i] x[b][i] for the neurons n that groups [g0, g1)
+  // hold (see neuron_order), every row: the sums of products with the quantized rows, started
+  // from the bias (null: none). Each group writes its neurons' places of y and reads their
+  // bias entries, so groups run in parallel. With kAvx512Vnni: AMX tiles for batches of 8 rows
+  // or more where the CPU and OS allow AMX-INT8, VNNI otherwise. Throws
+  // std::invalid_argument for an isa this CPU lacks.
   void linear_groups(int64_t g0, int64_t g1, const Rows& rows, const float* bias, float* y,
                      int64_t ldy, Isa isa = best_isa()) const;
 
@@ -96,7 +98,7 @@ class InferencePack {
   int format_ = 0;  // the store's code format
   int64_t in_features_ = 0;
   int64_t out_features_ = 0;
-  std::vector<int64_t> order_;         // [neurons] the neuron of each slot, or empty
+  std::vector<int32_t> order_;         // [neurons] the neuron of each slot, or empty
   std::vector<int64_t> region_begin_;  // [regions + 1] the memory's
   std::vector<int64_t> padded_begin_;  // [regions + 1] where each region starts in a Rows row
   std::vector<int64_t> group_begin_;   // [groups + 1] first panel of each group

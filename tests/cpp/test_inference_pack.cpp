@@ -90,16 +90,14 @@ TEST(InferencePack, SumsOfIntegerProductsAreExact) {
             rounded[i] = std::nearbyint(x[b * in + i] * inverse) * static_cast<double>(scale);
           }
         }
-        const std::vector<int64_t>& order = pack.neuron_order();
-        for (int64_t slot = 0; slot < out; ++slot) {
-          const int64_t n = order.empty() ? slot : order[slot];
-          double expected = bias[slot], magnitude = std::fabs(bias[slot]);
+        for (int64_t n = 0; n < out; ++n) {  // outputs and bias in neuron order, whatever the slots
+          double expected = bias[n], magnitude = std::fabs(bias[n]);
           for (int64_t i = 0; i < in; ++i) {
             expected += static_cast<double>(dense[n * in + i]) * rounded[i];
             magnitude += std::fabs(static_cast<double>(dense[n * in + i]) * rounded[i]);
           }
           // float32 scale products and accumulation across blocks
-          ASSERT_NEAR(y[b * out + slot], expected, 1e-5 * magnitude + 1e-7)
+          ASSERT_NEAR(y[b * out + n], expected, 1e-5 * magnitude + 1e-7)
               << InferencePack::isa_name(isa) << " bits " << bits << " region_bits "
               << region_bits << " batch " << batch
               << " row " << b << " neuron " << n;
@@ -150,29 +148,35 @@ TEST(InferencePack, GathersNeuronsThatShareRegions) {
       out, in, 4, 3, [](int64_t n, int64_t r) { return (r < regions / 2) == (n % 2 == 0); }, rng);
   ASSERT_EQ(m.num_regions(), regions);
   const InferencePack pack(m.view());
-  const std::vector<int64_t>& order = pack.neuron_order();
+  const std::vector<int32_t>& order = pack.neuron_order();
   ASSERT_EQ(static_cast<int64_t>(order.size()), out);
   for (int64_t s = 0; s < out; ++s) {  // each group all even or all odd
     EXPECT_EQ(order[s] % 2, order[s / InferencePack::kGroup * InferencePack::kGroup] % 2) << s;
   }
-  std::vector<int64_t> sorted = order;
+  std::vector<int32_t> sorted = order;
   std::sort(sorted.begin(), sorted.end());
   for (int64_t n = 0; n < out; ++n) ASSERT_EQ(sorted[n], n);  // a permutation
   // Half the panels of the index order: a panel is 16 scales and one 64-byte chunk here.
   const int64_t panels = out / InferencePack::kGroup * (regions / 2);
-  EXPECT_EQ(pack.bytes(), panels * (64 + 16 * 2 + 4) +
-                              (panels + 1 + out / 16 + 1 + 2 * (regions + 1) + out) * 8);
-  // A one-hot input on input i gives each neuron holding i its weight there, the others 0.
+  EXPECT_EQ(pack.bytes(), panels * (64 + 16 * 2 + 4) + out * 4 +
+                              (panels + 1 + out / 16 + 1 + 2 * (regions + 1)) * 8);
+  // A one-hot input on input i gives each neuron holding i its weight there, the others 0, plus
+  // its bias: the kernels read the bias and write the outputs at the neurons' places.
+  std::vector<float> bias(static_cast<size_t>(out));
+  for (int64_t n = 0; n < out; ++n) bias[n] = 0.5f * static_cast<float>(n);
   const std::vector<float> dense = kernel_weights(m);
   for (int64_t i : {0, 40}) {
     std::vector<float> x(static_cast<size_t>(in), 0.0f);
     x[i] = 1.0f;
     InferencePack::Rows rows;
     ASSERT_TRUE(pack.quantize(x.data(), 1, in, rows));
-    std::vector<float> y(static_cast<size_t>(out));
-    pack.linear_groups(0, pack.groups(), rows, nullptr, y.data(), out);
-    for (int64_t s = 0; s < out; ++s) {
-      EXPECT_FLOAT_EQ(y[s], dense[order[s] * in + i]) << "input " << i << " slot " << s;
+    for (const InferencePack::Isa isa : isas()) {
+      std::vector<float> y(static_cast<size_t>(out));
+      pack.linear_groups(0, pack.groups(), rows, bias.data(), y.data(), out, isa);
+      for (int64_t n = 0; n < out; ++n) {
+        EXPECT_FLOAT_EQ(y[n], bias[n] + dense[n * in + i])
+            << InferencePack::isa_name(isa) << " input " << i << " neuron " << n;
+      }
     }
   }
 }
