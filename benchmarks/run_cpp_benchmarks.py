@@ -62,6 +62,9 @@ NOTES = """\
   loop: `integer_forward_*` on the best kernels this CPU runs (AVX-512 VNNI; AMX-INT8 from 8
   rows where allowed), `integer_forward_avx2_*` on the AVX2 kernels that CPUs without VNNI run
   (same outputs); ns per call, the float kernels' batch-1 figure is `layer_forward_1024x1024`.
+  `vnni_peak`: independent chains of nothing but `vpdpbusd`, the VNNI unit's rate on this host:
+  ns per call of 786,432 of them (50.3 M multiply-adds; `integer_forward_*` calls do batch x
+  1024 x 1024), so the kernels' multiply-adds a second over its are their efficiency.
 - Activation maps (`csrc/core/activation_kernels.cpp`): `switch_backward_64x256/*` is a
   learnable map's backward over a batch of 64 samples x 256 neurons (every function's value per
   element, the switch gains; `mixed`: any of the 12 functions per element, `relu`: relu

@@ -7,6 +7,10 @@
 #include <random>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "core/cpu_features.h"
 #include "core/inference_pack.h"
 #include "core/spatial_memory.h"
@@ -79,6 +83,45 @@ void BM_IntegerForward(benchmark::State& state, InferencePack::Isa isa) {
   report_calls(state, batch * out * in);
 }
 
+#if defined(__x86_64__)
+// What the VNNI unit does with nothing else to do: independent chains of vpdpbusd, more than
+// its latency covers, so one issues every cycle the unit allows. The integer kernels' rate over
+// this is their efficiency; an empty asm keeps each sum in its register and the loop as written.
+[[gnu::target("avx512f,avx512bw,avx512vnni")]] int64_t vnni_products(int64_t repeats) {
+  constexpr int kChains = 12;
+  __m512i sums[kChains];  // every loop over it unrolled, so the sums live in registers
+#pragma GCC unroll 12
+  for (int c = 0; c < kChains; ++c) sums[c] = _mm512_set1_epi32(c);
+  const __m512i codes = _mm512_set1_epi8(3), activations = _mm512_set1_epi8(-2);
+  for (int64_t i = 0; i < repeats; ++i) {
+#pragma GCC unroll 12
+    for (int c = 0; c < kChains; ++c) {
+      sums[c] = _mm512_dpbusd_epi32(sums[c], codes, activations);
+      __asm__ volatile("" : "+v"(sums[c]));
+    }
+  }
+  int64_t total = 0;
+#pragma GCC unroll 12
+  for (int c = 0; c < kChains; ++c) total += _mm512_reduce_add_epi32(sums[c]);
+  return total;
+}
+#endif
+
+// Items are multiply-adds (64 a vpdpbusd), 50.3 million a call.
+void BM_VnniPeak(benchmark::State& state) {
+  constexpr int64_t kRepeats = 1 << 16, kProducts = 12 * 64;
+#if defined(__x86_64__)
+  if (!cpu::features().avx512_vnni) {
+    state.SkipWithError("this CPU has no AVX-512 VNNI");
+    return;
+  }
+  for (auto _ : state) benchmark::DoNotOptimize(vnni_products(kRepeats));
+  report_calls(state, kRepeats * kProducts);
+#else
+  state.SkipWithError("x86-64 only");
+#endif
+}
+
 void BM_Requantize(benchmark::State& state) {
   const int bits = static_cast<int>(state.range(0));
   const int64_t out = state.range(1), in = state.range(2);
@@ -114,6 +157,7 @@ BENCHMARK_CAPTURE(BM_IntegerForward, avx2, InferencePack::Isa::kAvx2)
 BENCHMARK_CAPTURE(BM_IntegerForward, avx2, InferencePack::Isa::kAvx2)
     ->Name("integer_forward_avx2_1024x1024_batch32")
     ->Apply([](auto* b) { for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 32}); });
+BENCHMARK(BM_VnniPeak)->Name("vnni_peak");
 BENCHMARK(BM_Requantize)->Name("requantize_1024x1024")->Apply([](auto* b) {
   bit_widths(b, 1024, 1024);
 });
