@@ -50,16 +50,21 @@ SETUP = (
     f"growth checks every 100 steps, pruning every 200, memory growth every 25, max_neurons "
     f"{CAP}. Then the fixed model of the widths it ended at trains the same steps from scratch "
     "(memory growth every 25 too) with the same seed. A tenth of the training set is held out "
-    "(the plateau criterion's closure measures its loss); every model trains on the rest. "
+    "(the loss criteria's closures measure its loss or error); every model trains on the rest. "
     "Bytes: the frozen model's store and biases. FLOPs: 6 per weight and sample over the run."
 )
 SCHEDULE = dict(grow_every=100, prune_every=200, rewire_every=25, max_neurons=CAP)
-# (label, controller settings beyond SCHEDULE; "held_out" gives a closure on the held-out data)
+# (label, controller settings beyond SCHEDULE; "held_out" gives a closure on the held-out
+# data: "loss" its cross-entropy, "error" its error rate)
 MODES = (
     ("duplicate", dict(mode="duplicate")),
     ("partition", dict(mode="partition")),
     ("fresh (default)", dict(mode="fresh")),
-    ("fresh, plateau of held-out loss", dict(mode="fresh", grow_when="plateau", held_out=True)),
+    ("fresh, plateau of held-out loss", dict(mode="fresh", grow_when="plateau", held_out="loss")),
+    (
+        "fresh, while held-out error improves",
+        dict(mode="fresh", grow_when="progress", held_out="error"),
+    ),
 )
 
 
@@ -96,9 +101,12 @@ def train(
     model = mlp(data, widths)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     settings = dict(settings)
-    if settings.pop("held_out", False):
-        x_held, y_held = held_out
+    x_held, y_held = held_out
+    measure = settings.pop("held_out", None)
+    if measure == "loss":
         settings["closure"] = lambda: F.cross_entropy(model(x_held), y_held)
+    elif measure == "error":
+        settings["closure"] = lambda: (model(x_held).argmax(1) != y_held).float().mean()
     controller = st.GrowthController(model, optimizer, **settings)
     generator = torch.Generator().manual_seed(seed)
     flops = 0.0
@@ -153,12 +161,21 @@ def widths_experiment(name: str, seeds: range, report: Callable[[str], None]) ->
 
 
 CAPACITY_WIDTHS = (64, 128, 256, 512)
-CAPACITY_CAPS = (256, 512, 2048)
+# (label, controller settings beyond SCHEDULE)
+CAPACITY_RUNS = (
+    ("default, max_neurons 256", dict(max_neurons=256)),
+    ("default, max_neurons 512", dict(max_neurons=512)),
+    ("default, max_neurons 2048", dict(max_neurons=2048)),
+    (
+        "while held-out error improves, max_neurons 2048",
+        dict(max_neurons=2048, grow_when="progress", held_out="error"),
+    ),
+)
 CAPACITY_SEEDS = range(3)
 
 
 def capacity_experiment(name: str, report: Callable[[str], None]) -> str:
-    """One row: fixed models of CAPACITY_WIDTHS and the default controller under each cap."""
+    """One row: fixed models of CAPACITY_WIDTHS and the controllers of CAPACITY_RUNS."""
     data, held_out = split_held_out(load_data(name))
     cells = []
     for width in CAPACITY_WIDTHS:
@@ -167,8 +184,8 @@ def capacity_experiment(name: str, report: Callable[[str], None]) -> str:
         ]
         cells.append(f"{100 * mean([r[0] for r in runs]):.1f}%")
         report(f"{name} fixed {width}-{width}: {cells[-1]}")
-    for cap in CAPACITY_CAPS:
-        settings = {**SCHEDULE, "max_neurons": cap}
+    for label, extra in CAPACITY_RUNS:
+        settings = {**SCHEDULE, **extra}
         grown = [train(data, held_out, [START, START], s, settings) for s in CAPACITY_SEEDS]
         fixed = [
             train(data, held_out, g[1], s, {"rewire_every": 25})
@@ -179,7 +196,7 @@ def capacity_experiment(name: str, report: Callable[[str], None]) -> str:
             f"{widths}: {100 * mean([g[0] for g in grown]):.1f}% "
             f"({100 * mean([f[0] for f in fixed]):.1f}%)"
         )
-        report(f"{name} grown, max_neurons {cap}: {cells[-1]}")
+        report(f"{name} grown, {label}: {cells[-1]}")
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
@@ -260,16 +277,17 @@ def main() -> None:
             f"Generated on {datetime.date.today()}, {torch.get_num_threads()} thread(s). Seeds "
             f"{seeds}, the setup of the widths experiment above. Fixed models of each width "
             "(both hidden layers), mean test accuracy; then the default controller (fresh "
-            "children, saturation) under each max_neurons: final hidden widths per seed, mean "
-            "test accuracy, and in parentheses the fixed models of those widths trained the "
-            "same steps.",
+            "children, saturation) under each max_neurons, and growth while the held-out error "
+            'improves (`grow_when="progress"`): final hidden widths per seed, mean test '
+            "accuracy, and in parentheses the fixed models of those widths trained the same "
+            "steps.",
             "",
             "| data | "
             + " | ".join(f"fixed {w}-{w}" for w in CAPACITY_WIDTHS)
             + " | "
-            + " | ".join(f"grown, max_neurons {c}" for c in CAPACITY_CAPS)
+            + " | ".join(f"grown, {label}" for label, _ in CAPACITY_RUNS)
             + " |",
-            "|---|" + "---:|" * len(CAPACITY_WIDTHS) + "---|" * len(CAPACITY_CAPS),
+            "|---|" + "---:|" * len(CAPACITY_WIDTHS) + "---|" * len(CAPACITY_RUNS),
         ]
         for name in args.datasets:
             lines.append(capacity_experiment(name, lambda text: print(text, flush=True)))

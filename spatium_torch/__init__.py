@@ -31,7 +31,7 @@ from spatium_torch.memory import LayerMemory, MemoryStats
 from spatium_torch.network import SpatialNetwork
 from spatium_torch.neurons import NeuronChange
 from spatium_torch.ops import built_with_cuda, morton_decode, morton_encode
-from spatium_torch.plateau import Plateau
+from spatium_torch.plateau import Plateau, Progress
 from spatium_torch.portable import PortableLinear, export_onnx, portable
 from spatium_torch.pretrained import from_pretrained
 from spatium_torch.stats import LayerStats, NetworkStats, network_stats
@@ -48,6 +48,7 @@ __all__ = [
     "NetworkStats",
     "NeuronChange",
     "Plateau",
+    "Progress",
     "PortableLinear",
     "TrainingHistory",
     "LayerMemory",

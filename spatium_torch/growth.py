@@ -31,7 +31,7 @@ from spatium_torch.neurons import (
     parameter_like,
     place_children,
 )
-from spatium_torch.plateau import Plateau
+from spatium_torch.plateau import Plateau, Progress
 from spatium_torch.resize import SPLIT_MODES
 from spatium_torch.snapshot import Snapshot
 from spatium_torch.store import read_header
@@ -66,6 +66,25 @@ ELEMENTWISE = (
 # Per-feature modules resized with the layer before them.
 NORMS = (nn.LayerNorm, nn.BatchNorm1d)
 CONSUMERS = (SpatialLayer, nn.Linear)
+# The loss criteria grow_when takes, by name.
+LOSS_CRITERIA: dict[str, type[Plateau] | type[Progress]] = {
+    "plateau": Plateau,
+    "progress": Progress,
+}
+
+
+def _criterion_kind(grow_when: str | Plateau | Progress) -> str | None:
+    """The name of a loss criterion; None for growth on saturation."""
+    for name, kind in LOSS_CRITERIA.items():
+        if isinstance(grow_when, kind):
+            return name
+    return None
+
+
+def _criterion_state(grow_when: str | Plateau | Progress) -> dict[str, Any] | None:
+    """A loss criterion's state as plain values, with its kind; None for saturation."""
+    kind = _criterion_kind(grow_when)
+    return None if kind is None else {"kind": kind, **asdict(grow_when)}
 
 
 @dataclass
@@ -204,12 +223,14 @@ class GrowthController:
             width is refused here. Otherwise the check runs on the last training input at the
             first optimizer step (when growing or pruning) or before the first event.
         grow_when: ``"saturated"``: every ``grow_every`` steps, split the neurons over
-            ``growth_threshold``. ``"plateau"`` or a :class:`Plateau`: every ``grow_every``
-            steps, ask the Plateau with the loss (``closure``'s if given, else the mean of the
-            losses given to :meth:`record_loss` since the last check); it grows only when
-            learning has stalled at this width, splitting up to ``max_split_fraction`` of each
-            layer (any neuron with blocks), and stops for good once a growth did not lower the
-            loss.
+            ``growth_threshold``. A loss criterion, ``"plateau"`` or a :class:`Plateau`,
+            ``"progress"`` or a :class:`Progress`: every ``grow_every`` steps, ask it with the
+            loss (``closure``'s if given, else the mean of the losses given to
+            :meth:`record_loss` since the last check); when it says grow, split up to
+            ``max_split_fraction`` of each layer (any neuron with blocks). A Plateau grows when
+            learning has stalled at this width and stops for good once a growth did not lower
+            the loss; a Progress grows while the loss keeps improving and stops for good once
+            it does not (give it the held-out error).
         seed: seeds the split perturbations (event by event), so that runs and ranks draw the
             same; None: the global generator, or under torch.distributed a seed rank 0 draws
             and shares.
@@ -242,7 +263,7 @@ class GrowthController:
         history_every: int = 10,
         example_input: torch.Tensor | tuple | None = None,
         seed: int | None = None,
-        grow_when: str | Plateau = "saturated",
+        grow_when: str | Plateau | Progress = "saturated",
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
@@ -294,11 +315,12 @@ class GrowthController:
             dist.broadcast_object_list(shared, src=0)
             seed = shared[0]
         self.seed = seed
-        if isinstance(grow_when, str) and grow_when == "plateau":
-            grow_when = Plateau()
-        if not isinstance(grow_when, Plateau) and grow_when != "saturated":
+        if isinstance(grow_when, str) and grow_when in LOSS_CRITERIA:
+            grow_when = LOSS_CRITERIA[grow_when]()
+        if not isinstance(grow_when, (Plateau, Progress)) and grow_when != "saturated":
             raise ValueError(
-                f"grow_when must be 'plateau', 'saturated' or a Plateau, got {grow_when!r}"
+                "grow_when must be 'saturated', 'plateau', 'progress', a Plateau or a Progress, "
+                f"got {grow_when!r}"
             )
         self.grow_when = grow_when
         self._loss_sum, self._loss_count = 0.0, 0
@@ -373,7 +395,7 @@ class GrowthController:
             "last_loss": self.last_loss,
             "resizes_checked": self._resizes_checked,
             "seed": self.seed,
-            "plateau": asdict(self.grow_when) if isinstance(self.grow_when, Plateau) else None,
+            "plateau": _criterion_state(self.grow_when),
             "history": self.history.state_dict(),
             # Measured through this controller's probes; a new controller starts them over.
             "activity": {link.name: link.layer.activity.clone() for link in self.links},
@@ -389,11 +411,12 @@ class GrowthController:
         if missing:
             raise ValueError(f"GrowthController.load_state_dict: the state lacks {missing}")
         saved_plateau = state["plateau"]
-        if (saved_plateau is None) != (not isinstance(self.grow_when, Plateau)):
+        saved_kind = None if saved_plateau is None else saved_plateau.get("kind", "plateau")
+        if saved_kind != _criterion_kind(self.grow_when):
             raise ValueError(
                 "GrowthController.load_state_dict: the state was saved by a controller with "
-                f"grow_when={'a Plateau' if saved_plateau is not None else 'saturated'}, this "
-                f"one has grow_when={self.grow_when!r}"
+                f"grow_when={saved_kind or 'saturated'!r}, this one has "
+                f"grow_when={_criterion_kind(self.grow_when) or 'saturated'!r}"
             )
         widths = {link.name: (link.layer.out_features,) for link in self.links}
         for key in ("activity", "output_mean"):
@@ -403,7 +426,10 @@ class GrowthController:
                     f"GrowthController.load_state_dict: {key} of widths {saved} does not fit "
                     f"the layers, {widths}: load the model's state first (st.load_grown)"
                 )
-        plateau = None if saved_plateau is None else Plateau(**saved_plateau)
+        plateau = None
+        if saved_plateau is not None:
+            fields = {key: value for key, value in saved_plateau.items() if key != "kind"}
+            plateau = LOSS_CRITERIA[saved_kind](**fields)
         history = TrainingHistory.from_state_dict(state["history"])
         with torch.no_grad():
             for link in self.links:
@@ -514,7 +540,8 @@ class GrowthController:
             "max_split_fraction of it until max_neurons, whatever the loss does. Saturation "
             "is the share of the fan-in a neuron's blocks cover, always 1 at density 1 and "
             "reached by a sparse layer once memory growth fills its fan-in; use a sparser "
-            "layer, a higher growth_threshold, a lower max_neurons, or grow_when='plateau'",
+            "layer, a higher growth_threshold, a lower max_neurons, or a loss criterion "
+            "(grow_when='progress' with a held-out error closure)",
             stacklevel=stacklevel,
         )
 
@@ -559,7 +586,7 @@ class GrowthController:
 
     def _plateau_allows_growth(self) -> bool:
         """Whether a scheduled growth check grows (always, with ``grow_when="saturated"``)."""
-        if not isinstance(self.grow_when, Plateau):
+        if _criterion_kind(self.grow_when) is None:
             return True
         if self.closure is not None:
             loss = self._loss()
@@ -567,8 +594,9 @@ class GrowthController:
             loss = self._loss_sum / self._loss_count  # the mean since the last check
         else:
             raise ValueError(
-                "GrowthController: grow_when='plateau' decides from the loss: pass closure= "
-                "(a held-out loss, best) or call controller.record_loss(loss) every step; or "
+                f"GrowthController: grow_when={_criterion_kind(self.grow_when)!r} decides from "
+                "the loss: pass closure= (a held-out loss or error, best) or call "
+                "controller.record_loss(loss) every step; or "
                 "set grow_when='saturated' to split saturated neurons on schedule"
             )
         self._loss_sum, self._loss_count = 0.0, 0
@@ -637,8 +665,8 @@ class GrowthController:
         if self.seed is not None:  # one stream per event and layer
             draw = self.seed + 1_000_003 * self.steps + self.links.index(link)
             generator = torch.Generator().manual_seed(draw % 2**63)
-        # A plateau decided that the model grows: any neuron with blocks may split.
-        plateau = scheduled and isinstance(self.grow_when, Plateau)
+        # A loss criterion decided that the model grows: any neuron with blocks may split.
+        plateau = scheduled and _criterion_kind(self.grow_when) is not None
         if scheduled:
             self._warn_if_all_saturated(link, stacklevel=1)
         change, stage = link.layer.plan_growth(

@@ -1041,6 +1041,51 @@ def test_plateau_grows_when_learning_stalls_and_stops_when_growth_stops_paying()
         st.Plateau().should_grow(float("nan"))
 
 
+def test_progress_grows_while_the_loss_improves_and_stops_when_it_does_not():
+    progress = st.Progress(window=2, min_gain=0.05)
+    decisions = [
+        progress.should_grow(loss)
+        # check 2 grows (the first window); from check 4 on, the best of the last two checks
+        # against the best of the two before: 0.8 -> 0.6, 0.7 -> 0.55, 0.6 -> 0.54 grow;
+        # 0.55 -> 0.53 (under min_gain) does not, and growth stops for good
+        for loss in (0.9, 0.8, 0.7, 0.6, 0.55, 0.54, 0.53, 0.1)
+    ]
+    grew = [i + 1 for i, d in enumerate(decisions) if d]
+    assert grew == [2, 4, 5, 6] and progress.stopped
+    for bad in (
+        dict(window=0), dict(window=1.5), dict(window=True),
+        dict(min_gain=-0.1), dict(min_gain=float("nan")), dict(min_gain=True),
+    ):  # fmt: skip
+        with pytest.raises(ValueError):
+            st.Progress(**bad)
+    with pytest.raises(ValueError, match="finite"):
+        st.Progress().should_grow(float("inf"))
+
+
+def test_a_progress_controller_grows_while_its_closure_improves():
+    torch.manual_seed(0)
+    model = nn.Sequential(sparse_layer(), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    run = {}
+    # A held-out error that falls by 0.1 a check to 0.2, then stays (the closure is also read
+    # around each event, for the log).
+    controller = run["controller"] = st.GrowthController(
+        model, optimizer, grow_every=1, grow_when="progress", max_split_fraction=0.5,
+        cooldown=0, closure=lambda: max(0.2, 0.6 - 0.1 * run["controller"].steps),
+        max_neurons=64,
+    )  # fmt: skip
+    x = torch.rand(4, 64)
+    widths = []
+    for _ in range(8):
+        model(x).sum().backward()
+        optimizer.step()
+        widths.append(model[0].out_features)
+    # check 2 grows, check 4 (best 0.4 -> 0.2) and 5 (0.3 -> 0.2) grow, each by half the
+    # layer; check 6 (0.2 -> 0.2) stops growth for good
+    assert [event.step for event in controller.events] == [2, 4, 5]
+    assert widths == [8, 12, 12, 18, 27, 27, 27, 27] and controller.grow_when.stopped
+
+
 def test_a_plateau_controller_grows_once_then_stops_on_a_flat_loss():
     torch.manual_seed(0)
     model = nn.Sequential(sparse_layer(), nn.ReLU(), nn.Linear(8, 2))
@@ -1066,7 +1111,14 @@ def test_a_plateau_controller_grows_once_then_stops_on_a_flat_loss():
         st.GrowthController(model, optimizer, grow_when="sometimes")
 
 
-def controller_run(steps, resume_at=None, plateau=False):
+LOSS_CRITERIA = {
+    "saturated": lambda: "saturated",
+    "plateau": lambda: st.Plateau(patience=1, tolerance=0.0, min_gain=0.0),
+    "progress": lambda: st.Progress(window=1, min_gain=0.0),
+}
+
+
+def controller_run(steps, resume_at=None, when="saturated"):
     """Trains a small growing model `steps` steps (growth, pruning and rewiring on schedule);
     with `resume_at`, saves model, optimizer and controller there, loads them into freshly
     built ones (through torch.save / torch.load(weights_only=True)) and goes on."""
@@ -1080,10 +1132,10 @@ def controller_run(steps, resume_at=None, plateau=False):
         return model, torch.optim.Adam(model.parameters(), lr=1e-2)
 
     def control(model, optimizer):
-        when = st.Plateau(patience=1, tolerance=0.0, min_gain=0.0) if plateau else "saturated"
         return st.GrowthController(
             model, optimizer, grow_every=4, prune_every=7, rewire_every=3, seed=5,
-            growth_threshold=0.0, prune_threshold=0.3, max_neurons=12, grow_when=when,
+            growth_threshold=0.0, prune_threshold=0.3, max_neurons=12,
+            grow_when=LOSS_CRITERIA[when](),
         )  # fmt: skip
 
     model, optimizer = build()
@@ -1107,10 +1159,10 @@ def controller_run(steps, resume_at=None, plateau=False):
     return model, controller
 
 
-@pytest.mark.parametrize("plateau", [False, True])
-def test_a_resumed_controller_makes_the_same_events_as_an_uninterrupted_one(plateau):
-    straight, straight_controller = controller_run(30, plateau=plateau)
-    resumed, resumed_controller = controller_run(30, resume_at=11, plateau=plateau)
+@pytest.mark.parametrize("when", sorted(LOSS_CRITERIA))
+def test_a_resumed_controller_makes_the_same_events_as_an_uninterrupted_one(when):
+    straight, straight_controller = controller_run(30, when=when)
+    resumed, resumed_controller = controller_run(30, resume_at=11, when=when)
 
     def log(controller):
         return [
@@ -1135,6 +1187,11 @@ def test_a_controller_state_that_does_not_fit_is_refused_whole():
     )
     with pytest.raises(ValueError, match="grow_when"):
         plateau.load_state_dict(state)
+    progress = st.GrowthController(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), grow_when="progress"
+    )
+    with pytest.raises(ValueError, match="grow_when='plateau'"):
+        progress.load_state_dict(plateau.state_dict())
     with pytest.raises(ValueError, match=r"lacks \['steps'\]"):
         controller.load_state_dict({k: v for k, v in state.items() if k != "steps"})
     wider = {**state, "activity": {"0": torch.zeros(5)}}
