@@ -7,6 +7,11 @@ import math
 from dataclasses import dataclass, field
 
 
+def _check_finite(loss: float, criterion: str) -> None:
+    if not math.isfinite(loss):
+        raise ValueError(f"{criterion}: the loss is {loss}; growth decisions need a finite loss")
+
+
 @dataclass
 class Plateau:
     """Decides at each scheduled growth check whether the model should grow, from the loss.
@@ -42,8 +47,7 @@ class Plateau:
 
     def should_grow(self, loss: float) -> bool:
         """Takes the loss measured at this check; True when the model should grow now."""
-        if not math.isfinite(loss):
-            raise ValueError(f"Plateau: the loss is {loss}; growth decisions need a finite loss")
+        _check_finite(loss, "Plateau")
         if self.stopped:
             return False
         if loss < self.best - self.tolerance * abs(self.best) or math.isinf(self.best):
@@ -96,8 +100,7 @@ class Progress:
 
     def should_grow(self, loss: float) -> bool:
         """Takes the loss measured at this check; True when the model should grow now."""
-        if not math.isfinite(loss):
-            raise ValueError(f"Progress: the loss is {loss}; growth decisions need a finite loss")
+        _check_finite(loss, "Progress")
         if self.stopped:
             return False
         self.losses.append(float(loss))
