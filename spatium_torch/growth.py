@@ -317,7 +317,7 @@ class GrowthController:
         self.seed = seed
         if isinstance(grow_when, str) and grow_when in LOSS_CRITERIA:
             grow_when = LOSS_CRITERIA[grow_when]()
-        if not isinstance(grow_when, (Plateau, Progress)) and grow_when != "saturated":
+        if _criterion_kind(grow_when) is None and grow_when != "saturated":
             raise ValueError(
                 "grow_when must be 'saturated', 'plateau', 'progress', a Plateau or a Progress, "
                 f"got {grow_when!r}"
@@ -381,7 +381,7 @@ class GrowthController:
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to go on where this one stopped: the optimizer steps taken
-        (the schedule counts them), the losses recorded since the last check, the plateau's
+        (the schedule counts them), the losses recorded since the last check, the loss criterion's
         state, the seed, the history and the layers' activity as this controller measured it
         (a new controller starts measuring over). Plain values and tensors only, so it can sit
         in a checkpoint read with ``torch.load(weights_only=True)``. The layers' own state
@@ -405,7 +405,7 @@ class GrowthController:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continues from a :meth:`state_dict`: build the controller as before on the resumed
         model and optimizer, then load. All or nothing: a state that does not fit (missing
-        keys, a plateau state where this controller grows on saturation or the other way
+        keys, a loss criterion's state where this controller grows on saturation or the other way
         round) raises ValueError and changes nothing."""
         missing = sorted(set(self.state_dict()) - set(state))
         if missing:
@@ -426,10 +426,10 @@ class GrowthController:
                     f"GrowthController.load_state_dict: {key} of widths {saved} does not fit "
                     f"the layers, {widths}: load the model's state first (st.load_grown)"
                 )
-        plateau = None
+        criterion = None
         if saved_plateau is not None:
             fields = {key: value for key, value in saved_plateau.items() if key != "kind"}
-            plateau = LOSS_CRITERIA[saved_kind](**fields)
+            criterion = LOSS_CRITERIA[saved_kind](**fields)
         history = TrainingHistory.from_state_dict(state["history"])
         with torch.no_grad():
             for link in self.links:
@@ -440,8 +440,8 @@ class GrowthController:
         self.last_loss = state["last_loss"]
         self._resizes_checked = bool(state["resizes_checked"])
         self.seed = state["seed"]
-        if plateau is not None:
-            self.grow_when = plateau
+        if criterion is not None:
+            self.grow_when = criterion
         self.history = history
         # Gradients for the next rewire are collected over the step before it.
         if self.rewire_every and (self.steps + 1) % self.rewire_every == 0:
@@ -666,13 +666,13 @@ class GrowthController:
             draw = self.seed + 1_000_003 * self.steps + self.links.index(link)
             generator = torch.Generator().manual_seed(draw % 2**63)
         # A loss criterion decided that the model grows: any neuron with blocks may split.
-        plateau = scheduled and _criterion_kind(self.grow_when) is not None
+        by_loss = scheduled and _criterion_kind(self.grow_when) is not None
         if scheduled:
             self._warn_if_all_saturated(link, stacklevel=1)
         change, stage = link.layer.plan_growth(
             self.mode,
             self.perturbation,
-            0.0 if plateau else self.growth_threshold,
+            0.0 if by_loss else self.growth_threshold,
             self.max_split_fraction,
             self.cooldown,
             self.max_neurons,

@@ -84,7 +84,7 @@ class Progress:
 
     window: int = 2
     min_gain: float = 0.01
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # the last 2 * window checks
     stopped: bool = False
 
     def __post_init__(self) -> None:
@@ -103,8 +103,10 @@ class Progress:
         _check_finite(loss, "Progress")
         if self.stopped:
             return False
+        window = self.window
         self.losses.append(float(loss))
-        checks, window = len(self.losses), self.window
+        del self.losses[: -2 * window]  # older checks never decide again
+        checks = len(self.losses)
         if checks < 2 * window:
             return checks == window
         recent = min(self.losses[-window:])
