@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace spatium::quant {
@@ -69,18 +71,35 @@ using IntLanes = int32_t __attribute__((vector_size(64)));
 inline constexpr int64_t kLanes = sizeof(Lanes) / sizeof(float);
 inline constexpr int64_t kDoubleLanes = sizeof(DoubleLanes) / sizeof(double);
 
-// Combines the lanes of a vector pairwise (halves, then quarters, ...): a tree of depth
-// log2(lanes) rather than a serial chain through every lane.
+// The lower and upper halves of a vector of 2N lanes, as vectors of N lanes.
+template <class V, class Half, size_t... Lane>
+[[gnu::always_inline]] inline void split_halves(const V& v, Half& low, Half& high,
+                                                std::index_sequence<Lane...>) {
+  low = __builtin_shufflevector(v, v, Lane...);
+  high = __builtin_shufflevector(v, v, (Lane + sizeof...(Lane))...);
+}
+
+// Combines the lanes of a vector pairwise (lane k with lane k + half, then again on the
+// halves): a tree of depth log2(lanes) rather than a serial chain through every lane, in
+// shuffles that stay in registers. Vectors go by reference throughout: by value, a 64-byte
+// vector has an ISA-dependent ABI.
 template <class V, class Combine>
 [[gnu::always_inline]] inline auto combine_lanes(const V& lanes, Combine combine) {
-  V v = lanes;  // (by reference: a 64-byte vector by value has an ISA-dependent ABI)
-  for (int width = static_cast<int>(sizeof(V) / sizeof(v[0])) / 2; width >= 1; width /= 2) {
-    for (int k = 0; k < width; ++k) v[k] = combine(v[k], v[k + width]);
+  using Lane = std::remove_cv_t<std::remove_reference_t<decltype(lanes[0])>>;
+  constexpr size_t count = sizeof(V) / sizeof(Lane);
+  if constexpr (count == 1) {
+    return lanes[0];
+  } else {
+    typedef Lane Half __attribute__((vector_size(sizeof(V) / 2)));
+    Half low, high;
+    split_halves(lanes, low, high, std::make_index_sequence<count / 2>{});
+    combine(low, high);
+    return combine_lanes(low, combine);
   }
-  return v[0];
 }
-inline constexpr auto kAdd = [](auto a, auto b) { return a + b; };
-inline constexpr auto kMax = [](auto a, auto b) { return a > b ? a : b; };
+// Combines b into a, lane by lane.
+inline constexpr auto kAdd = [](auto& a, const auto& b) { a += b; };
+inline constexpr auto kMax = [](auto& a, const auto& b) { a = a > b ? a : b; };
 
 // Adding and subtracting it rounds half to even (in the default rounding mode) for
 // |x| <= 2^51: the vector extensions have no nearbyint. Only -ffast-math could fold it away.
