@@ -81,6 +81,26 @@ def test_custom_input_positions_follow_the_inputs():
     torch.testing.assert_close(moved(x[:, perm]), dense(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_input_that_requires_grad_through_several_panels(threads):
+    # 600 neurons take three panels of at most 256 rows, which run on worker threads; an input
+    # that requires grad once made their products refuse to run there.
+    layer = make_layer(in_features=64, out_features=600)
+    x = torch.randn(8, 64, requires_grad=True)
+    expected_x = x.detach().clone().requires_grad_()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = layer(x)
+        y.square().sum().backward()
+    finally:
+        torch.set_num_threads(before)
+    expected = reference(layer, expected_x)
+    expected.square().sum().backward()
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, expected_x.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_input_gradient_gradcheck_float64():
     layer = make_layer(bits=4, density=0.5).double()
     x = torch.randn(3, 100, dtype=torch.float64, requires_grad=True)

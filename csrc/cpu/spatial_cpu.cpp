@@ -20,7 +20,11 @@
 namespace spatium::cpu {
 namespace {
 
-constexpr int64_t kPanelFloats = int64_t{1} << 16;  // 256 KiB panels: they stay in L2
+// 4 MiB panels (256 rows of 4096): each at::mm packs the whole batch before it multiplies, so
+// a panel must hold enough rows to amortize that (16-row panels of 4096 inputs made the
+// batch-256 forward 1.4x slower than one product on the full matrix); 4 MiB still stays in L3.
+constexpr int64_t kPanelFloats = int64_t{1} << 20;
+constexpr int64_t kMinPanelRows = 8, kMaxPanelRows = 256;
 // Weights per parallel task: below it a layer runs on one thread (a parallel region costs
 // microseconds, a small layer's whole forward less).
 constexpr int64_t kWeightsPerTask = int64_t{1} << 15;
@@ -35,8 +39,13 @@ int64_t neuron_grain(const PackedView& v) {
   return std::max<int64_t>(16, kWeightsPerTask / std::max<int64_t>(v.in_features, 1));
 }
 
-// Rows per panel: a panel of rows x width floats fits kPanelFloats.
-int64_t panel_rows(int64_t width) { return std::clamp<int64_t>(kPanelFloats / width, 8, 256); }
+// Rows per panel of `height` rows of `width`: a panel fits kPanelFloats, and there are panels
+// enough for every thread.
+int64_t panel_rows(int64_t height, int64_t width) {
+  const int64_t per_thread = (height + at::get_num_threads() - 1) / at::get_num_threads();
+  return std::clamp<int64_t>(std::min(kPanelFloats / width, per_thread), kMinPanelRows,
+                             kMaxPanelRows);
+}
 
 // Dequantized rows [n0, n1) as a tensor of x's dtype (fp32 panels are exact in fp64: scale is
 // fp16, codes are small integers).
@@ -90,7 +99,9 @@ at::Tensor spatial_linear(const at::Tensor& x_in, const std::optional<at::Tensor
                               int64_t format, int64_t out_features) {
   check_rows(x_in, "spatial_linear", "x");
   const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes}, format, x_in.size(1), out_features);
-  const at::Tensor x = x_in.contiguous();
+  // Detached: the panels run on worker threads, where grad mode is on again, and an
+  // at::mm_out with an input that requires grad would refuse to run there.
+  const at::Tensor x = x_in.detach().contiguous();
   const int64_t batch = x.size(0);
   at::Tensor y;
   if (x.scalar_type() == at::kFloat && batch <= kSmallBatch && all_finite(x)) {
@@ -102,7 +113,7 @@ at::Tensor spatial_linear(const at::Tensor& x_in, const std::optional<at::Tensor
       v.linear_rows(n0, n1, xp, batch, v.in_features, yp, v.out_features, scratch.data());
     });
   } else {
-    const int64_t rows = panel_rows(v.in_features);
+    const int64_t rows = panel_rows(v.out_features, v.in_features);
     const int64_t panels = (v.out_features + rows - 1) / rows;
     // y^T, so that each panel writes a contiguous block of rows.
     at::Tensor y_t = at::empty({v.out_features, batch}, x.options());
@@ -132,9 +143,9 @@ at::Tensor spatial_linear_backward_input(const at::Tensor& grad_y_in, const at::
                                              int64_t format, int64_t in_features) {
   check_rows(grad_y_in, "spatial_linear_backward_input", "grad_y");
   const PackedView v = view_of(Store{region_begin, bitmap, block_begin, code_begin, scales, codes}, format, in_features, grad_y_in.size(1));
-  const at::Tensor grad_y = grad_y_in.contiguous();
+  const at::Tensor grad_y = grad_y_in.detach().contiguous();  // as spatial_linear's x
   const int64_t batch = grad_y.size(0);
-  const int64_t rows = panel_rows(in_features);
+  const int64_t rows = panel_rows(v.out_features, in_features);
   const int64_t panels = (v.out_features + rows - 1) / rows;
   // grad_x = sum over panels of grad_y[:, panel] @ W_panel: one partial sum per task.
   const int64_t tasks = std::clamp<int64_t>(
