@@ -341,8 +341,9 @@ def requantize_(
     Per block, for integer codes of ``bits >= 2``: the scale's sign is that of the weight of
     largest magnitude (ties positive), so the extra top code lands on that side. The scale starts at
     ``sign * ratio * absmax / max_code`` and takes the Lloyd steps of :data:`SCALE_SEARCH`:
-    codes ``round_half_even(w * (1 / scale))`` clamped to the code range, then the scale
-    ``sum(w * q) / sum(q * q)``, all in float64. It is rounded to the nearest fp16 (through
+    codes ``round_half_even(w * float32(1 / scale))`` clamped to the code range, then the
+    scale ``sum(w * q) / sum(q * q)`` over fixed-point weights (see :func:`_lloyd_step`). It is
+    rounded to the nearest fp16 (through
     float32), its magnitude kept within [the smallest subnormal, 65504], and the codes are
     ``round_half_even(w / scale)`` clamped (float32). A block of zeros gets scale 0 and codes
     0. For 1 bit the scale is ``mean |w|`` rounded to the nearest fp16 and the code is +1 for
@@ -389,14 +390,14 @@ def requantize_(
         ratio, steps = SCALE_SEARCH[code_format]
         scale = sign.double() * ratio * absmax.double() / (1.0 if nf4 else hi)
         w64 = w.double()
+        count = region_begin.diff()
         for _ in range(steps):
-            inverse = (1.0 / scale).index_select(1, layout.region)
             if nf4:
-                count = region_begin.diff().double().expand(out_features, regions)
-                scale = _nf4_refit(w64, w64 * inverse, count, per_block)
+                inverse = (1.0 / scale).index_select(1, layout.region)
+                block_count = count.double().expand(out_features, regions)
+                scale = _nf4_refit(w64, w64 * inverse, block_count, per_block)
             else:
-                q = _nearest_levels(w64 * inverse, code_format)
-                scale = per_block(w64 * q, "sum") / per_block(q * q, "sum")
+                scale = _lloyd_step(w, scale, absmax, count, code_format, layout.region, per_block)
         slot_bits = _scale_bits(scale)
         slot_bits = torch.where(absmax > 0, slot_bits, 0)
         scale = slot_bits.view(torch.float16).to(torch.float32).index_select(1, layout.region)
@@ -437,6 +438,34 @@ def _nearest_levels(t: torch.Tensor, code_format: int) -> torch.Tensor:
     if code_format == ODD2_FORMAT:
         return 2 * torch.round((t + 1) * 0.5) - 1
     return torch.round(t)
+
+
+def _lloyd_step(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    absmax: torch.Tensor,
+    count: torch.Tensor,
+    code_format: int,
+    region: torch.Tensor,
+    per_block: Callable[[torch.Tensor, str], torch.Tensor],
+) -> torch.Tensor:
+    """The Lloyd step of an integer or odd-code format, per block: the codes nearest
+    ``w * float32(1 / scale)`` (float32), then the least-squares scale ``sum(w q) / sum(q q)``.
+    The sums run in float32 over fixed-point weights ``round(w * (2^k / absmax))`` with
+    ``k = min(22, 24 - ceil(log2(count)) - ceil(log2(top level)))``: every product and partial
+    sum is an integer below 2^24, exact in float32 in any order, so these sums have the C++'s
+    bits. The scale is then ``wq / qq * (absmax / 2^k)`` in float64. Blocks whose absmax is
+    below 2^-24 keep ``scale`` (any of their scales rounds to fp16's smallest subnormal)."""
+    top = level_range(code_format)[1]
+    k = (24 - torch.ceil(torch.log2(count.double())) - (top - 1).bit_length()).clamp(max=22)
+    inverse = (1.0 / scale).float().index_select(1, region)
+    q = _nearest_levels(w * inverse, code_format)
+    to_fixed = (2.0**k).float() / absmax
+    fixed = torch.round(w * to_fixed.index_select(1, region))
+    wq = per_block(fixed * q, "sum").double()
+    qq = per_block(q * q, "sum").double()
+    refit = wq / qq * (absmax.double() / 2.0**k)
+    return torch.where(absmax >= 2.0**-24, refit, scale)
 
 
 def _nf4_refit(

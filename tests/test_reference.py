@@ -81,7 +81,7 @@ def region_positions(layer):
 def special_latent(layer, dtype):
     """A latent weight (sorted columns) whose rows hit the quantizer's edge cases: zeros,
     tiny (fp16-subnormal and float32-subnormal scales), huge (past fp16's range), exact ties,
-    NaN, +-Inf, negative zeros; the other rows random."""
+    NaN, +-Inf, negative zeros, a wide range of magnitudes; the other rows random."""
     out, bits = layer.out_features, layer.bits
     _, qmax = ref.code_range(bits)  # nf4: ties sit at midpoints, which scaled halves rarely hit
     latent = torch.randn(out, layer.in_features, dtype=torch.float64) * 0.1
@@ -97,6 +97,8 @@ def special_latent(layer, dtype):
         torch.where(within == 2, float("inf"), latent[1]),
         torch.where(within == 0, float("-inf"), latent[2]),
         torch.where(within % 2 == 0, -0.0, -latent[3].abs()),
+        # magnitudes 2^0 .. 2^-40 in every block: past the Lloyd step's fixed-point precision
+        torch.where(latent[4] < 0, -1.0, 1.0) * torch.exp2(-((within * 5) % 41).double()),
     ]
     for row, values in enumerate(special[:out]):
         latent[row] = values

@@ -18,17 +18,21 @@
 namespace spatium {
 namespace {
 
+std::vector<float> gaussian_weights(int64_t count) {
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal;
+  std::vector<float> weights(static_cast<size_t>(count));
+  for (auto& w : weights) w = normal(rng);
+  return weights;
+}
+
 SpatialMemory dense_memory(int64_t out, int64_t in, int bits, int region_bits) {
   std::vector<uint64_t> codes(static_cast<size_t>(in));
   std::iota(codes.begin(), codes.end(), uint64_t{0});
   SpatialMemory memory(out, std::move(codes), bits, region_bits);
   std::vector<uint8_t> mask(static_cast<size_t>(out * memory.num_regions()), 1);
   memory.set_active(mask.data());
-  std::mt19937 rng(1);
-  std::normal_distribution<float> normal;
-  std::vector<float> latent(static_cast<size_t>(out * in));
-  for (auto& w : latent) w = normal(rng);
-  memory.quantize_rows(0, out, latent.data(), in);
+  memory.quantize_rows(0, out, gaussian_weights(out * in).data(), in);
   return memory;
 }
 
@@ -126,7 +130,7 @@ void BM_Requantize(benchmark::State& state) {
   const int bits = static_cast<int>(state.range(0));
   const int64_t out = state.range(1), in = state.range(2);
   SpatialMemory memory = dense_memory(out, in, bits, 6);
-  std::vector<float> latent(static_cast<size_t>(out * in), 0.25f);
+  const std::vector<float> latent = gaussian_weights(out * in);
   for (auto _ : state) {
     memory.quantize_rows(0, out, latent.data(), in);
     benchmark::ClobberMemory();

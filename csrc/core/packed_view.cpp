@@ -1,6 +1,7 @@
 #include "packed_view.h"
 
 #include <algorithm>
+#include <array>
 #include <vector>
 
 namespace spatium {
@@ -229,13 +230,23 @@ void PackedView::linear_t_rows(int64_t n0, int64_t n1, const float* gy, int64_t 
 
 void PackedView::quantize_rows(int64_t n0, int64_t n1, const float* latent, int64_t ld,
                                uint16_t* scales_out, uint8_t* codes_out) const {
+  // Blocks go to the quantizer in batches, across rows.
+  constexpr int64_t kBatch = 64;
+  std::array<quant::BlockJob, kBatch> jobs;
+  int64_t queued = 0;
+  const auto flush = [&] {
+    quant::quantize_blocks(jobs.data(), queued, format);
+    queued = 0;
+  };
   PackedView::Cursor cursor = cursor_at(n0);
   for (int64_t n = n0; n < n1; ++n) {
     visit_blocks(n, cursor, [&](int64_t r, int64_t b, int64_t off) {
-      scales_out[b] = quant::quantize_block(latent + n * ld + region_begin[r], region_size(r), format,
-                                            codes_out + off);
+      jobs[queued++] = {latent + n * ld + region_begin[r], region_size(r), codes_out + off,
+                        scales_out + b};
+      if (queued == kBatch) flush();
     });
   }
+  flush();
 }
 
 namespace {

@@ -102,67 +102,83 @@ inline constexpr auto kAdd = [](auto& a, const auto& b) { a += b; };
 inline constexpr auto kMax = [](auto& a, const auto& b) { a = a > b ? a : b; };
 
 // Adding and subtracting it rounds half to even (in the default rounding mode) for
-// |x| <= 2^51: the vector extensions have no nearbyint. Only -ffast-math could fold it away.
-inline constexpr double kRoundingShift = 6755399441055744.0;  // 1.5 * 2^52
-inline constexpr float kFloatRoundingShift = 12582912.0f;      // 1.5 * 2^23: |x| <= 2^22
+// |x| <= 2^22: the vector extensions have no nearbyint. Only -ffast-math could fold it away.
+inline constexpr float kRoundingShift = 12582912.0f;  // 1.5 * 2^23
+
+// Rounds t half to even in place: a vector of lanes or one float, |t| <= 2^22 (in place: a
+// 64-byte vector by value has an ISA-dependent ABI).
+template <class V>
+[[gnu::always_inline]] inline void round_half_even(V& t) {
+  t = (t + kRoundingShift) - kRoundingShift;
+}
 
 // Replaces t (in units of the scale) by the nearest level of an integer or odd-code format,
-// for a vector of lanes or one value (in place: a 64-byte vector by value has an
-// ISA-dependent ABI): t clamped to the levels' range first (then rounding is in range, and
-// the same), then rounded half to even through `shift` (kRoundingShift for double,
-// kFloatRoundingShift for float); odd codes are 2 round((t + 1) / 2) - 1.
-template <int Format, class V, class S>
-[[gnu::always_inline]] inline void round_to_level(V& t, S shift) {
-  const V lo = V{} + static_cast<S>(lowest_level(Format));
-  const V hi = V{} + static_cast<S>(highest_level(Format));
+// in place: t clamped to the levels' range first (then rounding is in range, and the same),
+// then rounded half to even; odd codes are 2 round((t + 1) / 2) - 1.
+template <int Format, class V>
+[[gnu::always_inline]] inline void round_to_level(V& t) {
+  const V lo = V{} + static_cast<float>(lowest_level(Format));
+  const V hi = V{} + static_cast<float>(highest_level(Format));
   t = t < lo ? lo : t;
   t = t > hi ? hi : t;
   if constexpr (Format == kOdd2) {
-    const V half = (t + static_cast<S>(1)) * static_cast<S>(0.5);
-    t = ((half + shift) - shift) * static_cast<S>(2) - static_cast<S>(1);
+    V half = (t + 1.0f) * 0.5f;
+    round_half_even(half);
+    t = half * 2.0f - 1.0f;
   } else {
-    t = (t + shift) - shift;
+    round_half_even(t);
   }
 }
 
-// One Lloyd step: the nearest codes for `scale`, then the least-squares scale for those codes.
-// Codes come from a product with the reciprocal, in double (fp32 weights convert exactly), and
-// the sums are exact for any block whose weights span under 2^21 in magnitude, so the result
-// does not depend on the order of summation (the reference computes it with other sums). The
-// largest weight always gets a non-zero code (|scale| <= absmax), so the denominator is >= 1.
+// Bits a positive integer n needs beyond the first: ceil(log2(n)).
+constexpr int ceil_log2(int64_t n) {
+  int bits = 0;
+  while ((int64_t{1} << bits) < n) ++bits;
+  return bits;
+}
+
+// 2^k for 0 <= k <= 62, exactly.
+constexpr double power_of_two(int k) { return static_cast<double>(int64_t{1} << k); }
+
+// Below this absmax a block keeps its starting scale: every scale of such a block, refitted
+// or not (a least-squares scale is at most absmax), rounds to fp16's smallest subnormal, and
+// the fixed-point factor below stays finite above it.
+inline constexpr float kSmallestRefitted = 0x1p-24f;
+
+// The Lloyd step of an integer or odd-code format: the nearest codes q for a scale, then the
+// least-squares scale for them, sum(w q) / sum(q q). The codes come from float32 products
+// with the scale's reciprocal. The sums run in float32 on fixed-point weights,
+// round(w * 2^k / absmax), with k = fixed_point_bits(count): every product and partial sum
+// is then an integer below 2^24, which float32 holds exactly, so the result does not depend
+// on the order of summation (the reference sums in another order) and 16 lanes do the work
+// of 8 doubles.
 template <int Format>
-[[gnu::always_inline]] inline double refit_scale(const float* w, int64_t count, double scale) {
-  const double inverse = 1.0 / scale;
-  // Two accumulators each, alternating: halves the chain of dependent adds.
-  DoubleLanes wq_lanes[2] = {}, qq_lanes[2] = {};
-  const auto accumulate = [&](int64_t j, int a) {
-    FloatsOfDoubleLanes f;
-    std::memcpy(&f, w + j, sizeof(f));
-    const DoubleLanes x = __builtin_convertvector(f, DoubleLanes);
-    DoubleLanes q = x * inverse;
-    round_to_level<Format>(q, kRoundingShift);
-    wq_lanes[a] += x * q;
-    qq_lanes[a] += q * q;
+constexpr int fixed_point_bits(int64_t count) {
+  return std::min(22, 24 - ceil_log2(count) - ceil_log2(highest_level(Format)));
+}
+
+// The two sums of the Lloyd step, in fixed point (see fixed_point_bits).
+template <int Format>
+[[gnu::always_inline]] inline void lloyd_sums(const float* w, int64_t count, float inverse,
+                                              float to_fixed, float& wq, float& qq) {
+  const auto accumulate = [&](auto x, auto& wq_part, auto& qq_part) {
+    auto q = x * inverse;
+    round_to_level<Format>(q);
+    auto fixed = x * to_fixed;
+    round_half_even(fixed);
+    wq_part += fixed * q;
+    qq_part += q * q;
   };
+  Lanes wq_lanes = {}, qq_lanes = {};
   int64_t j = 0;
-  for (; j + 2 * kDoubleLanes <= count; j += 2 * kDoubleLanes) {
-    accumulate(j, 0);
-    accumulate(j + kDoubleLanes, 1);
+  for (; j + kLanes <= count; j += kLanes) {
+    Lanes x;
+    std::memcpy(&x, w + j, sizeof(x));
+    accumulate(x, wq_lanes, qq_lanes);
   }
-  if (j + kDoubleLanes <= count) {
-    accumulate(j, 0);
-    j += kDoubleLanes;
-  }
-  wq_lanes[0] += wq_lanes[1];
-  qq_lanes[0] += qq_lanes[1];
-  double wq = combine_lanes(wq_lanes[0], kAdd), qq = combine_lanes(qq_lanes[0], kAdd);
-  for (; j < count; ++j) {
-    double q = static_cast<double>(w[j]) * inverse;
-    round_to_level<Format>(q, kRoundingShift);
-    wq += static_cast<double>(w[j]) * q;
-    qq += q * q;
-  }
-  return wq / qq;
+  wq = combine_lanes(wq_lanes, kAdd);
+  qq = combine_lanes(qq_lanes, kAdd);
+  for (; j < count; ++j) accumulate(w[j], wq, qq);
 }
 
 // kNf4's Lloyd step. Its levels are not integers, so products with them do not sum exactly;
@@ -221,7 +237,16 @@ uint16_t scale_to_half(double scale) {
 template <int Bits>
 [[gnu::always_inline]] inline void pack_planes(const uint32_t* stored, int64_t count,
                                                uint8_t* codes) {
+  constexpr int per_byte = 8 / Bits;
   const int64_t bytes = code_bytes(Bits, count);
+  if (count == bytes * per_byte) {  // every plane full: each byte in one go
+    for (int64_t i = 0; i < bytes; ++i) {
+      uint32_t byte = 0;
+      for (int p = 0; p < per_byte; ++p) byte |= stored[p * bytes + i] << (p * Bits);
+      codes[i] = static_cast<uint8_t>(byte);
+    }
+    return;
+  }
   for (int64_t i = 0; i < bytes; ++i) codes[i] = 0;
   for (int p = 0; p * bytes < count; ++p) {
     const int64_t begin = p * bytes;
@@ -294,89 +319,160 @@ template <int Format>
       Lanes q;
       std::memcpy(&q, w + j, sizeof(q));
       q /= s;
-      round_to_level<Format>(q, kFloatRoundingShift);
+      round_to_level<Format>(q);
       const IntLanes code = (__builtin_convertvector(q, IntLanes) + add) >> shift;
       std::memcpy(stored + j, &code, sizeof(code));
     }
     for (; j < count; ++j) {
       float q = w[j] / s;
-      round_to_level<Format>(q, kFloatRoundingShift);
+      round_to_level<Format>(q);
       stored[j] = static_cast<uint32_t>((static_cast<int32_t>(q) + add) >> shift);
     }
   }
 }
 
-// Quantizes a block into `codes` through `stored` (count values of scratch) and returns the
-// scale.
+// A block's fp16 scale, and whether its codes are all the format's zero rather than the levels
+// nearest its weights.
+struct BlockScale {
+  uint16_t half;
+  bool constant;
+};
+
+// Blocks whose scales are found together (see block_scales).
+inline constexpr int64_t kScalesAtOnce = 16;
+
+// The scales of jobs[0, m), m <= kScalesAtOnce. Step by step over the blocks rather than
+// block by block: a block's scale is one long chain of dependent steps (reductions,
+// divisions), and the blocks' steps side by side keep the core busy.
 template <int Format>
-[[gnu::always_inline]] inline uint16_t quantize_with(const float* w, int64_t count,
-                                                     const BlockStats& stats, uint32_t* stored,
-                                                     uint8_t* codes) {
-  constexpr int bits = width(Format);
-  const auto [largest, negated_smallest, abs_sum] = stats;
-  // The code of a block of zeros (and of a non-finite one): level 0, or for odd codes, which
-  // have none, +1 (any code times the scale 0 is 0).
-  constexpr uint32_t zero = Format == kNf4 ? kNf4Zero : Format == kOdd2 ? 2 : to_stored(bits, 0);
-  const auto constant = [&](uint16_t scale) {
-    std::fill(stored, stored + count, zero);
-    pack_planes<bits>(stored, count, codes);
-    return scale;
-  };
-  if (!std::isfinite(abs_sum) && !all_finite(w, count)) return constant(kHalfNaN);
+[[gnu::always_inline]] inline void block_scales(const BlockJob* jobs, int64_t m,
+                                                BlockScale* out) {
+  BlockStats stats[kScalesAtOnce];
+  bool finite[kScalesAtOnce];
+  for (int64_t i = 0; i < m; ++i) {
+    stats[i] = block_stats(jobs[i].w, jobs[i].count);
+    finite[i] = std::isfinite(stats[i].abs_sum) || all_finite(jobs[i].w, jobs[i].count);
+  }
   if constexpr (Format == 1) {
-#pragma omp simd
-    for (int64_t j = 0; j < count; ++j) stored[j] = w[j] >= 0.0f ? 1u : 0u;
-    pack_planes<bits>(stored, count, codes);
-    return count > 0 ? float_to_half(abs_sum / static_cast<float>(count)) : 0;
+    for (int64_t i = 0; i < m; ++i) {
+      const float count = static_cast<float>(jobs[i].count);
+      out[i] = !finite[i] ? BlockScale{kHalfNaN, true}
+               : count > 0 ? BlockScale{float_to_half(stats[i].abs_sum / count), false}
+                           : BlockScale{0, false};
+    }
   } else {
-    const float absmax = std::max(largest, negated_smallest);
-    if (absmax == 0.0f) return constant(0);
-    // The extra positive level goes to the side of the largest magnitude.
-    const double sign = largest >= negated_smallest ? 1.0 : -1.0;
     constexpr ScaleSearch search = scale_search(Format);
-    double scale = sign * search.start * static_cast<double>(absmax) / top_level(Format);
+    float absmax[kScalesAtOnce];
+    double scale[kScalesAtOnce];
+    for (int64_t i = 0; i < m; ++i) {
+      const auto [largest, negated_smallest, abs_sum] = stats[i];
+      absmax[i] = std::max(largest, negated_smallest);
+      // The extra positive level goes to the side of the largest magnitude.
+      const double sign = largest >= negated_smallest ? 1.0 : -1.0;
+      scale[i] = sign * search.start * static_cast<double>(absmax[i]) / top_level(Format);
+    }
     for (int step = 0; step < search.steps; ++step) {
       if constexpr (Format == kNf4) {
-        scale = refit_nf4_scale(w, count, scale);
+        for (int64_t i = 0; i < m; ++i) {
+          if (absmax[i] > 0.0f) scale[i] = refit_nf4_scale(jobs[i].w, jobs[i].count, scale[i]);
+        }
       } else {
-        scale = refit_scale<Format>(w, count, scale);
+        float inverse[kScalesAtOnce], to_fixed[kScalesAtOnce];
+        for (int64_t i = 0; i < m; ++i) {
+          inverse[i] = static_cast<float>(1.0 / scale[i]);
+          to_fixed[i] = static_cast<float>(power_of_two(fixed_point_bits<Format>(jobs[i].count))) /
+                        absmax[i];
+        }
+        float wq[kScalesAtOnce], qq[kScalesAtOnce];
+        for (int64_t i = 0; i < m; ++i) {
+          if (absmax[i] >= kSmallestRefitted) {
+            lloyd_sums<Format>(jobs[i].w, jobs[i].count, inverse[i], to_fixed[i], wq[i], qq[i]);
+          }
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          if (absmax[i] >= kSmallestRefitted) {
+            const int k = fixed_point_bits<Format>(jobs[i].count);
+            scale[i] = static_cast<double>(wq[i]) / static_cast<double>(qq[i]) *
+                       (static_cast<double>(absmax[i]) / power_of_two(k));
+          }
+        }
       }
     }
-    const uint16_t scale_half = scale_to_half(scale);
-    nearest_stored<Format>(w, count, half_to_float(scale_half), stored);
-    pack_planes<bits>(stored, count, codes);
-    return scale_half;
+    for (int64_t i = 0; i < m; ++i) {
+      out[i] = !finite[i]          ? BlockScale{kHalfNaN, true}
+               : absmax[i] == 0.0f ? BlockScale{0, true}
+                                   : BlockScale{scale_to_half(scale[i]), false};
+    }
+  }
+}
+
+// Packs the codes of a block for its scale into `codes`, through `stored` (count values of
+// scratch).
+template <int Format>
+[[gnu::always_inline]] inline void block_codes(const float* w, int64_t count, BlockScale scale,
+                                               uint32_t* stored, uint8_t* codes) {
+  if (scale.constant) {
+    // Level 0, or for odd codes, which have none, +1 (any code times the scale 0 is 0).
+    constexpr uint32_t zero =
+        Format == kNf4 ? kNf4Zero : Format == kOdd2 ? 2 : to_stored(width(Format), 0);
+    std::fill(stored, stored + count, zero);
+  } else if constexpr (Format == 1) {
+#pragma omp simd
+    for (int64_t j = 0; j < count; ++j) stored[j] = w[j] >= 0.0f ? 1u : 0u;
+  } else {
+    nearest_stored<Format>(w, count, half_to_float(scale.half), stored);
+  }
+  pack_planes<width(Format)>(stored, count, codes);
+}
+
+// Blocks up to this size keep their values before packing on the stack; larger ones (regions
+// of more than 256 inputs) in a heap buffer.
+inline constexpr int64_t kOnStack = 256;
+
+template <int Format>
+[[gnu::always_inline]] inline void quantize_jobs(const BlockJob* jobs, int64_t n) {
+  uint32_t on_stack[kOnStack];
+  std::vector<uint32_t> on_heap;
+  BlockScale scales[kScalesAtOnce];
+  for (int64_t first = 0; first < n; first += kScalesAtOnce) {
+    const int64_t m = std::min(kScalesAtOnce, n - first);
+    block_scales<Format>(jobs + first, m, scales);
+    for (int64_t i = 0; i < m; ++i) {
+      const BlockJob& job = jobs[first + i];
+      uint32_t* stored = on_stack;
+      if (job.count > kOnStack) {
+        on_heap.resize(static_cast<size_t>(job.count));
+        stored = on_heap.data();
+      }
+      block_codes<Format>(job.w, job.count, scales[i], stored, job.codes);
+      *job.scale = scales[i].half;
+    }
   }
 }
 
 // Compiled for AVX-512, AVX2 and the baseline; the loader picks one for this CPU.
-[[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] uint16_t quantize_any(
-    const float* w, int64_t count, int format, uint32_t* stored, uint8_t* codes) {
-  const BlockStats stats = block_stats(w, count);
+[[gnu::target_clones("avx512f", "avx2", "default"), gnu::flatten]] void quantize_any(
+    const BlockJob* jobs, int64_t n, int format) {
   switch (format) {
-    case 1: return quantize_with<1>(w, count, stats, stored, codes);
-    case 2: return quantize_with<2>(w, count, stats, stored, codes);
-    case 4: return quantize_with<4>(w, count, stats, stored, codes);
-    case kNf4: return quantize_with<kNf4>(w, count, stats, stored, codes);
-    case kOdd2: return quantize_with<kOdd2>(w, count, stats, stored, codes);
-    default: return quantize_with<8>(w, count, stats, stored, codes);
+    case 1: return quantize_jobs<1>(jobs, n);
+    case 2: return quantize_jobs<2>(jobs, n);
+    case 4: return quantize_jobs<4>(jobs, n);
+    case kNf4: return quantize_jobs<kNf4>(jobs, n);
+    case kOdd2: return quantize_jobs<kOdd2>(jobs, n);
+    default: return quantize_jobs<8>(jobs, n);
   }
 }
 
 }  // namespace
 
 uint16_t quantize_block(const float* w, int64_t count, int format, uint8_t* codes) {
-  // Values before packing: on the stack for usual blocks (a thread_local costs a call per
-  // block in a shared library), in a reused buffer for larger ones.
-  constexpr int64_t kOnStack = 256;
-  if (count <= kOnStack) {
-    uint32_t stored[kOnStack];
-    return quantize_any(w, count, format, stored, codes);
-  }
-  thread_local std::vector<uint32_t> stored;
-  stored.resize(static_cast<size_t>(count));
-  return quantize_any(w, count, format, stored.data(), codes);
+  uint16_t scale = 0;
+  const BlockJob job{w, count, codes, &scale};
+  quantize_any(&job, 1, format);
+  return scale;
 }
+
+void quantize_blocks(const BlockJob* jobs, int64_t n, int format) { quantize_any(jobs, n, format); }
 
 void dequantize_block(const uint8_t* codes, int64_t count, int format, uint16_t scale_half,
                       float* out) {

@@ -140,6 +140,17 @@ template <int Format>
 // propagate.
 uint16_t quantize_block(const float* w, int64_t count, int format, uint8_t* codes);
 
+// One block for quantize_blocks: weights w[0, count) into `codes`, the scale into *scale.
+struct BlockJob {
+  const float* w;
+  int64_t count;
+  uint8_t* codes;
+  uint16_t* scale;
+};
+// quantize_block on each of jobs[0, n), faster than one by one: the kernel for the format is
+// chosen once, and the blocks' scales are found side by side.
+void quantize_blocks(const BlockJob* jobs, int64_t n, int format);
+
 // Writes scale * level for codes [0, count) into out.
 void dequantize_block(const uint8_t* codes, int64_t count, int format, uint16_t scale,
                       float* out);

@@ -124,6 +124,39 @@ TEST_P(Quantize, ZeroAndNonFiniteBlocks) {
   for (float v : back) ASSERT_TRUE(std::isnan(v));
 }
 
+TEST_P(Quantize, BlocksTogetherAsOneByOne) {
+  // More blocks than are scaled at once, of mixed sizes (past the stack's 256 values too),
+  // with a zero, a non-finite and a tiny block among them.
+  const int bits = GetParam();
+  const std::vector<int64_t> counts = {64, 8, 1, 7, 300, 64, 16, 64, 100, 3, 64, 64,
+                                       33, 64, 512, 64, 64, 5, 64, 128, 64};
+  std::vector<std::vector<float>> weights;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    weights.push_back(random_weights(static_cast<size_t>(counts[i]), 100 + i));
+  }
+  std::fill(weights[2].begin(), weights[2].end(), 0.0f);
+  weights[5][17] = INFINITY;
+  for (float& v : weights[9]) v *= 1e-9f;
+  for (const int format : {bits, bits == 4 ? quant::kNf4 : bits == 2 ? quant::kOdd2 : bits}) {
+    std::vector<std::vector<uint8_t>> codes, expected_codes;
+    std::vector<uint16_t> scales(counts.size()), expected_scales(counts.size());
+    std::vector<quant::BlockJob> jobs;
+    for (size_t i = 0; i < counts.size(); ++i) {
+      const auto bytes = static_cast<size_t>(quant::code_bytes(quant::width(format), counts[i]));
+      codes.emplace_back(bytes, uint8_t{0xAB});
+      expected_codes.emplace_back(bytes);
+      expected_scales[i] =
+          quant::quantize_block(weights[i].data(), counts[i], format, expected_codes[i].data());
+    }
+    for (size_t i = 0; i < counts.size(); ++i) {
+      jobs.push_back({weights[i].data(), counts[i], codes[i].data(), &scales[i]});
+    }
+    quant::quantize_blocks(jobs.data(), static_cast<int64_t>(jobs.size()), format);
+    EXPECT_EQ(scales, expected_scales) << "format " << format;
+    EXPECT_EQ(codes, expected_codes) << "format " << format;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Bits, Quantize, ::testing::Values(1, 2, 4, 8));
 
 // The squared error of a block at `scale` with each weight at its nearest of `levels`.
