@@ -164,6 +164,7 @@ BENCHMARK_CAPTURE(BM_IntegerForward, avx2, InferencePack::Isa::kAvx2)
 BENCHMARK(BM_VnniPeak)->Name("vnni_peak");
 BENCHMARK(BM_Requantize)->Name("requantize_1024x1024")->Apply([](auto* b) {
   bit_widths(b, 1024, 1024);
+  b->Args({quant::kNf4, 1024, 1024});  // the format, where the others give the width
 });
 
 }  // namespace
