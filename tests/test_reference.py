@@ -46,6 +46,8 @@ def layout_of(layer):
 # of 36 at 6), out is no multiple of the directory's 8, and inputs are not in Morton order (grid).
 CONFIGS = {
     "dense-r3": dict(in_features=100, out_features=13, region_bits=3),
+    # blocks of 64 weights only: the quantizer's code for the default region size
+    "dense-r6": dict(in_features=128, out_features=13, region_bits=6),
     "local-quarter-r6": dict(in_features=100, out_features=13, region_bits=6, density=0.25),
     "random-quarter-r3": dict(
         in_features=100, out_features=13, region_bits=3, density=0.25, connectivity="random"

@@ -341,21 +341,22 @@ struct BlockScale {
 // Blocks whose scales are found together (see block_scales).
 inline constexpr int64_t kScalesAtOnce = 16;
 
-// The scales of jobs[0, m), m <= kScalesAtOnce. Step by step over the blocks rather than
-// block by block: a block's scale is one long chain of dependent steps (reductions,
-// divisions), and the blocks' steps side by side keep the core busy.
-template <int Format>
+// The scales of jobs[0, m), m <= kScalesAtOnce, of count_of(job) weights each (see
+// quantize_jobs_with). Step by step over the blocks rather than block by block: a block's
+// scale is one long chain of dependent steps (reductions, divisions), and the blocks' steps
+// side by side keep the core busy.
+template <int Format, class CountOf>
 [[gnu::always_inline]] inline void block_scales(const BlockJob* jobs, int64_t m,
-                                                BlockScale* out) {
+                                                CountOf count_of, BlockScale* out) {
   BlockStats stats[kScalesAtOnce];
   bool finite[kScalesAtOnce];
   for (int64_t i = 0; i < m; ++i) {
-    stats[i] = block_stats(jobs[i].w, jobs[i].count);
-    finite[i] = std::isfinite(stats[i].abs_sum) || all_finite(jobs[i].w, jobs[i].count);
+    stats[i] = block_stats(jobs[i].w, count_of(jobs[i]));
+    finite[i] = std::isfinite(stats[i].abs_sum) || all_finite(jobs[i].w, count_of(jobs[i]));
   }
   if constexpr (Format == 1) {
     for (int64_t i = 0; i < m; ++i) {
-      const float count = static_cast<float>(jobs[i].count);
+      const float count = static_cast<float>(count_of(jobs[i]));
       out[i] = !finite[i] ? BlockScale{kHalfNaN, true}
                : count > 0 ? BlockScale{float_to_half(stats[i].abs_sum / count), false}
                            : BlockScale{0, false};
@@ -374,24 +375,24 @@ template <int Format>
     for (int step = 0; step < search.steps; ++step) {
       if constexpr (Format == kNf4) {
         for (int64_t i = 0; i < m; ++i) {
-          if (absmax[i] > 0.0f) scale[i] = refit_nf4_scale(jobs[i].w, jobs[i].count, scale[i]);
+          if (absmax[i] > 0.0f) scale[i] = refit_nf4_scale(jobs[i].w, count_of(jobs[i]), scale[i]);
         }
       } else {
         float inverse[kScalesAtOnce], to_fixed[kScalesAtOnce];
         for (int64_t i = 0; i < m; ++i) {
           inverse[i] = static_cast<float>(1.0 / scale[i]);
-          to_fixed[i] = static_cast<float>(power_of_two(fixed_point_bits<Format>(jobs[i].count))) /
+          to_fixed[i] = static_cast<float>(power_of_two(fixed_point_bits<Format>(count_of(jobs[i])))) /
                         absmax[i];
         }
         float wq[kScalesAtOnce], qq[kScalesAtOnce];
         for (int64_t i = 0; i < m; ++i) {
           if (absmax[i] >= kSmallestRefitted) {
-            lloyd_sums<Format>(jobs[i].w, jobs[i].count, inverse[i], to_fixed[i], wq[i], qq[i]);
+            lloyd_sums<Format>(jobs[i].w, count_of(jobs[i]), inverse[i], to_fixed[i], wq[i], qq[i]);
           }
         }
         for (int64_t i = 0; i < m; ++i) {
           if (absmax[i] >= kSmallestRefitted) {
-            const int k = fixed_point_bits<Format>(jobs[i].count);
+            const int k = fixed_point_bits<Format>(count_of(jobs[i]));
             scale[i] = static_cast<double>(wq[i]) / static_cast<double>(qq[i]) *
                        (static_cast<double>(absmax[i]) / power_of_two(k));
           }
@@ -429,24 +430,42 @@ template <int Format>
 // of more than 256 inputs) in a heap buffer.
 inline constexpr int64_t kOnStack = 256;
 
-template <int Format>
-[[gnu::always_inline]] inline void quantize_jobs(const BlockJob* jobs, int64_t n) {
+// Quantizes jobs[0, n); count_of(job) is a job's block size: its count, or a constant the
+// compiler builds into the code (it then unrolls every loop over the block).
+template <int Format, class CountOf>
+[[gnu::always_inline]] inline void quantize_jobs_with(const BlockJob* jobs, int64_t n,
+                                                      CountOf count_of) {
   uint32_t on_stack[kOnStack];
   std::vector<uint32_t> on_heap;
   BlockScale scales[kScalesAtOnce];
   for (int64_t first = 0; first < n; first += kScalesAtOnce) {
     const int64_t m = std::min(kScalesAtOnce, n - first);
-    block_scales<Format>(jobs + first, m, scales);
+    block_scales<Format>(jobs + first, m, count_of, scales);
     for (int64_t i = 0; i < m; ++i) {
       const BlockJob& job = jobs[first + i];
       uint32_t* stored = on_stack;
-      if (job.count > kOnStack) {
-        on_heap.resize(static_cast<size_t>(job.count));
+      if (count_of(job) > kOnStack) {
+        on_heap.resize(static_cast<size_t>(count_of(job)));
         stored = on_heap.data();
       }
-      block_codes<Format>(job.w, job.count, scales[i], stored, job.codes);
+      block_codes<Format>(job.w, count_of(job), scales[i], stored, job.codes);
       *job.scale = scales[i].half;
     }
+  }
+}
+
+// Blocks of the default region size (64 inputs) take code with the size built in: 13-27%
+// faster, by width, on a 1024 x 1024 layer.
+inline constexpr int64_t kUsualBlock = 64;
+
+template <int Format>
+[[gnu::always_inline]] inline void quantize_jobs(const BlockJob* jobs, int64_t n) {
+  const bool usual =
+      std::all_of(jobs, jobs + n, [](const BlockJob& job) { return job.count == kUsualBlock; });
+  if (usual) {
+    quantize_jobs_with<Format>(jobs, n, [](const BlockJob&) { return kUsualBlock; });
+  } else {
+    quantize_jobs_with<Format>(jobs, n, [](const BlockJob& job) { return job.count; });
   }
 }
 
