@@ -45,6 +45,22 @@ void report_calls(benchmark::State& state, int64_t weights) {
 }
 
 // Args: bits, neurons, inputs.
+// The float path's decode: dense fp32 rows from the codes (what each panel of a batched
+// forward or backward costs before the matrix product).
+void BM_Dequantize(benchmark::State& state) {
+  const int bits = static_cast<int>(state.range(0));
+  const int64_t out = state.range(1), in = state.range(2);
+  const SpatialMemory memory = dense_memory(out, in, bits, 6);
+  const PackedView view = memory.view();
+  std::vector<float> dense(static_cast<size_t>(out * in));
+  for (auto _ : state) {
+    view.dequantize_rows(0, out, dense.data(), in);
+    benchmark::DoNotOptimize(dense.data());
+    benchmark::ClobberMemory();
+  }
+  report_calls(state, out * in);
+}
+
 void BM_Forward(benchmark::State& state) {
   const int bits = static_cast<int>(state.range(0));
   const int64_t out = state.range(1), in = state.range(2);
@@ -162,6 +178,9 @@ BENCHMARK_CAPTURE(BM_IntegerForward, avx2, InferencePack::Isa::kAvx2)
     ->Name("integer_forward_avx2_1024x1024_batch32")
     ->Apply([](auto* b) { for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 32}); });
 BENCHMARK(BM_VnniPeak)->Name("vnni_peak");
+BENCHMARK(BM_Dequantize)->Name("dequantize_1024x1024")->Apply([](auto* b) {
+  bit_widths(b, 1024, 1024);
+});
 BENCHMARK(BM_Requantize)->Name("requantize_1024x1024")->Apply([](auto* b) {
   bit_widths(b, 1024, 1024);
   b->Args({quant::kNf4, 1024, 1024});  // the format, where the others give the width

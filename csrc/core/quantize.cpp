@@ -16,10 +16,16 @@ namespace {
                                                                       float scale, float* out) {
   switch (format) {
     case 1: decode_planes<1>(codes, count, scale, out); return;
-    case 2: decode_planes<2>(codes, count, scale, out); return;
+    case 2:
+      if (!decode_runs<2>(codes, count, scale, out)) decode_planes<2>(codes, count, scale, out);
+      return;
     case 4: decode_planes<4>(codes, count, scale, out); return;
     case kNf4: decode_planes<kNf4>(codes, count, scale, out); return;
-    case kOdd2: decode_planes<kOdd2>(codes, count, scale, out); return;
+    case kOdd2:
+      if (!decode_runs<kOdd2>(codes, count, scale, out)) {
+        decode_planes<kOdd2>(codes, count, scale, out);
+      }
+      return;
     default: decode_planes<8>(codes, count, scale, out); return;
   }
 }
