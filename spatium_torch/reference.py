@@ -82,6 +82,10 @@ def code_range(bits: int) -> tuple[int, int]:
 
 #: Per format: the clipping ratio (of absmax / largest level) the scale search starts from and
 #: the Lloyd steps that refine it (the C++ ``scale_search``).
+#: Below this absmax a block skips the Lloyd step: any scale of such a block rounds to fp16's
+#: smallest subnormal, and the fixed-point factor ``2^k / absmax`` stays finite above it.
+SMALLEST_REFITTED = 2.0**-64
+
 SCALE_SEARCH = {
     2: (0.8, 0),
     4: (0.95, 1),
@@ -264,10 +268,13 @@ def _padded(t: torch.Tensor) -> torch.Tensor:
 
 
 def _scale_values(scales: torch.Tensor) -> torch.Tensor:
-    """The scales as float32 (exact: every fp16 value is a float32 value)."""
+    """The scales as float32 (exact: every fp16 value is a float32 value), NaN as the C++'s
+    NaN (0x7FC00000): torch's element-by-element conversion, which takes the last few
+    elements of a tensor, widens fp16 NaN to another payload than its vectorized one."""
     if scales.dtype == torch.int16:
         scales = scales.view(torch.float16)
-    return scales.to(torch.float32)
+    values = scales.to(torch.float32)
+    return torch.where(values.isnan(), torch.nan, values)
 
 
 def _half_bits(values: torch.Tensor) -> torch.Tensor:
@@ -356,8 +363,8 @@ def requantize_(
     nf4 follows the same steps with its levels in place of the codes: the scale starts at
     ``sign * absmax`` (the positive side has the extra level); a weight's level is the one
     whose index counts the float32 midpoints below ``w / scale`` (ties to the lower level); the
-    Lloyd step's sums are formed per midpoint (see :func:`_nf4_refit`). Zeros and non-finite
-    blocks store index 7 (level 0).
+    Lloyd step's sums are formed per midpoint (see :func:`_nf4_lloyd_step`). Zeros and
+    non-finite blocks store index 7 (level 0).
     """
     _check_format(code_format)
     nf4 = code_format == NF4_FORMAT
@@ -389,15 +396,10 @@ def requantize_(
         sign = torch.where(per_block(w, "amax") >= -per_block(w, "amin"), 1.0, -1.0)
         ratio, steps = SCALE_SEARCH[code_format]
         scale = sign.double() * ratio * absmax.double() / (1.0 if nf4 else hi)
-        w64 = w.double()
         count = region_begin.diff()
+        step = _nf4_lloyd_step if nf4 else _lloyd_step
         for _ in range(steps):
-            if nf4:
-                inverse = (1.0 / scale).index_select(1, layout.region)
-                block_count = count.double().expand(out_features, regions)
-                scale = _nf4_refit(w64, w64 * inverse, block_count, per_block)
-            else:
-                scale = _lloyd_step(w, scale, absmax, count, code_format, layout.region, per_block)
+            scale = step(w, scale, absmax, count, code_format, layout.region, per_block)
         slot_bits = _scale_bits(scale)
         slot_bits = torch.where(absmax > 0, slot_bits, 0)
         scale = slot_bits.view(torch.float16).to(torch.float32).index_select(1, layout.region)
@@ -455,7 +457,7 @@ def _lloyd_step(
     ``k = min(22, 24 - ceil(log2(count)) - ceil(log2(top level)))``: every product and partial
     sum is an integer below 2^24, exact in float32 in any order, so these sums have the C++'s
     bits. The scale is then ``wq / qq * (absmax / 2^k)`` in float64. Blocks whose absmax is
-    below 2^-24 keep ``scale`` (any of their scales rounds to fp16's smallest subnormal)."""
+    below :data:`SMALLEST_REFITTED` keep ``scale``."""
     top = level_range(code_format)[1]
     k = (24 - torch.ceil(torch.log2(count.double())) - (top - 1).bit_length()).clamp(max=22)
     inverse = (1.0 / scale).float().index_select(1, region)
@@ -465,29 +467,41 @@ def _lloyd_step(
     wq = per_block(fixed * q, "sum").double()
     qq = per_block(q * q, "sum").double()
     refit = wq / qq * (absmax.double() / 2.0**k)
-    return torch.where(absmax >= 2.0**-24, refit, scale)
+    return torch.where(absmax >= SMALLEST_REFITTED, refit, scale)
 
 
-def _nf4_refit(
-    w64: torch.Tensor,
-    t: torch.Tensor,
+def _nf4_lloyd_step(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    absmax: torch.Tensor,
     count: torch.Tensor,
+    code_format: int,
+    region: torch.Tensor,
     per_block: Callable[[torch.Tensor, str], torch.Tensor],
 ) -> torch.Tensor:
-    """nf4's least-squares scale for the levels nearest ``t = w / scale`` (float64), per block.
-    A weight's level is ``l[0]`` plus the steps ``l[k + 1] - l[k]`` of the midpoints below
-    it, so the sums are formed from per-midpoint sums of weights and counts, which are exact,
-    combined in the C++'s fixed order: the same bits whatever order torch sums in."""
+    """nf4's Lloyd step, per block: the levels nearest ``t = w * float32(1 / scale)`` (float32),
+    then the least-squares scale. A weight's level is ``l[0]`` plus the steps
+    ``l[k + 1] - l[k]`` of the midpoints below it, so the sums are formed from per-midpoint
+    sums of fixed-point weights ``round(w * (2^k / absmax))``, ``k = min(22, 24 -
+    ceil(log2(count)))``, and counts, which are integers below 2^24 and so exact in float32,
+    combined in float64 in the C++'s fixed order: the same bits whatever order torch sums in.
+    Blocks whose absmax is below :data:`SMALLEST_REFITTED` keep ``scale``. (``code_format``,
+    nf4's, is taken for the signature :func:`_lloyd_step` shares.)"""
+    bits = (24 - torch.ceil(torch.log2(count.double()))).clamp(max=22)
+    t = w * (1.0 / scale).float().index_select(1, region)
+    to_fixed = (2.0**bits).float() / absmax
+    fixed = torch.round(w * to_fixed.index_select(1, region))
     level = NF4_LEVELS.tolist()
-    wq = level[0] * per_block(w64, "sum")
-    qq = level[0] * level[0] * count
+    wq = level[0] * per_block(fixed, "sum").double()
+    qq = level[0] * level[0] * count.double()
     for k, mid in enumerate(NF4_MIDPOINTS.tolist()):
         above = t > mid
         step = level[k + 1] - level[k]
         square_step = level[k + 1] * level[k + 1] - level[k] * level[k]
-        wq = wq + step * per_block(torch.where(above, w64, 0.0), "sum")
-        qq = qq + square_step * per_block(above.double(), "sum")
-    return wq / qq
+        wq = wq + step * per_block(torch.where(above, fixed, 0.0), "sum").double()
+        qq = qq + square_step * per_block(above.float(), "sum").double()
+    refit = wq / qq * (absmax.double() / 2.0**bits)
+    return torch.where(absmax >= SMALLEST_REFITTED, refit, scale)
 
 
 def quantize(

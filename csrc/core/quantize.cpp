@@ -71,11 +71,8 @@ inline constexpr std::array<float, 15> kNf4Midpoints = nf4_midpoints();
 // Lane-wise partial results in vector registers (GCC vector extensions), the lanes combined
 // at the end: GCC leaves omp simd reductions over blocks this short mostly scalar.
 using Lanes = float __attribute__((vector_size(64)));
-using DoubleLanes = double __attribute__((vector_size(64)));
-using FloatsOfDoubleLanes = float __attribute__((vector_size(32)));
 using IntLanes = int32_t __attribute__((vector_size(64)));
 inline constexpr int64_t kLanes = sizeof(Lanes) / sizeof(float);
-inline constexpr int64_t kDoubleLanes = sizeof(DoubleLanes) / sizeof(double);
 
 // The lower and upper halves of a vector of 2N lanes, as vectors of N lanes.
 template <class V, class Half, size_t... Lane>
@@ -147,9 +144,9 @@ constexpr int ceil_log2(int64_t n) {
 constexpr double power_of_two(int k) { return static_cast<double>(int64_t{1} << k); }
 
 // Below this absmax a block keeps its starting scale: every scale of such a block, refitted
-// or not (a least-squares scale is at most absmax), rounds to fp16's smallest subnormal, and
-// the fixed-point factor below stays finite above it.
-inline constexpr float kSmallestRefitted = 0x1p-24f;
+// or not (a least-squares scale stays within a small multiple of absmax), rounds to fp16's
+// smallest subnormal, and the fixed-point factors below stay finite above it.
+inline constexpr float kSmallestRefitted = 0x1p-64f;
 
 // The Lloyd step of an integer or odd-code format: the nearest codes q for a scale, then the
 // least-squares scale for them, sum(w q) / sum(q q). The codes come from float32 products
@@ -188,48 +185,57 @@ template <int Format>
 }
 
 // kNf4's Lloyd step. Its levels are not integers, so products with them do not sum exactly;
-// instead, per midpoint k, the sum of the weights above it (above[k]) and their count, which
-// are exact (weights spanning under 2^23 in magnitude). A weight's level is kNf4Levels[0] plus
-// the steps between consecutive levels of the midpoints below it, so
+// instead, per midpoint k, the sum of the weights above it (above[k]) and their count, over
+// fixed-point weights round(w * 2^k / absmax) with k = 24 - ceil(log2(count)), so that every
+// sum is an integer below 2^24, exact in float32. A weight's level is kNf4Levels[0] plus the
+// steps between consecutive levels of the midpoints below it, so
 //   sum w q   = l0 * sum w    + sum_k (l[k+1] - l[k])     * above[k]
 //   sum q q   = l0^2 * count  + sum_k (l[k+1]^2 - l[k]^2) * count above[k],
-// combined in this fixed order: the reference gets the same bits.
-[[gnu::always_inline]] inline double refit_nf4_scale(const float* w, int64_t count,
-                                                     double scale) {
+// combined in double in this fixed order: the reference gets the same bits. Levels come from
+// float32 products with the scale's reciprocal.
+[[gnu::always_inline]] inline double refit_nf4_scale(const float* w, int64_t count, double scale,
+                                                     float absmax) {
   constexpr size_t kMid = kNf4Midpoints.size();
-  const double inverse = 1.0 / scale;
-  DoubleLanes total = {}, above[kMid] = {}, counted[kMid] = {};
-  const DoubleLanes one = DoubleLanes{} + 1.0, none = {};
+  const int bits = std::min(22, 24 - ceil_log2(count));
+  const float inverse = static_cast<float>(1.0 / scale);
+  const float to_fixed = static_cast<float>(power_of_two(bits)) / absmax;
+  Lanes total = {}, above[kMid] = {}, counted[kMid] = {};
+  const Lanes one = Lanes{} + 1.0f, none = {};
   int64_t j = 0;
-  for (; j + kDoubleLanes <= count; j += kDoubleLanes) {
-    FloatsOfDoubleLanes f;
-    std::memcpy(&f, w + j, sizeof(f));
-    const DoubleLanes x = __builtin_convertvector(f, DoubleLanes), t = x * inverse;
-    total += x;
+  for (; j + kLanes <= count; j += kLanes) {
+    Lanes x;
+    std::memcpy(&x, w + j, sizeof(x));
+    const Lanes t = x * inverse;
+    Lanes fixed = x * to_fixed;
+    round_half_even(fixed);
+    total += fixed;
     for (size_t k = 0; k < kMid; ++k) {
-      const auto is_above = t > static_cast<double>(kNf4Midpoints[k]);
-      above[k] += is_above ? x : none;
+      const auto is_above = t > kNf4Midpoints[k];
+      above[k] += is_above ? fixed : none;
       counted[k] += is_above ? one : none;
     }
   }
   for (; j < count; ++j) {  // the sums are exact: the tail may go to lane 0
-    const double x = static_cast<double>(w[j]), t = x * inverse;
-    total[0] += x;
+    const float t = w[j] * inverse;
+    float fixed = w[j] * to_fixed;
+    round_half_even(fixed);
+    total[0] += fixed;
     for (size_t k = 0; k < kMid; ++k) {
-      if (t > static_cast<double>(kNf4Midpoints[k])) {
-        above[k][0] += x;
-        counted[k][0] += 1.0;
+      if (t > kNf4Midpoints[k]) {
+        above[k][0] += fixed;
+        counted[k][0] += 1.0f;
       }
     }
   }
   const auto l = [](size_t k) { return static_cast<double>(kNf4Levels[k]); };
-  double wq = l(0) * combine_lanes(total, kAdd);
+  const auto sum = [](const Lanes& lanes) { return static_cast<double>(combine_lanes(lanes, kAdd)); };
+  double wq = l(0) * sum(total);
   double qq = l(0) * l(0) * static_cast<double>(count);
   for (size_t k = 0; k < kMid; ++k) {
-    wq += (l(k + 1) - l(k)) * combine_lanes(above[k], kAdd);
-    qq += (l(k + 1) * l(k + 1) - l(k) * l(k)) * combine_lanes(counted[k], kAdd);
+    wq += (l(k + 1) - l(k)) * sum(above[k]);
+    qq += (l(k + 1) * l(k + 1) - l(k) * l(k)) * sum(counted[k]);
   }
-  return wq / qq;
+  return wq / qq * (static_cast<double>(absmax) / power_of_two(bits));
 }
 
 // The fp16 nearest a non-zero scale, its magnitude kept within [the smallest subnormal, 65504].
@@ -381,7 +387,9 @@ template <int Format, class CountOf>
     for (int step = 0; step < search.steps; ++step) {
       if constexpr (Format == kNf4) {
         for (int64_t i = 0; i < m; ++i) {
-          if (absmax[i] > 0.0f) scale[i] = refit_nf4_scale(jobs[i].w, count_of(jobs[i]), scale[i]);
+          if (absmax[i] >= kSmallestRefitted) {
+            scale[i] = refit_nf4_scale(jobs[i].w, count_of(jobs[i]), scale[i], absmax[i]);
+          }
         }
       } else {
         float inverse[kScalesAtOnce], to_fixed[kScalesAtOnce];
