@@ -56,7 +56,8 @@ NOTES = """\
   library picks avx512 > avx2 > bmi2 (if fast) > portable, by these measurements.
 - Memory kernels (`csrc/core/packed_view.cpp`), single thread, batch 1, region_bits 6, every
   block active: `neuron_forward_128/b` is one neuron over 128 inputs at b bits (the seed's
-  unit), `layer_forward_1024x1024_batch1/b` a whole 1024 x 1024 layer, `requantize_1024x1024/b`
+  unit), `layer_forward_1024x1024_batch1/b` a whole 1024 x 1024 layer, `dequantize_1024x1024/b`
+  its dense fp32 weights (the float path's panels), `requantize_1024x1024/b`
   re-quantizing it from Gaussian fp32 latent weights (once per optimizer step; /20 is
   4-bit nf4, the format that stands where the width does); ns per call.
 - Integer inference (`csrc/core/inference_pack.cpp`), activations quantized to int8 inside the
