@@ -133,7 +133,7 @@ template <int Format, class V>
   }
 }
 
-// Bits a positive integer n needs beyond the first: ceil(log2(n)).
+// ceil(log2(n)) for n >= 1.
 constexpr int ceil_log2(int64_t n) {
   int bits = 0;
   while ((int64_t{1} << bits) < n) ++bits;
@@ -148,19 +148,19 @@ constexpr double power_of_two(int k) { return static_cast<double>(int64_t{1} << 
 // smallest subnormal, and the fixed-point factors below stay finite above it.
 inline constexpr float kSmallestRefitted = 0x1p-64f;
 
-// The Lloyd step of an integer or odd-code format: the nearest codes q for a scale, then the
-// least-squares scale for them, sum(w q) / sum(q q). The codes come from float32 products
-// with the scale's reciprocal. The sums run in float32 on fixed-point weights,
-// round(w * 2^k / absmax), with k = fixed_point_bits(count): every product and partial sum
-// is then an integer below 2^24, which float32 holds exactly, so the result does not depend
-// on the order of summation (the reference sums in another order) and 16 lanes do the work
+// The Lloyd steps sum in float32 over fixed-point weights round(w * 2^k / absmax), with
+// k = fixed_point_bits(block size, largest factor a weight is multiplied by): every product
+// and partial sum is then an integer below 2^24, which float32 holds exactly, so the sums do
+// not depend on their order (the reference sums in another order), and 16 lanes do the work
 // of 8 doubles.
-template <int Format>
-constexpr int fixed_point_bits(int64_t count) {
-  return std::min(22, 24 - ceil_log2(count) - ceil_log2(highest_level(Format)));
+constexpr int fixed_point_bits(int64_t count, int largest_factor) {
+  return std::min(22, 24 - ceil_log2(count) - ceil_log2(largest_factor));
 }
 
-// The two sums of the Lloyd step, in fixed point (see fixed_point_bits).
+// The Lloyd step of an integer or odd-code format: the nearest codes q for a scale (float32
+// products with its reciprocal), then the least-squares scale for them, sum(w q) / sum(q q),
+// whose two sums this forms in fixed point (k = fixed_point_bits(count, top level)). The
+// largest weight always gets a non-zero code (|scale| <= absmax), so sum(q q) >= 1.
 template <int Format>
 [[gnu::always_inline]] inline void lloyd_sums(const float* w, int64_t count, float inverse,
                                               float to_fixed, float& wq, float& qq) {
@@ -186,9 +186,8 @@ template <int Format>
 
 // kNf4's Lloyd step. Its levels are not integers, so products with them do not sum exactly;
 // instead, per midpoint k, the sum of the weights above it (above[k]) and their count, over
-// fixed-point weights round(w * 2^k / absmax) with k = 24 - ceil(log2(count)), so that every
-// sum is an integer below 2^24, exact in float32. A weight's level is kNf4Levels[0] plus the
-// steps between consecutive levels of the midpoints below it, so
+// fixed-point weights (k = fixed_point_bits(count, 1)), exact. A weight's level is
+// kNf4Levels[0] plus the steps between consecutive levels of the midpoints below it, so
 //   sum w q   = l0 * sum w    + sum_k (l[k+1] - l[k])     * above[k]
 //   sum q q   = l0^2 * count  + sum_k (l[k+1]^2 - l[k]^2) * count above[k],
 // combined in double in this fixed order: the reference gets the same bits. Levels come from
@@ -196,7 +195,7 @@ template <int Format>
 [[gnu::always_inline]] inline double refit_nf4_scale(const float* w, int64_t count, double scale,
                                                      float absmax) {
   constexpr size_t kMid = kNf4Midpoints.size();
-  const int bits = std::min(22, 24 - ceil_log2(count));
+  const int bits = fixed_point_bits(count, 1);
   const float inverse = static_cast<float>(1.0 / scale);
   const float to_fixed = static_cast<float>(power_of_two(bits)) / absmax;
   Lanes total = {}, above[kMid] = {}, counted[kMid] = {};
@@ -228,7 +227,9 @@ template <int Format>
     }
   }
   const auto l = [](size_t k) { return static_cast<double>(kNf4Levels[k]); };
-  const auto sum = [](const Lanes& lanes) { return static_cast<double>(combine_lanes(lanes, kAdd)); };
+  const auto sum = [](const Lanes& lanes) {
+    return static_cast<double>(combine_lanes(lanes, kAdd));
+  };
   double wq = l(0) * sum(total);
   double qq = l(0) * l(0) * static_cast<double>(count);
   for (size_t k = 0; k < kMid; ++k) {
@@ -395,8 +396,8 @@ template <int Format, class CountOf>
         float inverse[kScalesAtOnce], to_fixed[kScalesAtOnce];
         for (int64_t i = 0; i < m; ++i) {
           inverse[i] = static_cast<float>(1.0 / scale[i]);
-          to_fixed[i] = static_cast<float>(power_of_two(fixed_point_bits<Format>(count_of(jobs[i])))) /
-                        absmax[i];
+          const int bits = fixed_point_bits(count_of(jobs[i]), highest_level(Format));
+          to_fixed[i] = static_cast<float>(power_of_two(bits)) / absmax[i];
         }
         float wq[kScalesAtOnce], qq[kScalesAtOnce];
         for (int64_t i = 0; i < m; ++i) {
@@ -406,9 +407,9 @@ template <int Format, class CountOf>
         }
         for (int64_t i = 0; i < m; ++i) {
           if (absmax[i] >= kSmallestRefitted) {
-            const int k = fixed_point_bits<Format>(count_of(jobs[i]));
+            const int bits = fixed_point_bits(count_of(jobs[i]), highest_level(Format));
             scale[i] = static_cast<double>(wq[i]) / static_cast<double>(qq[i]) *
-                       (static_cast<double>(absmax[i]) / power_of_two(k));
+                       (static_cast<double>(absmax[i]) / power_of_two(bits));
           }
         }
       }
