@@ -442,6 +442,24 @@ def _nearest_levels(t: torch.Tensor, code_format: int) -> torch.Tensor:
     return torch.round(t)
 
 
+def _fixed_point(
+    w: torch.Tensor,
+    absmax: torch.Tensor,
+    count: torch.Tensor,
+    largest_factor: int,
+    region: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Lloyd steps' fixed-point weights ``round(w * (2^k / absmax))`` (float32) and, per
+    block, ``absmax / 2^k`` (float64), which turns a sum of them back into weights. ``k = min(22,
+    24 - ceil(log2(count)) - ceil(log2(largest_factor)))``: every product of such a weight with a
+    factor up to ``largest_factor`` and every partial sum of a block's is an integer below 2^24,
+    exact in float32 in any order, so the sums have the C++'s bits."""
+    bits = 24 - torch.ceil(torch.log2(count.double())) - (largest_factor - 1).bit_length()
+    bits = bits.clamp(max=22)
+    to_fixed = (2.0**bits).float() / absmax
+    return torch.round(w * to_fixed.index_select(1, region)), absmax.double() / 2.0**bits
+
+
 def _lloyd_step(
     w: torch.Tensor,
     scale: torch.Tensor,
@@ -452,22 +470,14 @@ def _lloyd_step(
     per_block: Callable[[torch.Tensor, str], torch.Tensor],
 ) -> torch.Tensor:
     """The Lloyd step of an integer or odd-code format, per block: the codes nearest
-    ``w * float32(1 / scale)`` (float32), then the least-squares scale ``sum(w q) / sum(q q)``.
-    The sums run in float32 over fixed-point weights ``round(w * (2^k / absmax))`` with
-    ``k = min(22, 24 - ceil(log2(count)) - ceil(log2(top level)))``: every product and partial
-    sum is an integer below 2^24, exact in float32 in any order, so these sums have the C++'s
-    bits. The scale is then ``wq / qq * (absmax / 2^k)`` in float64. Blocks whose absmax is
-    below :data:`SMALLEST_REFITTED` keep ``scale``."""
-    top = level_range(code_format)[1]
-    k = (24 - torch.ceil(torch.log2(count.double())) - (top - 1).bit_length()).clamp(max=22)
-    inverse = (1.0 / scale).float().index_select(1, region)
-    q = _nearest_levels(w * inverse, code_format)
-    to_fixed = (2.0**k).float() / absmax
-    fixed = torch.round(w * to_fixed.index_select(1, region))
+    ``w * float32(1 / scale)`` (float32), then the least-squares scale ``sum(w q) / sum(q q)``,
+    summed over :func:`_fixed_point` weights (factors up to the top level) and scaled back in
+    float64. Blocks whose absmax is below :data:`SMALLEST_REFITTED` keep ``scale``."""
+    q = _nearest_levels(w * (1.0 / scale).float().index_select(1, region), code_format)
+    fixed, from_fixed = _fixed_point(w, absmax, count, level_range(code_format)[1], region)
     wq = per_block(fixed * q, "sum").double()
     qq = per_block(q * q, "sum").double()
-    refit = wq / qq * (absmax.double() / 2.0**k)
-    return torch.where(absmax >= SMALLEST_REFITTED, refit, scale)
+    return torch.where(absmax >= SMALLEST_REFITTED, wq / qq * from_fixed, scale)
 
 
 def _nf4_lloyd_step(
@@ -482,15 +492,12 @@ def _nf4_lloyd_step(
     """nf4's Lloyd step, per block: the levels nearest ``t = w * float32(1 / scale)`` (float32),
     then the least-squares scale. A weight's level is ``l[0]`` plus the steps
     ``l[k + 1] - l[k]`` of the midpoints below it, so the sums are formed from per-midpoint
-    sums of fixed-point weights ``round(w * (2^k / absmax))``, ``k = min(22, 24 -
-    ceil(log2(count)))``, and counts, which are integers below 2^24 and so exact in float32,
-    combined in float64 in the C++'s fixed order: the same bits whatever order torch sums in.
-    Blocks whose absmax is below :data:`SMALLEST_REFITTED` keep ``scale``. (``code_format``,
-    nf4's, is taken for the signature :func:`_lloyd_step` shares.)"""
-    bits = (24 - torch.ceil(torch.log2(count.double()))).clamp(max=22)
+    sums of :func:`_fixed_point` weights (factor 1) and counts, which are exact, combined in
+    float64 in the C++'s fixed order: the same bits whatever order torch sums in. Blocks whose
+    absmax is below :data:`SMALLEST_REFITTED` keep ``scale``. (``code_format``, nf4's, is taken
+    for the signature :func:`_lloyd_step` shares.)"""
     t = w * (1.0 / scale).float().index_select(1, region)
-    to_fixed = (2.0**bits).float() / absmax
-    fixed = torch.round(w * to_fixed.index_select(1, region))
+    fixed, from_fixed = _fixed_point(w, absmax, count, 1, region)
     level = NF4_LEVELS.tolist()
     wq = level[0] * per_block(fixed, "sum").double()
     qq = level[0] * level[0] * count.double()
@@ -500,8 +507,7 @@ def _nf4_lloyd_step(
         square_step = level[k + 1] * level[k + 1] - level[k] * level[k]
         wq = wq + step * per_block(torch.where(above, fixed, 0.0), "sum").double()
         qq = qq + square_step * per_block(above.float(), "sum").double()
-    refit = wq / qq * (absmax.double() / 2.0**bits)
-    return torch.where(absmax >= SMALLEST_REFITTED, refit, scale)
+    return torch.where(absmax >= SMALLEST_REFITTED, wq / qq * from_fixed, scale)
 
 
 def quantize(
