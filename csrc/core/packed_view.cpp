@@ -29,8 +29,9 @@ template <int Format, int S>
       const float scale = half_to_float(v.scales[blk]);
       const float* xr = x + v.region_begin[r];
       const uint8_t* c = v.codes + off;
-      if (v.region_size(r) == S && bytes < 16) {
-        // 1-bit planes are too short for the loop below to vectorize: decode the block first.
+      if (Format == 1 && bytes % 8 == 0 && v.region_size(r) == S) {
+        // 1-bit planes are too short for the loop below to vectorize: decode the block first
+        // (in 8-byte runs, quant::decode_runs).
         quant::decode_planes<Format>(c, S, scale, w);
 #pragma omp simd
         for (int i = 0; i < S; ++i) acc[i] += w[i] * xr[i];
