@@ -71,11 +71,16 @@ class InferencePack {
   // Activations of `batch` rows quantized for the kernels.
   struct Rows {
     int64_t batch = 0;
-    int64_t stride = 0;       // bytes from one row of q to the next
-    std::vector<int8_t> q;    // [batch][stride]: regions padded to whole chunks
-    // [batch][regions]: a block's float sum is multiplier * (its int32 sum) - correction,
-    // before the block's scale: multiplier = (max|x| / 127) x mult, correction = (max|x| / 127)
-    // x the stored values' offset x sum(q).
+    int64_t stride = 0;       // bytes of q a row takes: its regions padded to whole chunks
+    // Rows go in tiles of tile_rows (the last tile: the rows left, h). A tile starting at row
+    // b0 takes q from b0 * stride on: 4-byte words of its h rows in turn, word w of row b0 + j
+    // at 4 * (w * h + j), so one pointer reaches every row of the tile. tile_rows 1: plain
+    // [batch][stride] rows, as the AVX2 and AMX kernels read them.
+    int64_t tile_rows = 1;
+    std::vector<int8_t> q;
+    // Per row and region, in tiles too ([regions][h] from b0 * regions on): a block's float
+    // sum is multiplier * (its int32 sum) - correction, before the block's scale: multiplier
+    // = (max|x| / 127) x mult, correction = (max|x| / 127) x the stored values' offset x sum(q).
     std::vector<float> multiplier;
     std::vector<float> correction;
   };
@@ -89,7 +94,7 @@ class InferencePack {
   // from the bias (null: none). Each group writes its neurons' places of y and reads their
   // bias entries, so groups run in parallel. With kAvx512Vnni: AMX tiles for batches of 8 rows
   // or more where the CPU and OS allow AMX-INT8, VNNI otherwise. Throws
-  // std::invalid_argument for an isa this CPU lacks.
+  // std::invalid_argument for an isa this CPU lacks, or rows quantized for another isa.
   void linear_groups(int64_t g0, int64_t g1, const Rows& rows, const float* bias, float* y,
                      int64_t ldy, Isa isa = best_isa()) const;
 

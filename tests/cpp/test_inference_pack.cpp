@@ -168,9 +168,9 @@ TEST(InferencePack, GathersNeuronsThatShareRegions) {
   for (int64_t i : {0, 40}) {
     std::vector<float> x(static_cast<size_t>(in), 0.0f);
     x[i] = 1.0f;
-    InferencePack::Rows rows;
-    ASSERT_TRUE(pack.quantize(x.data(), 1, in, rows));
     for (const InferencePack::Isa isa : isas()) {
+      InferencePack::Rows rows;
+      ASSERT_TRUE(pack.quantize(x.data(), 1, in, rows, isa));
       std::vector<float> y(static_cast<size_t>(out));
       pack.linear_groups(0, pack.groups(), rows, bias.data(), y.data(), out, isa);
       for (int64_t n = 0; n < out; ++n) {
@@ -179,6 +179,25 @@ TEST(InferencePack, GathersNeuronsThatShareRegions) {
       }
     }
   }
+}
+
+// The VNNI kernel reads rows laid out in tiles, the AVX2 one plain rows: rows quantized for one
+// are refused by the other rather than read wrongly.
+TEST(InferencePack, RefusesRowsQuantizedForAnotherKernel) {
+  if (isas().size() < 2) GTEST_SKIP() << "one instruction set on this CPU";
+  const int64_t batch = 3, in = 150;
+  const InferencePack pack(random_memory(20, in, 4, 6, 1).view());
+  const std::vector<float> x(static_cast<size_t>(batch * in), 0.5f);
+  std::vector<float> y(static_cast<size_t>(batch * 20));
+  InferencePack::Rows tiled, plain;
+  ASSERT_TRUE(pack.quantize(x.data(), batch, in, tiled, InferencePack::Isa::kAvx512Vnni));
+  ASSERT_TRUE(pack.quantize(x.data(), batch, in, plain, InferencePack::Isa::kAvx2));
+  EXPECT_THROW(pack.linear_groups(0, pack.groups(), tiled, nullptr, y.data(), 20,
+                                  InferencePack::Isa::kAvx2),
+               std::invalid_argument);
+  EXPECT_THROW(pack.linear_groups(0, pack.groups(), plain, nullptr, y.data(), 20,
+                                  InferencePack::Isa::kAvx512Vnni),
+               std::invalid_argument);
 }
 
 TEST(InferencePack, RefusesRegionsWhoseSumsCouldOverflow) {
