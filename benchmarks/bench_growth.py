@@ -68,6 +68,23 @@ MODES = (
 )
 
 
+# Growth while the held-out error improves, with the schedule's pruning and without it (the
+# pruning experiment: whether pruning is what keeps this criterion's models narrow).
+PRUNING_MODES = (
+    (
+        "fresh, while held-out error improves, pruning every 200",
+        dict(mode="fresh", grow_when="progress", held_out="error", max_neurons=2048),
+    ),
+    (
+        "fresh, while held-out error improves, no pruning",
+        dict(
+            mode="fresh", grow_when="progress", held_out="error", max_neurons=2048, prune_every=None
+        ),
+    ),
+)
+PRUNING_SEEDS = range(3)
+
+
 def mlp(data: Data, widths: list[int]) -> nn.Module:
     layers: list[nn.Module] = []
     inputs = data.features
@@ -137,10 +154,14 @@ def mean(values: list[float]) -> float:
     return statistics.mean(values)
 
 
-def widths_experiment(name: str, seeds: range, report: Callable[[str], None]) -> list[str]:
+def widths_experiment(
+    name: str, seeds: range, report: Callable[[str], None], modes: tuple = MODES
+) -> list[str]:
+    """Table rows: each of ``modes`` grown from START-START, against the fixed model of the
+    widths it ended at."""
     data, held_out = split_held_out(load_data(name))
     rows = []
-    for label, extra in MODES:
+    for label, extra in modes:
         grown, fixed = [], []
         for seed in seeds:
             grown.append(train(data, held_out, [START, START], seed, {**SCHEDULE, **extra}))
@@ -244,7 +265,9 @@ def digits_experiment(out: str) -> None:
 def main() -> None:
     """Runs the experiments and writes their results sections."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experiments", nargs="+", default=["digits", "widths", "capacity"])
+    parser.add_argument(
+        "--experiments", nargs="+", default=["digits", "widths", "capacity", "pruning"]
+    )
     parser.add_argument("--datasets", nargs="+", default=["mnist1d", "digits"])
     # The grown - fixed gap moves by 1-2 points from seed to seed: 8 seeds put its mean's
     # standard error near 0.5 points.
@@ -253,6 +276,11 @@ def main() -> None:
     args = parser.parse_args()
     if "digits" in args.experiments:
         digits_experiment(args.out)
+    header = [
+        "| data | growth | final hidden widths per seed | grown accuracy | fixed accuracy | "
+        "grown - fixed, pt (range) | KB grown / fixed | training FLOPs grown / fixed |",
+        "|---|---|---|---:|---:|---|---|---:|",
+    ]
     if "widths" in args.experiments:
         lines = [
             "## Growth against the width it ends at (`benchmarks/bench_growth.py`)",
@@ -260,9 +288,7 @@ def main() -> None:
             f"Generated on {datetime.date.today()}, {torch.get_num_threads()} thread(s). "
             f"Seeds 0-{args.seeds - 1}. " + SETUP,
             "",
-            "| data | growth | final hidden widths per seed | grown accuracy | fixed accuracy | "
-            "grown - fixed, pt (range) | KB grown / fixed | training FLOPs grown / fixed |",
-            "|---|---|---|---:|---:|---|---|---:|",
+            *header,
         ]
         for name in args.datasets:
             lines += widths_experiment(
@@ -292,6 +318,24 @@ def main() -> None:
         for name in args.datasets:
             lines.append(capacity_experiment(name, lambda text: print(text, flush=True)))
         write_section(args.out, "growth-capacity", "\n".join(lines))
+    if "pruning" in args.experiments:
+        seeds = f"{PRUNING_SEEDS.start}-{PRUNING_SEEDS.stop - 1}"
+        lines = [
+            "## Growth while the held-out error improves, with and without pruning "
+            "(`benchmarks/bench_growth.py`)",
+            "",
+            f"Generated on {datetime.date.today()}, {torch.get_num_threads()} thread(s). Seeds "
+            f"{seeds}, the setup of the widths experiment above with max_neurons 2048: "
+            '`grow_when="progress"` on the held-out error, with the schedule\'s pruning every 200 '
+            "steps and with none.",
+            "",
+            *header,
+        ]
+        for name in args.datasets:
+            lines += widths_experiment(
+                name, PRUNING_SEEDS, lambda text: print(text, flush=True), PRUNING_MODES
+            )
+        write_section(args.out, "growth-pruning", "\n".join(lines))
     print(f"wrote {args.out}")
 
 
