@@ -68,19 +68,15 @@ MODES = (
 )
 
 
-# Growth while the held-out error improves, with the schedule's pruning and without it (the
-# pruning experiment: whether pruning is what keeps this criterion's models narrow).
-PRUNING_MODES = (
+# Growth while a loss improves (the held-out error, or the training losses given to
+# record_loss), with the schedule's pruning and without it: the pruning experiment.
+PRUNING_MODES = tuple(
     (
-        "fresh, while held-out error improves, pruning every 200",
-        dict(mode="fresh", grow_when="progress", held_out="error", max_neurons=2048),
-    ),
-    (
-        "fresh, while held-out error improves, no pruning",
-        dict(
-            mode="fresh", grow_when="progress", held_out="error", max_neurons=2048, prune_every=None
-        ),
-    ),
+        f"fresh, while {loss} improves, {pruning}",
+        dict(mode="fresh", grow_when="progress", max_neurons=2048, **held_out, **prune),
+    )
+    for loss, held_out in (("held-out error", dict(held_out="error")), ("training loss", {}))
+    for pruning, prune in (("pruning every 200", {}), ("no pruning", dict(prune_every=None)))
 )
 PRUNING_SEEDS = range(3)
 
@@ -326,8 +322,9 @@ def main() -> None:
             "",
             f"Generated on {datetime.date.today()}, {torch.get_num_threads()} thread(s). Seeds "
             f"{seeds}, the setup of the widths experiment above with max_neurons 2048: "
-            '`grow_when="progress"` on the held-out error, with the schedule\'s pruning every 200 '
-            "steps and with none.",
+            '`grow_when="progress"` on the held-out error (the closure) or on the mean training '
+            "loss since the last check (the losses every step gives `record_loss`), with the "
+            "schedule's pruning every 200 steps and with none.",
             "",
             *header,
         ]
