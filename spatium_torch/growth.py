@@ -542,8 +542,9 @@ class GrowthController:
             "max_split_fraction of it until max_neurons, whatever the loss does. Saturation "
             "is the share of the fan-in a neuron's blocks cover, always 1 at density 1 and "
             "reached by a sparse layer once memory growth fills its fan-in; use a sparser "
-            "layer, a higher growth_threshold, a lower max_neurons, or a loss criterion "
-            "(grow_when='progress' with a held-out error closure)",
+            "layer, a higher growth_threshold, a lower max_neurons, or a loss criterion: "
+            "grow_when='progress' on the training losses given to record_loss (with pruning) "
+            "or on a held-out error closure (without)",
             stacklevel=stacklevel,
         )
 
