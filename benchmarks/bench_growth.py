@@ -15,8 +15,10 @@
 """
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import multiprocessing
 import statistics
 import sys
 from collections.abc import Callable
@@ -51,6 +53,8 @@ SETUP = (
     f"{CAP}. Then the fixed model of the widths it ended at trains the same steps from scratch "
     "(memory growth every 25 too) with the same seed. A tenth of the training set is held out "
     "(the loss criteria's closures measure its loss or error); every model trains on the rest. "
+    'Every step\'s loss goes to `record_loss`, so the default criterion (`grow_when="auto"`, '
+    "no closure) grows while the mean training loss since the last check improves. "
     "Bytes: the frozen model's store and biases. FLOPs: 6 per weight and sample over the run."
 )
 SCHEDULE = dict(grow_every=100, prune_every=200, rewire_every=25, max_neurons=CAP)
@@ -60,6 +64,7 @@ MODES = (
     ("duplicate", dict(mode="duplicate")),
     ("partition", dict(mode="partition")),
     ("fresh (default)", dict(mode="fresh")),
+    ("fresh, on saturation", dict(mode="fresh", grow_when="saturated")),
     ("fresh, plateau of held-out loss", dict(mode="fresh", grow_when="plateau", held_out="loss")),
     (
         "fresh, while held-out error improves",
@@ -146,23 +151,58 @@ def split_held_out(data: Data) -> tuple[Data, tuple[torch.Tensor, torch.Tensor]]
     return rest, (data.x_train[:n], data.y_train[:n])
 
 
+def report(text: str) -> None:
+    print(text, flush=True)
+
+
 def mean(values: list[float]) -> float:
     return statistics.mean(values)
 
 
+Run = tuple[float, list[int], int, float]
+# Runs train(*args) for each argument tuple: serially, or over a pool of processes.
+Runner = Callable[[list[tuple]], list[Run]]
+
+
+def serial(runs: list[tuple]) -> list[Run]:
+    return [train(*args) for args in runs]
+
+
+def grown_and_fixed(
+    name: str, runs: list[tuple[int, dict]], run_all: Runner
+) -> tuple[list[Run], list[Run]]:
+    """For each (seed, controller settings beyond SCHEDULE): the model grown from
+    START-START, and the fixed model of the widths it ended at."""
+    data, held_out = split_held_out(load_data(name))
+    grown = run_all(
+        [(data, held_out, [START, START], seed, {**SCHEDULE, **extra}) for seed, extra in runs]
+    )
+    fixed = run_all(
+        [
+            (data, held_out, g[1], seed, {"rewire_every": 25})
+            for g, (seed, _) in zip(grown, runs, strict=True)
+        ]
+    )
+    return grown, fixed
+
+
 def widths_experiment(
-    name: str, seeds: range, report: Callable[[str], None], modes: tuple = MODES
+    name: str,
+    seeds: range,
+    report: Callable[[str], None],
+    run_all: Runner,
+    modes: tuple = MODES,
 ) -> list[str]:
     """Table rows: each of ``modes`` grown from START-START, against the fixed model of the
     widths it ended at."""
-    data, held_out = split_held_out(load_data(name))
+    runs = [(seed, extra) for _, extra in modes for seed in seeds]
+    all_grown, all_fixed = grown_and_fixed(name, runs, run_all)
     rows = []
-    for label, extra in modes:
-        grown, fixed = [], []
-        for seed in seeds:
-            grown.append(train(data, held_out, [START, START], seed, {**SCHEDULE, **extra}))
-            fixed.append(train(data, held_out, grown[-1][1], seed, {"rewire_every": 25}))
-            report(f"{name} {label} seed {seed}: grown {grown[-1]}, fixed {fixed[-1]}")
+    for index, (label, _) in enumerate(modes):
+        part = slice(index * len(seeds), (index + 1) * len(seeds))
+        grown, fixed = all_grown[part], all_fixed[part]
+        for seed, g, f in zip(seeds, grown, fixed, strict=True):
+            report(f"{name} {label} seed {seed}: grown {g}, fixed {f}")
         gap = [100 * (g[0] - f[0]) for g, f in zip(grown, fixed, strict=True)]
         rows.append(
             f"| {name} | {label} | "
@@ -183,6 +223,7 @@ CAPACITY_RUNS = (
     ("default, max_neurons 256", dict(max_neurons=256)),
     ("default, max_neurons 512", dict(max_neurons=512)),
     ("default, max_neurons 2048", dict(max_neurons=2048)),
+    ("on saturation, max_neurons 512", dict(max_neurons=512, grow_when="saturated")),
     (
         "while held-out error improves, max_neurons 2048",
         dict(max_neurons=2048, grow_when="progress", held_out="error"),
@@ -191,23 +232,27 @@ CAPACITY_RUNS = (
 CAPACITY_SEEDS = range(3)
 
 
-def capacity_experiment(name: str, report: Callable[[str], None]) -> str:
+def capacity_experiment(name: str, report: Callable[[str], None], run_all: Runner) -> str:
     """One row: fixed models of CAPACITY_WIDTHS and the controllers of CAPACITY_RUNS."""
     data, held_out = split_held_out(load_data(name))
-    cells = []
-    for width in CAPACITY_WIDTHS:
-        runs = [
-            train(data, held_out, [width, width], s, {"rewire_every": 25}) for s in CAPACITY_SEEDS
+    seeds = len(CAPACITY_SEEDS)
+    fixed_widths = run_all(
+        [
+            (data, held_out, [width, width], seed, {"rewire_every": 25})
+            for width in CAPACITY_WIDTHS
+            for seed in CAPACITY_SEEDS
         ]
+    )
+    cells = []
+    for index, width in enumerate(CAPACITY_WIDTHS):
+        runs = fixed_widths[index * seeds : (index + 1) * seeds]
         cells.append(f"{100 * mean([r[0] for r in runs]):.1f}%")
         report(f"{name} fixed {width}-{width}: {cells[-1]}")
-    for label, extra in CAPACITY_RUNS:
-        settings = {**SCHEDULE, **extra}
-        grown = [train(data, held_out, [START, START], s, settings) for s in CAPACITY_SEEDS]
-        fixed = [
-            train(data, held_out, g[1], s, {"rewire_every": 25})
-            for g, s in zip(grown, CAPACITY_SEEDS, strict=True)
-        ]
+    runs = [(seed, extra) for _, extra in CAPACITY_RUNS for seed in CAPACITY_SEEDS]
+    all_grown, all_fixed = grown_and_fixed(name, runs, run_all)
+    for index, (label, _) in enumerate(CAPACITY_RUNS):
+        part = slice(index * seeds, (index + 1) * seeds)
+        grown, fixed = all_grown[part], all_fixed[part]
         widths = ", ".join("-".join(map(str, g[1])) for g in grown)
         cells.append(
             f"{widths}: {100 * mean([g[0] for g in grown]):.1f}% "
@@ -269,7 +314,34 @@ def main() -> None:
     # standard error near 0.5 points.
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--out", default=str(Path(__file__).parent / "RESULTS.md"))
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="trainings at a time, one thread each when > 1"
+    )
     args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        run_all: Runner = serial
+        if args.jobs > 1:
+            # spawn, not fork: a forked child of a process that ran torch's thread pool can hang.
+            pool = stack.enter_context(
+                multiprocessing.get_context("spawn").Pool(
+                    args.jobs, initializer=torch.set_num_threads, initargs=(1,)
+                )
+            )
+
+            def run_all(runs: list[tuple]) -> list[Run]:
+                return pool.starmap(train, runs, chunksize=1)
+
+        run_experiments(args, run_all)
+    print(f"wrote {args.out}")
+
+
+def run_experiments(args: argparse.Namespace, run_all: Runner) -> None:
+    """Runs the chosen experiments and writes their results sections."""
+    threads = (
+        f"{torch.get_num_threads()} thread(s)"
+        if args.jobs == 1
+        else f"1 thread a training, {args.jobs} at a time"
+    )
     if "digits" in args.experiments:
         digits_experiment(args.out)
     header = [
@@ -281,28 +353,26 @@ def main() -> None:
         lines = [
             "## Growth against the width it ends at (`benchmarks/bench_growth.py`)",
             "",
-            f"Generated on {datetime.date.today()}, {torch.get_num_threads()} thread(s). "
-            f"Seeds 0-{args.seeds - 1}. " + SETUP,
+            f"Generated on {datetime.date.today()}, {threads}. Seeds 0-{args.seeds - 1}. " + SETUP,
             "",
             *header,
         ]
         for name in args.datasets:
-            lines += widths_experiment(
-                name, range(args.seeds), lambda text: print(text, flush=True)
-            )
+            lines += widths_experiment(name, range(args.seeds), report, run_all)
         write_section(args.out, "growth-widths", "\n".join(lines))
     if "capacity" in args.experiments:
         seeds = f"{CAPACITY_SEEDS.start}-{CAPACITY_SEEDS.stop - 1}"
         lines = [
             "## How far width pays, and where growth stops (`benchmarks/bench_growth.py`)",
             "",
-            f"Generated on {datetime.date.today()}, {torch.get_num_threads()} thread(s). Seeds "
+            f"Generated on {datetime.date.today()}, {threads}. Seeds "
             f"{seeds}, the setup of the widths experiment above. Fixed models of each width "
             "(both hidden layers), mean test accuracy; then the default controller (fresh "
-            "children, saturation) under each max_neurons, and growth while the held-out error "
-            'improves (`grow_when="progress"`): final hidden widths per seed, mean test '
-            "accuracy, and in parentheses the fixed models of those widths trained the same "
-            "steps.",
+            "children, growing while the mean training loss improves) under each max_neurons, "
+            'growth on saturation (`grow_when="saturated"`), and growth while the held-out '
+            'error improves (`grow_when="progress"` with that closure): final hidden widths per '
+            "seed, mean test accuracy, and in parentheses the fixed models of those widths "
+            "trained the same steps.",
             "",
             "| data | "
             + " | ".join(f"fixed {w}-{w}" for w in CAPACITY_WIDTHS)
@@ -312,15 +382,15 @@ def main() -> None:
             "|---|" + "---:|" * len(CAPACITY_WIDTHS) + "---|" * len(CAPACITY_RUNS),
         ]
         for name in args.datasets:
-            lines.append(capacity_experiment(name, lambda text: print(text, flush=True)))
+            lines.append(capacity_experiment(name, report, run_all))
         write_section(args.out, "growth-capacity", "\n".join(lines))
     if "pruning" in args.experiments:
         seeds = f"{PRUNING_SEEDS.start}-{PRUNING_SEEDS.stop - 1}"
         lines = [
-            "## Growth while the held-out error improves, with and without pruning "
+            "## Growth while a loss improves, with and without pruning "
             "(`benchmarks/bench_growth.py`)",
             "",
-            f"Generated on {datetime.date.today()}, {torch.get_num_threads()} thread(s). Seeds "
+            f"Generated on {datetime.date.today()}, {threads}. Seeds "
             f"{seeds}, the setup of the widths experiment above with max_neurons 2048: "
             '`grow_when="progress"` on the held-out error (the closure) or on the mean training '
             "loss since the last check (the losses every step gives `record_loss`), with the "
@@ -329,11 +399,8 @@ def main() -> None:
             *header,
         ]
         for name in args.datasets:
-            lines += widths_experiment(
-                name, PRUNING_SEEDS, lambda text: print(text, flush=True), PRUNING_MODES
-            )
+            lines += widths_experiment(name, PRUNING_SEEDS, report, run_all, PRUNING_MODES)
         write_section(args.out, "growth-pruning", "\n".join(lines))
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -81,12 +81,6 @@ def _criterion_kind(grow_when: str | Plateau | Progress) -> str | None:
     return None
 
 
-def _criterion_state(grow_when: str | Plateau | Progress) -> dict[str, Any] | None:
-    """A loss criterion's state as plain values, with its kind; None for saturation."""
-    kind = _criterion_kind(grow_when)
-    return None if kind is None else {"kind": kind, **asdict(grow_when)}
-
-
 @dataclass
 class Link:
     """A SpatialLayer, the modules between it and its consumer, and the consumer (None for the
@@ -222,17 +216,21 @@ class GrowthController:
             given, :meth:`check_resizes` runs on it now, so a model whose layers cannot change
             width is refused here. Otherwise the check runs on the last training input at the
             first optimizer step (when growing or pruning) or before the first event.
-        grow_when: ``"saturated"``: every ``grow_every`` steps, split the neurons over
-            ``growth_threshold``. A loss criterion, ``"plateau"`` or a :class:`Plateau`,
-            ``"progress"`` or a :class:`Progress`: every ``grow_every`` steps, ask it with the
-            loss (``closure``'s if given, else the mean of the losses given to
-            :meth:`record_loss` since the last check); when it says grow, split up to
-            ``max_split_fraction`` of each layer (any neuron with blocks). A Plateau grows when
-            learning has stalled at this width and stops for good once a growth did not lower
-            the loss; a Progress grows while the loss keeps improving and stops for good once
-            it does not (on MNIST-1D and digits it stopped best on the training losses given
-            to :meth:`record_loss` with pruning beside it, or on the held-out error without
-            pruning; README "Growth").
+        grow_when: what decides a scheduled growth check (every ``grow_every`` steps).
+            ``"saturated"``: split the neurons over ``growth_threshold``, whatever the loss
+            does. A loss criterion, ``"plateau"`` or a :class:`Plateau`, ``"progress"`` or a
+            :class:`Progress`: ask it with the loss (``closure``'s if given, else the mean of
+            the losses given to :meth:`record_loss` since the last check); when it says grow,
+            split up to ``max_split_fraction`` of each layer (any neuron with blocks). A
+            Plateau grows when learning has stalled at this width and stops for good once a
+            growth did not lower the loss; a Progress grows while the loss keeps improving and
+            stops for good once it does not. ``"auto"`` (the default): a ``Progress()`` at every
+            check that has a loss (a closure, or losses given to :meth:`record_loss` since the
+            last check), saturation at a check that has none (with a warning once a layer's
+            every neuron is saturated). On MNIST-1D and digits Progress stopped best on the
+            training losses given to :meth:`record_loss` with pruning beside it (a 32-32 start
+            ended at 877-1361 and 52-57 first-layer neurons, never at the cap), or on a held-out
+            error closure without pruning; README "Growth".
         seed: seeds the split perturbations (event by event), so that runs and ranks draw the
             same; None: the global generator, or under torch.distributed a seed rank 0 draws
             and shares.
@@ -265,7 +263,7 @@ class GrowthController:
         history_every: int = 10,
         example_input: torch.Tensor | tuple | None = None,
         seed: int | None = None,
-        grow_when: str | Plateau | Progress = "saturated",
+        grow_when: str | Plateau | Progress = "auto",
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
@@ -319,12 +317,18 @@ class GrowthController:
         self.seed = seed
         if isinstance(grow_when, str) and grow_when in LOSS_CRITERIA:
             grow_when = LOSS_CRITERIA[grow_when]()
-        if _criterion_kind(grow_when) is None and grow_when != "saturated":
+        if _criterion_kind(grow_when) is None and grow_when not in ("auto", "saturated"):
             raise ValueError(
-                "grow_when must be 'saturated', 'plateau', 'progress', a Plateau or a Progress, "
-                f"got {grow_when!r}"
+                "grow_when must be 'auto', 'saturated', 'plateau', 'progress', a Plateau or a "
+                f"Progress, got {grow_when!r}"
             )
         self.grow_when = grow_when
+        # The loss criterion growth checks ask: grow_when's own, or under "auto" a Progress
+        # (asked at the checks that have a loss); None: growth on saturation only.
+        self.criterion: Plateau | Progress | None = (
+            Progress() if grow_when == "auto" else None if grow_when == "saturated" else grow_when
+        )
+        self._decided_by_loss = False  # whether the last growth check asked the criterion
         self._loss_sum, self._loss_count = 0.0, 0
         self._changed_since_wrap = False
         self.steps = 0
@@ -351,8 +355,16 @@ class GrowthController:
         """The event log."""
         return self.history.events
 
+    def _signal(self) -> str:
+        """grow_when by name: "auto", "saturated", "plateau" or "progress"."""
+        return (
+            self.grow_when if isinstance(self.grow_when, str) else _criterion_kind(self.grow_when)
+        )
+
     def record_loss(self, loss: torch.Tensor | float) -> None:
-        """Gives the controller the last training loss (for the history and the log)."""
+        """Gives the controller the last training loss: for the history and the log, and,
+        under ``grow_when="auto"`` or a loss criterion without a closure, the mean of those
+        since the last growth check is the loss the check decides from."""
         self.last_loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         self._loss_sum += self.last_loss
         self._loss_count += 1
@@ -397,7 +409,9 @@ class GrowthController:
             "last_loss": self.last_loss,
             "resizes_checked": self._resizes_checked,
             "seed": self.seed,
-            "plateau": _criterion_state(self.grow_when),
+            "plateau": None
+            if self.criterion is None
+            else {"kind": self._signal(), **asdict(self.criterion)},
             "history": self.history.state_dict(),
             # Measured through this controller's probes; a new controller starts them over.
             "activity": {link.name: link.layer.activity.clone() for link in self.links},
@@ -413,12 +427,11 @@ class GrowthController:
         if missing:
             raise ValueError(f"GrowthController.load_state_dict: the state lacks {missing}")
         saved_plateau = state["plateau"]
-        saved_kind = None if saved_plateau is None else saved_plateau.get("kind", "plateau")
-        if saved_kind != _criterion_kind(self.grow_when):
+        saved_kind = "saturated" if saved_plateau is None else saved_plateau.get("kind", "plateau")
+        if saved_kind != self._signal():
             raise ValueError(
                 "GrowthController.load_state_dict: the state was saved by a controller with "
-                f"grow_when={saved_kind or 'saturated'!r}, this one has "
-                f"grow_when={_criterion_kind(self.grow_when) or 'saturated'!r}"
+                f"grow_when={saved_kind!r}, this one has grow_when={self._signal()!r}"
             )
         widths = {link.name: (link.layer.out_features,) for link in self.links}
         for key in ("activity", "output_mean"):
@@ -431,7 +444,7 @@ class GrowthController:
         criterion = None
         if saved_plateau is not None:
             fields = {key: value for key, value in saved_plateau.items() if key != "kind"}
-            criterion = LOSS_CRITERIA[saved_kind](**fields)
+            criterion = type(self.criterion)(**fields)
         history = TrainingHistory.from_state_dict(state["history"])
         with torch.no_grad():
             for link in self.links:
@@ -443,7 +456,9 @@ class GrowthController:
         self._resizes_checked = bool(state["resizes_checked"])
         self.seed = state["seed"]
         if criterion is not None:
-            self.grow_when = criterion
+            self.criterion = criterion
+            if self.grow_when != "auto":
+                self.grow_when = criterion
         self.history = history
         # Gradients for the next rewire are collected over the step before it.
         if self.rewire_every and (self.steps + 1) % self.rewire_every == 0:
@@ -520,13 +535,15 @@ class GrowthController:
                 "mode='fresh'",
                 stacklevel=3,
             )
-        self._warn_if_all_saturated(link, stacklevel=4)
+        if self.grow_when == "saturated":
+            self._warn_if_all_saturated(link, stacklevel=4)
 
     def _warn_if_all_saturated(self, link: Link, stacklevel: int) -> None:
         """Warns, once per layer, when growth on saturation has become unconditional for it:
         every neuron saturated, at construction (a dense layer) or later (a sparse layer whose
-        memory growth filled its fan-in)."""
-        if self.grow_when != "saturated" or link.name in self._warned_saturated:
+        memory growth filled its fan-in). Under ``grow_when="auto"``, at the first check that
+        had no loss to decide from."""
+        if link.name in self._warned_saturated:
             return
         layer = link.layer
         threshold = (
@@ -536,8 +553,15 @@ class GrowthController:
             return
         self._warned_saturated.add(link.name)
         when = "is" if self.steps == 0 else f"has become, at step {self.steps},"
+        no_loss = (
+            "grow_when='auto' had no loss to decide from (no closure, nothing given to "
+            "record_loss since the last check), so it grows on saturation, and "
+            if self.grow_when == "auto"
+            else ""
+        )
         warnings.warn(
-            f"GrowthController: every neuron of SpatialLayer {link.name!r} {when} saturated "
+            f"GrowthController: {no_loss}every neuron of SpatialLayer {link.name!r} {when} "
+            "saturated "
             f"(saturation > growth_threshold {threshold}): each growth event will split "
             "max_split_fraction of it until max_neurons, whatever the loss does. Saturation "
             "is the share of the fan-in a neuron's blocks cover, always 1 at density 1 and "
@@ -587,14 +611,19 @@ class GrowthController:
             settings["broadcast_buffers"] = ddp.broadcast_buffers
         return DistributedDataParallel(ddp.module, **settings)
 
-    def _plateau_allows_growth(self) -> bool:
-        """Whether a scheduled growth check grows (always, with ``grow_when="saturated"``)."""
-        if _criterion_kind(self.grow_when) is None:
+    def _growth_allowed(self) -> bool:
+        """Whether a scheduled growth check grows: the loss criterion's answer when it decides
+        (always under a criterion; under ``"auto"`` when the check has a loss), else yes, and
+        the saturated neurons split. Records which of the two decided."""
+        self._decided_by_loss = False
+        if self.criterion is None:
             return True
         if self.closure is not None:
             loss = self._loss()
         elif self._loss_count:
             loss = self._loss_sum / self._loss_count  # the mean since the last check
+        elif self.grow_when == "auto":
+            return True
         else:
             raise ValueError(
                 f"GrowthController: grow_when={_criterion_kind(self.grow_when)!r} decides from "
@@ -603,7 +632,8 @@ class GrowthController:
                 "set grow_when='saturated' to split saturated neurons on schedule"
             )
         self._loss_sum, self._loss_count = 0.0, 0
-        return self.grow_when.should_grow(loss)
+        self._decided_by_loss = True
+        return self.criterion.should_grow(loss)
 
     def _check_once(self) -> None:
         if not self._resizes_checked and self._last_input is not None:
@@ -616,7 +646,7 @@ class GrowthController:
         step = self.steps
         if self.rewire_every and step % self.rewire_every == 0:
             self.rewire()
-        if self.grow_every and step % self.grow_every == 0 and self._plateau_allows_growth():
+        if self.grow_every and step % self.grow_every == 0 and self._growth_allowed():
             self._event("grow", lambda link: self._grow_link(link, scheduled=True))
         if self.prune_every and step % self.prune_every == 0:
             self.prune()
@@ -669,8 +699,8 @@ class GrowthController:
             draw = self.seed + 1_000_003 * self.steps + self.links.index(link)
             generator = torch.Generator().manual_seed(draw % 2**63)
         # A loss criterion decided that the model grows: any neuron with blocks may split.
-        by_loss = scheduled and _criterion_kind(self.grow_when) is not None
-        if scheduled:
+        by_loss = scheduled and self._decided_by_loss
+        if scheduled and not by_loss:
             self._warn_if_all_saturated(link, stacklevel=1)
         change, stage = link.layer.plan_growth(
             self.mode,

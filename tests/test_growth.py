@@ -318,8 +318,9 @@ def test_controller_grows_prunes_and_rewires_on_schedule():
     model = nn.Sequential(layer, nn.ReLU(), nn.Linear(8, 1))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     controller = st.GrowthController(
-        model, optimizer, grow_every=20, prune_every=30, rewire_every=5, prune_threshold=0.001
-    )
+        model, optimizer, grow_every=20, prune_every=30, rewire_every=5, prune_threshold=0.001,
+        grow_when="saturated",  # the losses given to record_loss are for the history only
+    )  # fmt: skip
     with torch.no_grad():
         layer.bias[5] = -1e3  # a dead neuron: its relu output is always zero
         layer.activity[5] = 0.0
@@ -465,12 +466,12 @@ def test_a_transformer_feed_forward_layer_grows():
         layer.linear1.growth_threshold = 0.0
     x = torch.rand(2, 5, 32)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    with pytest.warns(UserWarning, match="saturated"):
-        controller = st.GrowthController(model, optimizer, grow_every=1, example_input=x)
-    for _ in range(2):
-        model(x).square().mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    controller = st.GrowthController(model, optimizer, grow_every=1, example_input=x)
+    with pytest.warns(UserWarning, match="grow_when='auto' had no loss"):
+        for _ in range(2):
+            model(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
     assert model.layers[0].linear1.out_features == 100  # 64 + 16, + 20
     assert model.layers[0].linear2.in_features == 100
     assert [event.layer for event in controller.events] == ["layers.0.linear1"] * 2
@@ -553,8 +554,24 @@ def test_growth_settings_that_cannot_do_what_they_say_warn():
         st.GrowthController(
             dense, torch.optim.SGD(dense.parameters(), lr=0.1), grow_every=10, mode="partition"
         )
+    optimizer = torch.optim.SGD(dense.parameters(), lr=0.1)
     with pytest.warns(UserWarning, match="every neuron of SpatialLayer '0' is saturated"):
-        st.GrowthController(dense, torch.optim.SGD(dense.parameters(), lr=0.1), grow_every=10)
+        st.GrowthController(dense, optimizer, grow_every=10, grow_when="saturated")
+    # The default decides from the loss when it has one, so it warns only at a check without.
+    x, target = torch.randn(16, 64), torch.randn(16, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recorded = st.GrowthController(dense, optimizer, grow_every=1)
+        for _ in range(3):
+            loss = F.mse_loss(dense(x), target)
+            optimizer.zero_grad()
+            loss.backward()
+            recorded.record_loss(loss)  # before the step, whose hook runs the check
+            optimizer.step()
+    recorded.remove()
+    st.GrowthController(dense, optimizer, grow_every=1)
+    with pytest.warns(UserWarning, match="grow_when='auto' had no loss to decide from"):
+        step(dense, optimizer, x, target)
     sparse = nn.Sequential(sparse_layer(), nn.ReLU(), nn.Linear(8, 2))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -946,7 +963,8 @@ def test_copies_and_pickles_of_a_controlled_model_measure_themselves(tmp_path):
     net = st.SpatialNetwork([4, 8, 2], growth_threshold=0.5)
     net.controller.grow_every = 1
     copied = copy.deepcopy(net)
-    copied.train_batch(torch.randn(8, 4), torch.randn(8, 2))
+    for _ in range(2):  # the default, Progress on the recorded losses, grows at check 2
+        copied.train_batch(torch.randn(8, 4), torch.randn(8, 2))
     assert copied[0].out_features == 10 and net[0].out_features == 8
 
 
@@ -1086,6 +1104,37 @@ def test_a_progress_controller_grows_while_its_closure_improves():
     assert widths == [8, 12, 12, 18, 27, 27, 27, 27] and controller.grow_when.stopped
 
 
+def test_the_default_decides_from_the_loss_when_it_has_one():
+    # Every neuron of a dense layer is saturated: growth on saturation would split at every
+    # check. The default asks a Progress when the check has a loss.
+    torch.manual_seed(0)
+    x = torch.rand(4, 16)
+
+    def run(closure_of=None):
+        model = nn.Sequential(st.SpatialLayer(16, 8), nn.ReLU(), nn.Linear(8, 2))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        closure = None if closure_of is None else closure_of(model)
+        controller = st.GrowthController(
+            model, optimizer, grow_every=1, max_split_fraction=0.5, max_neurons=40,
+            closure=closure,
+        )  # fmt: skip
+        for _ in range(8):
+            model(x).sum().backward()
+            controller.record_loss(torch.tensor(1.0))
+            optimizer.step()
+        assert controller.grow_when == "auto" and isinstance(controller.criterion, st.Progress)
+        return [e.step for e in controller.events], model[0].out_features, controller
+
+    # On the flat recorded loss: one growth at check 2 (its window), stopped for good at 4.
+    steps, width, controller = run()
+    assert (steps, width, controller.criterion.stopped) == ([2], 12, True)
+    # A closure is asked before the recorded losses: an error that falls as the layer widens
+    # keeps it growing (check 3 compares too few checks; at check 5 every neuron is in its
+    # split cooldown).
+    steps, width, controller = run(lambda model: lambda: 1.0 / model[0].out_features)
+    assert (steps, width, controller.criterion.stopped) == ([2, 4, 6, 7], 32, False)
+
+
 def test_a_plateau_controller_grows_once_then_stops_on_a_flat_loss():
     torch.manual_seed(0)
     model = nn.Sequential(sparse_layer(), nn.ReLU(), nn.Linear(8, 2))
@@ -1112,6 +1161,7 @@ def test_a_plateau_controller_grows_once_then_stops_on_a_flat_loss():
 
 
 LOSS_CRITERIA = {
+    "auto": lambda: "auto",
     "saturated": lambda: "saturated",
     "plateau": lambda: st.Plateau(patience=1, tolerance=0.0, min_gain=0.0),
     "progress": lambda: st.Progress(window=1, min_gain=0.0),
@@ -1192,6 +1242,8 @@ def test_a_controller_state_that_does_not_fit_is_refused_whole():
     )
     with pytest.raises(ValueError, match="grow_when='plateau'"):
         progress.load_state_dict(plateau.state_dict())
+    with pytest.raises(ValueError, match="grow_when='progress', this one has grow_when='auto'"):
+        controller.load_state_dict(progress.state_dict())
     with pytest.raises(ValueError, match=r"lacks \['steps'\]"):
         controller.load_state_dict({k: v for k, v in state.items() if k != "steps"})
     wider = {**state, "activity": {"0": torch.zeros(5)}}
