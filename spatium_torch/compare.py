@@ -304,7 +304,6 @@ def _growth_controller(
         prune_every=200,
         rewire_every=25,
         max_neurons=hidden // 2,
-        mode="duplicate",
     )
 
 
