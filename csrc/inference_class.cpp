@@ -7,6 +7,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 
@@ -17,16 +20,29 @@
 namespace spatium {
 namespace {
 
-// Weights per parallel task, as the float kernels use.
+// Weights per parallel task, as the float kernels use; outputs per task of placing them.
 constexpr int64_t kWeightsPerTask = int64_t{1} << 15;
+constexpr int64_t kOutputsPerTask = int64_t{1} << 14;
 
-struct PackHolder : torch::CustomClassHolder {
-  explicit PackHolder(InferencePack p) : pack(std::move(p)) {}
-  InferencePack pack;
+// The pack of a store's six arrays. It keeps them and the version each had when it was built,
+// and builds again when one moved (a re-quantization, a rewire, a load writing in place), so the
+// layer only checks that its store still holds the same arrays.
+class PackHolder : public torch::CustomClassHolder {
+ public:
+  PackHolder(std::array<at::Tensor, 6> arrays, int64_t format, int64_t in_features,
+             int64_t out_features)
+      : arrays_(std::move(arrays)),
+        format_(format),
+        in_features_(in_features),
+        out_features_(out_features) {
+    current();  // a store the kernels cannot take is refused here, not at the first forward
+  }
 
   // x W^T + bias for a float32 [batch, in_features] x, activations quantized to int8; nullopt
   // for an input holding NaN or an infinity (the float path gives F.linear's result there).
   std::optional<at::Tensor> linear(const at::Tensor& x_in, const std::optional<at::Tensor>& bias) {
+    const std::shared_ptr<const InferencePack> held = current();
+    const InferencePack& pack = *held;
     TORCH_CHECK_VALUE(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat &&
                           x_in.dim() == 2 && x_in.size(1) == pack.in_features(),
                       "InferencePack.linear: x must be a float32 CPU tensor [batch, ",
@@ -48,15 +64,54 @@ struct PackHolder : torch::CustomClassHolder {
     if (batch > 0) {
       const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
       const float* bias_data = b.defined() ? b.const_data_ptr<float>() : nullptr;
+      const int64_t neurons = pack.out_features();
       float* out = y.mutable_data_ptr<float>();
       const int64_t per_group = InferencePack::kGroup * pack.in_features() * batch;
       const int64_t grain = std::max<int64_t>(1, kWeightsPerTask / std::max<int64_t>(per_group, 1));
       at::parallel_for(0, pack.groups(), grain, [&](int64_t g0, int64_t g1) {
-        pack.linear_groups(g0, g1, rows, bias_data, out, pack.out_features());
+        pack.linear_groups(g0, g1, rows, bias_data, out, neurons);
       });
+      // The kernels write each group's slots; a pack that reorders neurons places them after.
+      if (!pack.neuron_order().empty()) {
+        const int64_t rows_per_task = std::max<int64_t>(1, kOutputsPerTask / std::max<int64_t>(neurons, 1));
+        at::parallel_for(0, batch, rows_per_task, [&](int64_t b0, int64_t b1) {
+          pack.place_neurons(out, neurons, b0, b1);
+        });
+      }
     }
     return y;
   }
+
+  int64_t bytes() { return current()->bytes(); }
+
+ private:
+  std::array<int64_t, 6> versions() const {
+    std::array<int64_t, 6> versions{};
+    for (size_t i = 0; i < arrays_.size(); ++i) versions[i] = static_cast<int64_t>(arrays_[i]._version());
+    return versions;
+  }
+
+  // The pack for the arrays as they are now. Forwards on several threads share one; a build
+  // happens under the lock, and a forward keeps the pack it started with.
+  std::shared_ptr<const InferencePack> current() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const std::array<int64_t, 6> now = versions();
+    if (pack_ == nullptr || now != built_at_) {
+      const auto& [region_begin, bitmap, block_begin, code_begin, scales, codes] = arrays_;
+      const PackedView v =
+          cpu::view_of(StoreArrays{region_begin, bitmap, block_begin, code_begin, scales, codes},
+                       format_, in_features_, out_features_);
+      pack_ = with_python_errors([&] { return std::make_shared<const InferencePack>(v); });
+      built_at_ = now;
+    }
+    return pack_;
+  }
+
+  const std::array<at::Tensor, 6> arrays_;
+  const int64_t format_, in_features_, out_features_;
+  std::mutex mutex_;
+  std::array<int64_t, 6> built_at_{};
+  std::shared_ptr<const InferencePack> pack_;
 };
 
 c10::intrusive_ptr<PackHolder> build(const at::Tensor& region_begin, const at::Tensor& bitmap,
@@ -66,10 +121,9 @@ c10::intrusive_ptr<PackHolder> build(const at::Tensor& region_begin, const at::T
   TORCH_CHECK(InferencePack::cpu_supported(),
               "InferencePack: this CPU has neither AVX-512 VNNI nor AVX2 with FMA and F16C; the "
               "float kernels serve it");
-  const PackedView v = cpu::view_of(
-      StoreArrays{region_begin, bitmap, block_begin, code_begin, scales, codes}, format, in_features,
-      out_features);
-  return with_python_errors([&] { return c10::make_intrusive<PackHolder>(InferencePack(v)); });
+  return c10::make_intrusive<PackHolder>(
+      std::array<at::Tensor, 6>{region_begin, bitmap, block_begin, code_begin, scales, codes},
+      format, in_features, out_features);
 }
 
 }  // namespace
@@ -81,7 +135,7 @@ TORCH_LIBRARY_FRAGMENT(spatium, m) {
       .def_static("isa",
                   [] { return std::string(InferencePack::isa_name(InferencePack::best_isa())); })
       .def("linear", &PackHolder::linear)
-      .def("nbytes", [](const c10::intrusive_ptr<PackHolder>& self) { return self->pack.bytes(); });
+      .def("nbytes", &PackHolder::bytes);
 }
 
 }  // namespace spatium

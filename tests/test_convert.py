@@ -102,6 +102,31 @@ def test_convert_a_transformer_encoder_then_freeze_and_run_in_eval():
         assert model(x).shape == x.shape
 
 
+def test_spatial_layers_put_in_by_hand_keep_the_encoder_layer_off_its_fast_path():
+    # torch's TransformerEncoderLayer computes with linear1/linear2's `weight` itself in eval
+    # without gradients unless one of its modules has hooks; the layers carry one (on their
+    # store), so their own forward runs: quantized weights, and no crash on a frozen layer.
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+    model.linear1 = st.SpatialLayer.from_linear(model.linear1, bits=2)
+    model.linear2 = st.SpatialLayer.from_linear(model.linear2, bits=2)
+    x = torch.rand(2, 5, 32)
+
+    def run(fast_path):
+        previous = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+        try:
+            with torch.no_grad():
+                return model(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(previous)
+
+    by_modules = run(fast_path=False)
+    torch.testing.assert_close(run(fast_path=True), by_modules)
+    st.freeze(model)
+    torch.testing.assert_close(run(fast_path=True), by_modules)
+
+
 def tiny(kind):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

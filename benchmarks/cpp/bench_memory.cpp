@@ -2,6 +2,8 @@
 // 1024 x 1024 layer forward at batch 1 (one thread), and re-quantizing it.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
 #include <numeric>
 #include <random>
@@ -13,6 +15,7 @@
 
 #include "core/cpu_features.h"
 #include "core/inference_pack.h"
+#include "core/morton.h"
 #include "core/spatial_memory.h"
 
 namespace spatium {
@@ -31,6 +34,48 @@ SpatialMemory dense_memory(int64_t out, int64_t in, int bits, int region_bits) {
   std::iota(codes.begin(), codes.end(), uint64_t{0});
   SpatialMemory memory(out, std::move(codes), bits, region_bits);
   std::vector<uint8_t> mask(static_cast<size_t>(out * memory.num_regions()), 1);
+  memory.set_active(mask.data());
+  memory.quantize_rows(0, out, gaussian_weights(out * in).data(), in);
+  return memory;
+}
+
+// A memory like a sparse layer's local start: neuron n holds the `active` regions (cells of the
+// input space) nearest a random point of it, quantized from Gaussian weights.
+SpatialMemory local_memory(int64_t out, int64_t in, int bits, int region_bits, int64_t active) {
+  std::vector<uint64_t> codes(static_cast<size_t>(in));
+  std::iota(codes.begin(), codes.end(), uint64_t{0});
+  SpatialMemory memory(out, std::move(codes), bits, region_bits);
+  const int64_t regions = memory.num_regions();
+  std::vector<std::array<float, 3>> centres(static_cast<size_t>(regions));
+  for (int64_t r = 0; r < regions; ++r) {
+    const morton::Position p = morton::decode(memory.region_key(r) << region_bits);
+    centres[r] = {static_cast<float>(p.x), static_cast<float>(p.y), static_cast<float>(p.z)};
+  }
+  const morton::Position corner = morton::decode(static_cast<uint64_t>(in - 1));
+  std::mt19937 rng(2);
+  std::uniform_real_distribution<float> unit;
+  std::vector<uint8_t> mask(static_cast<size_t>(out * regions), 0);
+  std::vector<int64_t> nearest(static_cast<size_t>(regions));
+  std::vector<float> distance(static_cast<size_t>(regions));
+  // Neurons in the Morton order of their points, as a layer places them.
+  std::vector<std::pair<uint64_t, std::array<float, 3>>> points(static_cast<size_t>(out));
+  for (auto& [code, point] : points) {
+    point = {unit(rng) * corner.x, unit(rng) * corner.y, unit(rng) * corner.z};
+    code = morton::encode(static_cast<uint16_t>(point[0]), static_cast<uint16_t>(point[1]),
+                          static_cast<uint16_t>(point[2]));
+  }
+  std::sort(points.begin(), points.end());
+  for (int64_t n = 0; n < out; ++n) {
+    const auto [x, y, z] = points[n].second;
+    for (int64_t r = 0; r < regions; ++r) {
+      const auto& c = centres[r];
+      distance[r] = (c[0] - x) * (c[0] - x) + (c[1] - y) * (c[1] - y) + (c[2] - z) * (c[2] - z);
+    }
+    std::iota(nearest.begin(), nearest.end(), int64_t{0});
+    std::partial_sort(nearest.begin(), nearest.begin() + active, nearest.end(),
+                      [&](int64_t a, int64_t b) { return distance[a] < distance[b]; });
+    for (int64_t k = 0; k < active; ++k) mask[n * regions + nearest[k]] = 1;
+  }
   memory.set_active(mask.data());
   memory.quantize_rows(0, out, gaussian_weights(out * in).data(), in);
   return memory;
@@ -77,7 +122,8 @@ void BM_Forward(benchmark::State& state) {
 }
 
 // The integer kernels on `isa` (the best this CPU runs, or AVX2), activations quantized
-// inside the loop. Args: bits, neurons, inputs, batch.
+// inside the loop. Args: bits, neurons, inputs, batch, and the share of regions each neuron
+// holds in percent (100: dense; less: a local layout). Items: the dense layer's multiply-adds.
 void BM_IntegerForward(benchmark::State& state, InferencePack::Isa isa) {
   const cpu::Features& f = cpu::features();
   const bool runs = isa == InferencePack::Isa::kAvx2 ? f.avx2 && f.fma_f16c : f.avx512_vnni;
@@ -87,7 +133,11 @@ void BM_IntegerForward(benchmark::State& state, InferencePack::Isa isa) {
   }
   const int bits = static_cast<int>(state.range(0));
   const int64_t out = state.range(1), in = state.range(2), batch = state.range(3);
-  const SpatialMemory memory = dense_memory(out, in, bits, 6);
+  const int64_t percent = state.range(4);
+  const int64_t regions = in >> 6;
+  const SpatialMemory memory = percent == 100
+                                   ? dense_memory(out, in, bits, 6)
+                                   : local_memory(out, in, bits, 6, regions * percent / 100);
   const InferencePack pack(memory.view());
   std::vector<float> x(static_cast<size_t>(batch * in), 0.5f), y(static_cast<size_t>(batch * out));
   InferencePack::Rows rows;
@@ -97,10 +147,12 @@ void BM_IntegerForward(benchmark::State& state, InferencePack::Isa isa) {
       break;
     }
     pack.linear_groups(0, pack.groups(), rows, nullptr, y.data(), out, isa);
+    pack.place_neurons(y.data(), out, 0, batch);
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
   report_calls(state, batch * out * in);
+  state.counters["pack_bytes"] = static_cast<double>(pack.bytes());
 }
 
 #if defined(__x86_64__)
@@ -164,19 +216,26 @@ BENCHMARK(BM_Forward)->Name("layer_forward_1024x1024_batch1")->Apply([](auto* b)
 });
 BENCHMARK_CAPTURE(BM_IntegerForward, vnni, InferencePack::Isa::kAvx512Vnni)
     ->Name("integer_forward_1024x1024_batch1")
-    ->Apply([](auto* b) { for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 1}); });
+    ->Apply([](auto* b) { for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 1, 100}); });
 BENCHMARK_CAPTURE(BM_IntegerForward, vnni, InferencePack::Isa::kAvx512Vnni)
     ->Name("integer_forward_1024x1024_batch32")
-    ->Apply([](auto* b) { for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 32}); });
+    ->Apply([](auto* b) { for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 32, 100}); });
 BENCHMARK_CAPTURE(BM_IntegerForward, vnni, InferencePack::Isa::kAvx512Vnni)
     ->Name("integer_forward_1024x1024_batch256")
-    ->Apply([](auto* b) { for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 256}); });
+    ->Apply([](auto* b) { for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 256, 100}); });
+BENCHMARK_CAPTURE(BM_IntegerForward, vnni, InferencePack::Isa::kAvx512Vnni)
+    ->Name("integer_forward_4096x4096_4bit")
+    ->Apply([](auto* b) {
+      for (int64_t batch : {1, 32, 256}) {
+        for (int64_t percent : {100, 25}) b->Args({4, 4096, 4096, batch, percent});
+      }
+    });
 BENCHMARK_CAPTURE(BM_IntegerForward, avx2, InferencePack::Isa::kAvx2)
     ->Name("integer_forward_avx2_1024x1024_batch1")
-    ->Apply([](auto* b) { for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 1}); });
+    ->Apply([](auto* b) { for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 1, 100}); });
 BENCHMARK_CAPTURE(BM_IntegerForward, avx2, InferencePack::Isa::kAvx2)
     ->Name("integer_forward_avx2_1024x1024_batch32")
-    ->Apply([](auto* b) { for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 32}); });
+    ->Apply([](auto* b) { for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 32, 100}); });
 BENCHMARK(BM_VnniPeak)->Name("vnni_peak");
 BENCHMARK(BM_Dequantize)->Name("dequantize_1024x1024")->Apply([](auto* b) {
   bit_widths(b, 1024, 1024);

@@ -57,14 +57,9 @@ inline void group_bias(const Panels& p, int64_t g, float* out) {
   for (int64_t k = 0; k < p.lanes(g); ++k) out[k] = p.bias[p.order ? p.order[n0 + k] : n0 + k];
 }
 
-// Writes group g's 16 slot values to their neurons' places in an output row.
+// Writes group g's 16 slot values to their slots in an output row.
 inline void store_group(const Panels& p, int64_t g, const float* values, float* row) {
-  const int64_t n0 = g * InferencePack::kGroup;
-  if (p.order == nullptr) {
-    std::memcpy(row + n0, values, static_cast<size_t>(p.lanes(g)) * sizeof(float));
-    return;
-  }
-  for (int64_t k = 0; k < p.lanes(g); ++k) row[p.order[n0 + k]] = values[k];
+  std::memcpy(row + g * InferencePack::kGroup, values, static_cast<size_t>(p.lanes(g)) * sizeof(float));
 }
 
 // Rows the register tile holds: R int32 sums and R float accumulators, 16 lanes each.
@@ -190,15 +185,10 @@ SPATIUM_VNNI inline __m512 scaled(__m512 acc, __m512i sums, __m512 scale, float 
   return _mm512_fmadd_ps(scale, sum, acc);
 }
 
-// store_group from a register: a masked store, or a scatter to the neurons' places.
+// store_group from a register.
 SPATIUM_VNNI inline void store_group_512(const Panels& p, int64_t g, __m512 values, float* row) {
-  const int64_t n0 = g * InferencePack::kGroup;
   const auto mask = static_cast<__mmask16>((1u << p.lanes(g)) - 1u);
-  if (p.order == nullptr) {
-    _mm512_mask_storeu_ps(row + n0, mask, values);
-  } else {
-    _mm512_mask_i32scatter_ps(row, mask, _mm512_maskz_loadu_epi32(mask, p.order + n0), values, 4);
-  }
+  _mm512_mask_storeu_ps(row + g * InferencePack::kGroup, mask, values);
 }
 
 SPATIUM_VNNI inline __m512 panel_scales(const Panels& p, int64_t panel) {
@@ -588,6 +578,17 @@ void avx2_groups(const Panels& p, int64_t g0, int64_t g1, const InferencePack::R
     });
   }
 }
+
+// y[n] = slots[slot_of[n]] for a row of `neurons`, eight a gather (AVX-512 CPUs have AVX2).
+SPATIUM_AVX2 void place_row(const float* slots, const int32_t* slot_of, int64_t neurons,
+                            float* y) {
+  int64_t n = 0;
+  for (; n + 8 <= neurons; n += 8) {
+    const __m256i at = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(slot_of + n));
+    _mm256_storeu_ps(y + n, _mm256_i32gather_ps(slots, at, 4));
+  }
+  for (; n < neurons; ++n) y[n] = slots[slot_of[n]];
+}
 #pragma GCC diagnostic pop
 #endif
 
@@ -750,6 +751,8 @@ InferencePack::InferencePack(const PackedView& v)
   }
   const std::vector<int64_t> order = grouped_order(v);
   order_.assign(order.begin(), order.end());  // fits: out_features <= INT32_MAX, checked above
+  slot_of_.resize(order_.size());
+  for (size_t s = 0; s < order_.size(); ++s) slot_of_[order_[s]] = static_cast<int32_t>(s);
   const auto neuron_in = [this](int64_t slot) { return order_.empty() ? slot : order_[slot]; };
   std::vector<int64_t> panel_of(static_cast<size_t>(regions), -1);
   std::vector<char> held(static_cast<size_t>(regions));
@@ -792,7 +795,7 @@ InferencePack::InferencePack(const PackedView& v)
 int64_t InferencePack::bytes() const {
   return static_cast<int64_t>(codes_.size() + scales_.size() * sizeof(uint16_t) +
                               panel_region_.size() * sizeof(int32_t) +
-                              order_.size() * sizeof(int32_t) +
+                              (order_.size() + slot_of_.size()) * sizeof(int32_t) +
                               (panel_chunks_.size() + group_begin_.size() + padded_begin_.size() +
                                region_begin_.size()) *
                                   sizeof(int64_t));
@@ -879,6 +882,22 @@ void InferencePack::linear_groups(int64_t g0, int64_t g1, const Rows& rows, cons
   (void)g0, (void)g1, (void)rows, (void)y, (void)ldy, (void)isa;
   throw std::logic_error("InferencePack: the kernels need x86-64 with AVX2 or AVX-512 VNNI");
 #endif
+}
+
+void InferencePack::place_neurons(float* y, int64_t ldy, int64_t b0, int64_t b1) const {
+  if (slot_of_.empty()) return;
+  std::vector<float> slots(static_cast<size_t>(out_features_));  // one row, in cache
+  for (int64_t b = b0; b < b1; ++b) {
+    float* row = y + b * ldy;
+    std::copy(row, row + out_features_, slots.begin());
+#if defined(__x86_64__)
+    if (cpu::features().avx2) {
+      place_row(slots.data(), slot_of_.data(), out_features_, row);
+      continue;
+    }
+#endif
+    for (int64_t n = 0; n < out_features_; ++n) row[n] = slots[slot_of_[n]];
+  }
 }
 
 }  // namespace spatium

@@ -89,14 +89,19 @@ class InferencePack {
   // Throws std::invalid_argument for an isa this CPU lacks.
   [[nodiscard]] bool quantize(const float* x, int64_t batch, int64_t ldx, Rows& rows,
                               Isa isa = best_isa()) const;
-  // y[b * ldy + n] = bias[n] + sum_i w[n][i] x[b][i] for the neurons n that groups [g0, g1)
-  // hold (see neuron_order), every row: the sums of products with the quantized rows, started
-  // from the bias (null: none). Each group writes its neurons' places of y and reads their
-  // bias entries, so groups run in parallel. With kAvx512Vnni: AMX tiles for batches of 8 rows
+  // y[b * ldy + s] = bias[n] + sum_i w[n][i] x[b][i] for the slots s that groups [g0, g1)
+  // hold, n the neuron of slot s (see neuron_order), every row: the sums of products with the
+  // quantized rows, started from the bias (null: none). Each group writes its own slots of y
+  // (contiguous: a scatter to the neurons' places cost 12% of a sparse layer's batch of 256)
+  // and reads its neurons' bias entries, so groups run in parallel; place_neurons then puts
+  // the rows in neuron order. With kAvx512Vnni: AMX tiles for batches of 8 rows
   // or more where the CPU and OS allow AMX-INT8, VNNI otherwise. Throws
   // std::invalid_argument for an isa this CPU lacks, or rows quantized for another isa.
   void linear_groups(int64_t g0, int64_t g1, const Rows& rows, const float* bias, float* y,
                      int64_t ldy, Isa isa = best_isa()) const;
+  // Rows [b0, b1) of linear_groups' output y, in place: each neuron's value moves from its slot
+  // to its place (nothing to do when slot s holds neuron s: neuron_order empty).
+  void place_neurons(float* y, int64_t ldy, int64_t b0, int64_t b1) const;
 
  private:
   int bits_ = 0;
@@ -104,6 +109,7 @@ class InferencePack {
   int64_t in_features_ = 0;
   int64_t out_features_ = 0;
   std::vector<int32_t> order_;         // [neurons] the neuron of each slot, or empty
+  std::vector<int32_t> slot_of_;       // [neurons] the slot of each neuron, or empty
   std::vector<int64_t> region_begin_;  // [regions + 1] the memory's
   std::vector<int64_t> padded_begin_;  // [regions + 1] where each region starts in a Rows row
   std::vector<int64_t> group_begin_;   // [groups + 1] first panel of each group

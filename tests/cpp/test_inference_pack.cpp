@@ -75,6 +75,7 @@ TEST(InferencePack, SumsOfIntegerProductsAreExact) {
       std::vector<float> y(static_cast<size_t>(batch * out), -1.0f), bias(static_cast<size_t>(out));
       for (int64_t s = 0; s < out; ++s) bias[s] = 0.25f * static_cast<float>(s) - 3.0f;
       pack.linear_groups(0, pack.groups(), rows, bias.data(), y.data(), out, isa);
+      pack.place_neurons(y.data(), out, 0, batch);
       // Expected: the kernels' weights times the rounded activations, in double.
       const std::vector<float> dense = kernel_weights(m);
       for (int64_t b = 0; b < batch; ++b) {
@@ -109,9 +110,6 @@ TEST(InferencePack, SumsOfIntegerProductsAreExact) {
   }
 }
 
-// Even neurons hold the first half of the regions, odd ones the second: in index order every
-// group of 16 needs every region, gathered by what they hold each group needs half. The pack
-// gathers them, and every neuron's output still lands in its own column.
 // A NaN or an infinity anywhere, in a whole vector of a region or in its tail (150 inputs
 // in regions of 8, 64 and 128: tails of AVX2's 8 lanes and AVX-512's 16), makes quantize
 // refuse the rows; finite extremes do not.
@@ -140,6 +138,9 @@ TEST(InferencePack, QuantizeRefusesNonFiniteInputs) {
   }
 }
 
+// Even neurons hold the first half of the regions, odd ones the second: in index order every
+// group of 16 needs every region, gathered by what they hold each group needs half. The pack
+// gathers them, and every neuron's output still lands in its own column.
 TEST(InferencePack, GathersNeuronsThatShareRegions) {
   if (!InferencePack::cpu_supported()) GTEST_SKIP() << "no AVX2 or AVX-512 VNNI on this CPU";
   const int64_t out = 64, in = 64, regions = 8;  // regions of 8 inputs
@@ -158,10 +159,11 @@ TEST(InferencePack, GathersNeuronsThatShareRegions) {
   for (int64_t n = 0; n < out; ++n) ASSERT_EQ(sorted[n], n);  // a permutation
   // Half the panels of the index order: a panel is 16 scales and one 64-byte chunk here.
   const int64_t panels = out / InferencePack::kGroup * (regions / 2);
-  EXPECT_EQ(pack.bytes(), panels * (64 + 16 * 2 + 4) + out * 4 +
+  EXPECT_EQ(pack.bytes(), panels * (64 + 16 * 2 + 4) + 2 * out * 4 +
                               (panels + 1 + out / 16 + 1 + 2 * (regions + 1)) * 8);
   // A one-hot input on input i gives each neuron holding i its weight there, the others 0, plus
-  // its bias: the kernels read the bias and write the outputs at the neurons' places.
+  // its bias: the kernels read each slot's neuron's bias and write the slots; place_neurons
+  // moves them to the neurons' places.
   std::vector<float> bias(static_cast<size_t>(out));
   for (int64_t n = 0; n < out; ++n) bias[n] = 0.5f * static_cast<float>(n);
   const std::vector<float> dense = kernel_weights(m);
@@ -171,11 +173,15 @@ TEST(InferencePack, GathersNeuronsThatShareRegions) {
     for (const InferencePack::Isa isa : isas()) {
       InferencePack::Rows rows;
       ASSERT_TRUE(pack.quantize(x.data(), 1, in, rows, isa));
-      std::vector<float> y(static_cast<size_t>(out));
-      pack.linear_groups(0, pack.groups(), rows, bias.data(), y.data(), out, isa);
-      for (int64_t n = 0; n < out; ++n) {
-        EXPECT_FLOAT_EQ(y[n], bias[n] + dense[n * in + i])
-            << InferencePack::isa_name(isa) << " input " << i << " neuron " << n;
+      std::vector<float> slots(static_cast<size_t>(out));
+      pack.linear_groups(0, pack.groups(), rows, bias.data(), slots.data(), out, isa);
+      std::vector<float> y = slots;
+      pack.place_neurons(y.data(), out, 0, 1);
+      for (int64_t s = 0; s < out; ++s) {
+        const int64_t n = order[s];
+        EXPECT_FLOAT_EQ(slots[s], bias[n] + dense[n * in + i])
+            << InferencePack::isa_name(isa) << " input " << i << " slot " << s;
+        EXPECT_FLOAT_EQ(y[n], slots[s]) << InferencePack::isa_name(isa) << " neuron " << n;
       }
     }
   }
