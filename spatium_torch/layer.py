@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -901,7 +902,8 @@ class SpatialLayer(nn.Module):
             flat = flat.index_select(1, order)
         if self._takes_int8_path(flat):
             bias = self._parameters["bias"]
-            bias = bias if bias is None else bias.float()  # the kernels add fp32 (a bf16 layer)
+            if bias is not None and bias.dtype != torch.float32:
+                bias = bias.float()  # the kernels add fp32 (a bf16 layer)
             y = self._inference_pack(arrays).linear(flat, bias)
             if y is not None:  # None: NaN or Inf in the input, which the float path handles
                 return y, flat
@@ -919,7 +921,7 @@ class SpatialLayer(nn.Module):
         """Whether this forward runs on the int8 kernels (see :attr:`inference_precision`)."""
         if self._inference_precision != "int8" or self.training or not INT8_KERNELS:
             return False
-        if flat.dtype != torch.float32 or flat.device.type != "cpu":
+        if flat.dtype != torch.float32 or not flat.is_cpu:
             return False
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return False  # graphs keep the registered op
@@ -938,7 +940,7 @@ class SpatialLayer(nn.Module):
         """The store re-laid for the int8 kernels, for the store's arrays. The pack keeps the
         arrays it was built from and builds again itself when one of them is written."""
         cached = self._pack
-        if cached is None or any(a is not b for a, b in zip(cached[0], arrays, strict=True)):
+        if cached is None or any(map(operator.is_not, cached[0], arrays)):
             pack = torch.classes.spatium.InferencePack(
                 *arrays, self.code_format, self.in_features, self.out_features
             )
