@@ -65,9 +65,9 @@ NOTES = """\
   rows where allowed), `integer_forward_avx2_*` on the AVX2 kernels that CPUs without VNNI run
   (same outputs); ns per call, the float kernels' batch-1 figure is `layer_forward_1024x1024`.
   Their last argument is the share of regions each neuron holds, in percent: 100 is dense,
-  `integer_forward_4096x4096_4bit/.../25` a 4096 x 4096 4-bit layer at density 0.25 in a local
-  layout (each neuron holds the 16 of 64 regions nearest a point, neurons in Morton order, as
-  a sparse SpatialLayer starts), beside its dense twin at batch 1, 32 and 256.
+  `integer_forward_4bit/4/n/n/batch/25` an n x n 4-bit layer (n 1024 or 4096) at density 0.25
+  in a local layout (each neuron holds the quarter of the regions nearest a point, neurons in
+  Morton order, as a sparse SpatialLayer starts), beside its dense twin at batch 1, 32 and 256.
   `vnni_peak`: independent chains of nothing but `vpdpbusd`, the VNNI unit's rate on this host:
   ns per call of 786,432 of them (50.3 M multiply-adds; `integer_forward_*` calls do batch x
   1024 x 1024), so the kernels' multiply-adds a second over its are their efficiency.

@@ -20,9 +20,8 @@
 namespace spatium {
 namespace {
 
-// Weights per parallel task, as the float kernels use; outputs per task of placing them.
+// Weights per parallel task, as the float kernels use.
 constexpr int64_t kWeightsPerTask = int64_t{1} << 15;
-constexpr int64_t kOutputsPerTask = int64_t{1} << 14;
 
 // The pack of a store's six arrays. It keeps them and the version each had when it was built,
 // and builds again when one moved (a re-quantization, a rewire, a load writing in place), so the
@@ -71,13 +70,6 @@ class PackHolder : public torch::CustomClassHolder {
       at::parallel_for(0, pack.groups(), grain, [&](int64_t g0, int64_t g1) {
         pack.linear_groups(g0, g1, rows, bias_data, out, neurons);
       });
-      // The kernels write each group's slots; a pack that reorders neurons places them after.
-      if (!pack.neuron_order().empty()) {
-        const int64_t rows_per_task = std::max<int64_t>(1, kOutputsPerTask / std::max<int64_t>(neurons, 1));
-        at::parallel_for(0, batch, rows_per_task, [&](int64_t b0, int64_t b1) {
-          pack.place_neurons(out, neurons, b0, b1);
-        });
-      }
     }
     return y;
   }

@@ -147,7 +147,6 @@ void BM_IntegerForward(benchmark::State& state, InferencePack::Isa isa) {
       break;
     }
     pack.linear_groups(0, pack.groups(), rows, nullptr, y.data(), out, isa);
-    pack.place_neurons(y.data(), out, 0, batch);
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
@@ -224,10 +223,12 @@ BENCHMARK_CAPTURE(BM_IntegerForward, vnni, InferencePack::Isa::kAvx512Vnni)
     ->Name("integer_forward_1024x1024_batch256")
     ->Apply([](auto* b) { for (int64_t bits : {1, 2, 4, 8}) b->Args({bits, 1024, 1024, 256, 100}); });
 BENCHMARK_CAPTURE(BM_IntegerForward, vnni, InferencePack::Isa::kAvx512Vnni)
-    ->Name("integer_forward_4096x4096_4bit")
+    ->Name("integer_forward_4bit")
     ->Apply([](auto* b) {
-      for (int64_t batch : {1, 32, 256}) {
-        for (int64_t percent : {100, 25}) b->Args({4, 4096, 4096, batch, percent});
+      for (int64_t size : {1024, 4096}) {
+        for (int64_t batch : {1, 32, 256}) {
+          for (int64_t percent : {100, 25}) b->Args({4, size, size, batch, percent});
+        }
       }
     });
 BENCHMARK_CAPTURE(BM_IntegerForward, avx2, InferencePack::Isa::kAvx2)

@@ -1,6 +1,7 @@
 #include "inference_pack.h"
 
 #include <algorithm>
+#include <array>
 #include <bitset>
 #include <cmath>
 #include <cstdlib>
@@ -41,6 +42,8 @@ struct Panels {
   const int64_t* panel_chunks;
   const uint8_t* codes;
   const int32_t* order;  // the neuron of each slot; null: slot s holds neuron s
+  const int64_t* placement_begin;
+  const InferencePack::Placement* placements;
   const float* bias;     // per neuron; null: none
   int64_t out_features;
   int64_t regions;
@@ -57,9 +60,14 @@ inline void group_bias(const Panels& p, int64_t g, float* out) {
   for (int64_t k = 0; k < p.lanes(g); ++k) out[k] = p.bias[p.order ? p.order[n0 + k] : n0 + k];
 }
 
-// Writes group g's 16 slot values to their slots in an output row.
+// Writes group g's 16 slot values to their neurons' places in an output row.
 inline void store_group(const Panels& p, int64_t g, const float* values, float* row) {
-  std::memcpy(row + g * InferencePack::kGroup, values, static_cast<size_t>(p.lanes(g)) * sizeof(float));
+  for (int64_t k = p.placement_begin[g]; k < p.placement_begin[g + 1]; ++k) {
+    const InferencePack::Placement& place = p.placements[k];
+    for (int j = 0; j < InferencePack::kGroup; ++j) {
+      if ((place.mask >> j) & 1u) row[place.first + j] = values[place.lane[j]];
+    }
+  }
 }
 
 // Rows the register tile holds: R int32 sums and R float accumulators, 16 lanes each.
@@ -68,22 +76,6 @@ constexpr int kTileRows = 8;
 constexpr int64_t kAmxRows = 16;
 constexpr int64_t kAmxMinBatch = 8;
 constexpr int64_t kTileBytes = kAmxRows * InferencePack::kChunkBytes;
-
-// Where Rows keeps row b's word w (padded inputs 4w .. 4w + 3), and its cell of region r (the
-// multiplier and correction): see Rows. Words of a row lie 4 * height bytes apart.
-struct RowPlace {
-  int64_t tile_start, height, row_in_tile;
-  RowPlace(const InferencePack::Rows& rows, int64_t b)
-      : tile_start(b / rows.tile_rows * rows.tile_rows),
-        height(std::min(rows.tile_rows, rows.batch - tile_start)),
-        row_in_tile(b - tile_start) {}
-  int64_t word(int64_t stride, int64_t w) const {
-    return tile_start * stride + 4 * (w * height + row_in_tile);
-  }
-  int64_t cell(int64_t regions, int64_t r) const {
-    return tile_start * regions + r * height + row_in_tile;
-  }
-};
 
 // Whether this CPU and OS run AMX-INT8: the CPUID bits, the OS saving tile state (XCR0 bits 17
 // and 18), and Linux's per-process permission to use tile data (asked once).
@@ -115,51 +107,142 @@ bool amx_usable() {
 #define SPATIUM_VNNI [[gnu::target("avx512f,avx512bw,avx512vnni,f16c,fma")]]
 #define SPATIUM_AMX [[gnu::target("amx-tile,amx-int8,avx512f,avx512bw,avx512vnni,f16c,fma")]]
 
+// The largest |x| of a region's `size` inputs. Lanes holding an infinity or a NaN (not <= the
+// largest float, or unordered: max_ps may drop a NaN) are set in not_finite.
+SPATIUM_VNNI inline float largest_magnitude(const float* xr, int64_t size, __mmask16& not_finite) {
+  const __m512 finite_limit = _mm512_set1_ps(std::numeric_limits<float>::max());
+  __m512 largest = _mm512_setzero_ps();
+  for (int64_t i = 0; i < size; i += 16) {
+    const auto lanes = static_cast<__mmask16>(size - i >= 16 ? 0xffff : (1u << (size - i)) - 1);
+    const __m512 magnitude = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes, xr + i));
+    not_finite |= _mm512_cmp_ps_mask(magnitude, finite_limit, _CMP_NLE_UQ);
+    largest = _mm512_max_ps(largest, magnitude);
+  }
+  return _mm512_reduce_max_ps(largest);
+}
+
+// Inputs [i0, size) of one row's region quantized, sum + their values returned: word k of the
+// region (inputs 4k .. 4k + 3) goes to q + k * word_step, up to word `words` (0 past the inputs).
+SPATIUM_VNNI inline __m512i quantize_words(const float* xr, int64_t i0, int64_t size,
+                                           int64_t words, __m512 inverse, int8_t* q,
+                                           int64_t word_step, __m512i sum) {
+  for (int64_t i = i0; i < size; i += 16) {
+    const auto lanes = static_cast<__mmask16>(size - i >= 16 ? 0xffff : (1u << (size - i)) - 1);
+    const __m512i rounded =
+        _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, xr + i), inverse));
+    sum = _mm512_add_epi32(sum, rounded);
+    // 4 words, 0 past the region's inputs; those past its padding belong to the next region.
+    alignas(16) int32_t four_words[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(four_words), _mm512_cvtsepi32_epi8(rounded));
+    for (int64_t k = 0; k < std::min<int64_t>(4, words - i / 4); ++k) {
+      std::memcpy(q + (i / 4 + k) * word_step, four_words + k, 4);
+    }
+  }
+  return sum;
+}
+
+// Qword index vectors of vpermt2q: qwords t of the result from a (bit 3 clear) or b (set).
+SPATIUM_VNNI inline __m512i qword_index(std::array<int64_t, 8> t) {
+  return _mm512_set_epi64(t[7], t[6], t[5], t[4], t[3], t[2], t[1], t[0]);
+}
+
+// 64 inputs (16 words) at xr[j] of each row j of a tile of 8 rows, quantized with inverse[j]
+// into the tile's layout: the 512 bytes at `out`, word w of row j at 4 * (8 w + j). sums[j]
+// gains row j's values. A row's 16 words come out of two saturating packs, which leave word
+// 4m + l in dword 4l + m (exact: |round(x * 127 / max|x|)| <= 127); three rounds of two-source
+// permutes then interleave the rows (24 in all, against 128 4-byte copies word by word).
+SPATIUM_VNNI inline void quantize_tile_chunk(const float* const* xr, const float* inverse,
+                                             int8_t* out, __m512i* sums) {
+  __m512i words[kTileRows];
+#pragma GCC unroll 8
+  for (int j = 0; j < kTileRows; ++j) {
+    const __m512 scale = _mm512_set1_ps(inverse[j]);
+    __m512i v[4];
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      v[c] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr[j] + 16 * c), scale));
+      sums[j] = _mm512_add_epi32(sums[j], v[c]);
+    }
+    words[j] = _mm512_packs_epi16(_mm512_packs_epi32(v[0], v[1]), _mm512_packs_epi32(v[2], v[3]));
+  }
+  // Round 1, rows in pairs: words 0-7 (low) or 8-15 (high) of rows j, j + 1 alternating.
+  const auto packed_at = [](int w) { return 4 * (w % 4) + w / 4; };
+  alignas(64) int32_t low_index[16], high_index[16];
+  for (int t = 0; t < 16; ++t) {
+    low_index[t] = packed_at(t / 2) + 16 * (t % 2);
+    high_index[t] = packed_at(8 + t / 2) + 16 * (t % 2);
+  }
+  const __m512i low = _mm512_load_si512(low_index), high = _mm512_load_si512(high_index);
+  __m512i pairs[kTileRows];  // [pair][half]
+#pragma GCC unroll 4
+  for (int pair = 0; pair < 4; ++pair) {
+    pairs[2 * pair] = _mm512_permutex2var_epi32(words[2 * pair], low, words[2 * pair + 1]);
+    pairs[2 * pair + 1] = _mm512_permutex2var_epi32(words[2 * pair], high, words[2 * pair + 1]);
+  }
+  // Round 2, pairs in pairs: 4 words of 4 rows, 16 bytes a word.
+  const __m512i first4 = qword_index({0, 8, 1, 9, 2, 10, 3, 11});
+  const __m512i second4 = qword_index({4, 12, 5, 13, 6, 14, 7, 15});
+  __m512i quads[kTileRows];  // [rows 0-3 or 4-7][words 4q .. 4q + 3]
+#pragma GCC unroll 2
+  for (int half = 0; half < 2; ++half) {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const __m512i a = pairs[4 * half + h], b = pairs[4 * half + 2 + h];
+      quads[4 * half + 2 * h] = _mm512_permutex2var_epi64(a, first4, b);
+      quads[4 * half + 2 * h + 1] = _mm512_permutex2var_epi64(a, second4, b);
+    }
+  }
+  // Round 3: two words of all 8 rows, stored in word order.
+  const __m512i even = qword_index({0, 1, 8, 9, 2, 3, 10, 11});
+  const __m512i odd = qword_index({4, 5, 12, 13, 6, 7, 14, 15});
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) {
+    _mm512_storeu_si512(out + 128 * q, _mm512_permutex2var_epi64(quads[q], even, quads[4 + q]));
+    _mm512_storeu_si512(out + 128 * q + 64,
+                        _mm512_permutex2var_epi64(quads[q], odd, quads[4 + q]));
+  }
+}
+
 // Rows quantized region by region: q = round(x * 127 / max|x|) (to nearest even), and the
 // factors that turn a block's int32 sum into multiplier * sum - correction. False when x holds
-// a NaN or an infinity (found in the pass that takes max|x|, so no pass of its own).
+// a NaN or an infinity (found in the pass that takes max|x|, so no pass of its own). Whole
+// tiles of 8 rows take a region's whole 64-input chunks 8 rows at once.
 SPATIUM_VNNI bool quantize_rows(const float* x, int64_t batch, int64_t ldx, const int64_t* begin,
                                 const int64_t* padded_begin, int64_t regions, float mult,
                                 float offset, InferencePack::Rows& rows) {
-  const __m512 finite_limit = _mm512_set1_ps(std::numeric_limits<float>::max());
   __mmask16 not_finite = 0;
-  for (int64_t b = 0; b < batch; ++b) {
-    const float* xb = x + b * ldx;
-    const RowPlace place(rows, b);
-    const int64_t word_step = 4 * place.height;
+  for (int64_t b0 = 0; b0 < batch; b0 += rows.tile_rows) {
+    const int64_t height = std::min(rows.tile_rows, batch - b0);
+    const int64_t word_step = 4 * height;
     for (int64_t r = 0; r < regions; ++r) {
-      const float* xr = xb + begin[r];
       const int64_t size = begin[r + 1] - begin[r];
-      __m512 largest = _mm512_setzero_ps();
-      for (int64_t i = 0; i < size; i += 16) {
-        const auto lanes = static_cast<__mmask16>(size - i >= 16 ? 0xffff : (1u << (size - i)) - 1);
-        const __m512 magnitude = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes, xr + i));
-        // Not <= the largest float, or unordered: an infinity or a NaN (which max_ps may drop).
-        not_finite |= _mm512_cmp_ps_mask(magnitude, finite_limit, _CMP_NLE_UQ);
-        largest = _mm512_max_ps(largest, magnitude);
+      const int64_t words = (padded_begin[r + 1] - padded_begin[r]) / 4;
+      // The region's word 0 of the tile's first row; row j's is 4 j bytes on.
+      int8_t* q = rows.q.data() + b0 * rows.stride + padded_begin[r] * height;
+      const float* xr[kTileRows];
+      alignas(64) float top[kTileRows], inverse[kTileRows];
+      __m512i sums[kTileRows];
+      for (int64_t j = 0; j < height; ++j) {
+        xr[j] = x + (b0 + j) * ldx + begin[r];
+        top[j] = largest_magnitude(xr[j], size, not_finite);
+        inverse[j] = top[j] > 0.0f ? 127.0f / top[j] : 0.0f;
+        sums[j] = _mm512_setzero_si512();
       }
       if (not_finite != 0) return false;
-      const float top = _mm512_reduce_max_ps(largest);
-      const __m512 inverse = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
-      int8_t* q = rows.q.data() + place.word(rows.stride, padded_begin[r] / 4);
-      const int64_t words = (padded_begin[r + 1] - padded_begin[r]) / 4;
-      __m512i sum = _mm512_setzero_si512();
-      for (int64_t i = 0; i < size; i += 16) {
-        const auto lanes = static_cast<__mmask16>(size - i >= 16 ? 0xffff : (1u << (size - i)) - 1);
-        const __m512i rounded =
-            _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, xr + i), inverse));
-        sum = _mm512_add_epi32(sum, rounded);
-        // 4 words, 0 past the region's inputs; those past its padding belong to the next region.
-        alignas(16) int32_t four_words[4];
-        _mm_store_si128(reinterpret_cast<__m128i*>(four_words), _mm512_cvtsepi32_epi8(rounded));
-        for (int64_t k = 0; k < std::min<int64_t>(4, words - i / 4); ++k) {
-          std::memcpy(q + (i / 4 + k) * word_step, four_words + k, 4);
-        }
+      const int64_t whole = height == kTileRows ? size / 64 * 64 : 0;
+      for (int64_t i = 0; i < whole; i += 64) {
+        const float* at[kTileRows];
+        for (int j = 0; j < kTileRows; ++j) at[j] = xr[j] + i;
+        quantize_tile_chunk(at, inverse, q + i * kTileRows, sums);
       }
-      const float scale = top / 127.0f;
-      const int64_t cell = place.cell(regions, r);
-      rows.multiplier[cell] = scale * mult;
-      rows.correction[cell] = scale * offset * static_cast<float>(_mm512_reduce_add_epi32(sum));
+      for (int64_t j = 0; j < height; ++j) {
+        const __m512i sum = quantize_words(xr[j], whole, size, words, _mm512_set1_ps(inverse[j]),
+                                           q + 4 * j, word_step, sums[j]);
+        const float scale = top[j] / 127.0f;
+        const int64_t cell = b0 * regions + r * height + j;
+        rows.multiplier[cell] = scale * mult;
+        rows.correction[cell] = scale * offset * static_cast<float>(_mm512_reduce_add_epi32(sum));
+      }
     }
   }
   return true;
@@ -185,10 +268,21 @@ SPATIUM_VNNI inline __m512 scaled(__m512 acc, __m512i sums, __m512 scale, float 
   return _mm512_fmadd_ps(scale, sum, acc);
 }
 
-// store_group from a register.
-SPATIUM_VNNI inline void store_group_512(const Panels& p, int64_t g, __m512 values, float* row) {
-  const auto mask = static_cast<__mmask16>((1u << p.lanes(g)) - 1u);
-  _mm512_mask_storeu_ps(row + g * InferencePack::kGroup, mask, values);
+// store_group for rows [0, count) of y, row b's values in acc[b]: per block, one permute and
+// one masked store a row. (A 16-lane scatter took 12% of a sparse layer's batch of 256; a pass
+// placing whole rows after the kernels added 25% to them at 1024 x 1024, these stores 11%.)
+SPATIUM_VNNI inline void store_group_rows(const Panels& p, int64_t g, const __m512* acc,
+                                          int64_t count, float* y, int64_t ldy) {
+  for (int64_t k = p.placement_begin[g]; k < p.placement_begin[g + 1]; ++k) {
+    const InferencePack::Placement& place = p.placements[k];
+    const __m512i lanes =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(place.lane)));
+    float* out = y + place.first;
+#pragma GCC unroll 16
+    for (int64_t b = 0; b < count; ++b) {
+      _mm512_mask_storeu_ps(out + b * ldy, place.mask, _mm512_permutexvar_ps(lanes, acc[b]));
+    }
+  }
 }
 
 SPATIUM_VNNI inline __m512 panel_scales(const Panels& p, int64_t panel) {
@@ -221,18 +315,18 @@ SPATIUM_VNNI inline void dot_chunk(__m512i bytes, const int8_t* words, __m512i* 
   (dot_plane<Bits, R, Planes>(bytes, words, sums), ...);
 }
 
-// Group g's 16 neurons for the tile of R rows at b0: y[b][n] = the sum over the group's panels.
-// With Ahead, each code chunk read also fetches the one `ahead` bytes on into the cache.
+// Group g's 16 neurons for the tile of R rows at b0: y[b][n] = bias (the group's 16 slots')
+// + the sum over the group's panels. With Ahead, each code chunk read also fetches the one
+// `ahead` bytes on into the cache.
 template <int Bits, int R, bool Ahead>
-SPATIUM_VNNI void group_rows(const Panels& p, int64_t g, const InferencePack::Rows& rows,
-                             int64_t b0, float* y, int64_t ldy, int64_t ahead) {
+SPATIUM_VNNI void group_rows(const Panels& p, int64_t g, const float* bias,
+                             const InferencePack::Rows& rows, int64_t b0, float* y, int64_t ldy,
+                             int64_t ahead) {
   constexpr int64_t chunk = InferencePack::chunk_inputs(Bits);
   const int8_t* tile = rows.q.data() + b0 * rows.stride;
   const float* multiplier = rows.multiplier.data() + b0 * p.regions;
   const float* correction = rows.correction.data() + b0 * p.regions;
   __m512 acc[R];
-  alignas(64) float bias[InferencePack::kGroup];
-  group_bias(p, g, bias);
 #pragma GCC unroll 16
   for (int b = 0; b < R; ++b) acc[b] = _mm512_load_ps(bias);
   for (int64_t panel = p.group_begin[g]; panel < p.group_begin[g + 1]; ++panel) {
@@ -253,8 +347,7 @@ SPATIUM_VNNI void group_rows(const Panels& p, int64_t g, const InferencePack::Ro
       acc[b] = scaled(acc[b], sums[b], scale, multiplier[r * R + b], correction[r * R + b]);
     }
   }
-#pragma GCC unroll 16
-  for (int b = 0; b < R; ++b) store_group_512(p, g, acc[b], y + (b0 + b) * ldy);
+  store_group_rows(p, g, acc, R, y + b0 * ldy, ldy);
 }
 
 // run(std::integral_constant<int, R>, b) for rows [b, b + R) of a batch: whole tiles of
@@ -286,12 +379,16 @@ void vnni_groups(const Panels& p, int64_t g0, int64_t g1, const InferencePack::R
     const int64_t group_bytes = (p.panel_chunks[p.group_begin[g + 1]] -
                                  p.panel_chunks[p.group_begin[g]]) *
                                 InferencePack::kChunkBytes;
+    // Once a group: its lanes' bias entries are a gather, and written lane by lane they stall
+    // the vector load that reads them (a sparse batch of 256 rows took 5% longer).
+    alignas(64) float bias[InferencePack::kGroup];
+    group_bias(p, g, bias);
     by_row_tiles<kTileRows>(rows.batch, [&](auto tile, int64_t b) {
       constexpr int R = decltype(tile)::value;
       if (b + R >= rows.batch && rows.batch > kTileRows && g + 1 < g1) {
-        group_rows<Bits, R, true>(p, g, rows, b, y, ldy, group_bytes);
+        group_rows<Bits, R, true>(p, g, bias, rows, b, y, ldy, group_bytes);
       } else {
-        group_rows<Bits, R, false>(p, g, rows, b, y, ldy, 0);
+        group_rows<Bits, R, false>(p, g, bias, rows, b, y, ldy, 0);
       }
     });
   }
@@ -414,9 +511,7 @@ SPATIUM_AMX void amx_groups(const Panels& p, int64_t g0, int64_t g1,
       if (last > first) {
         scale_panel(acc, (last - first) % 2 == 1 ? sums : sums + slot, p, last - 1, rows, b0);
       }
-      for (int64_t b = 0; b < std::min(kAmxRows, rows.batch - b0); ++b) {
-        store_group_512(p, g, acc[b], y + (b0 + b) * ldy);
-      }
+      store_group_rows(p, g, acc, std::min(kAmxRows, rows.batch - b0), y + b0 * ldy, ldy);
     }
   }
   _tile_release();
@@ -537,14 +632,13 @@ SPATIUM_AVX2 inline void dot_chunk_avx2(const uint8_t* w, const int8_t* const* q
 
 // group_rows with AVX2: lanes 0-7 and 8-15 of the group in two registers each.
 template <int Bits, int R>
-SPATIUM_AVX2 void group_rows_avx2(const Panels& p, int64_t g, const InferencePack::Rows& rows,
-                                  int64_t b0, float* y, int64_t ldy) {
+SPATIUM_AVX2 void group_rows_avx2(const Panels& p, int64_t g, const float* bias,
+                                  const InferencePack::Rows& rows, int64_t b0, float* y,
+                                  int64_t ldy) {
   constexpr int64_t chunk = InferencePack::chunk_inputs(Bits);
   const int8_t* q[R];
   for (int b = 0; b < R; ++b) q[b] = rows.q.data() + (b0 + b) * rows.stride;
   __m256 acc[R][2];
-  alignas(32) float bias[InferencePack::kGroup];
-  group_bias(p, g, bias);
   for (auto& row : acc) {
     row[0] = _mm256_load_ps(bias);
     row[1] = _mm256_load_ps(bias + 8);
@@ -586,22 +680,14 @@ template <int Bits>
 void avx2_groups(const Panels& p, int64_t g0, int64_t g1, const InferencePack::Rows& rows,
                  float* y, int64_t ldy) {
   for (int64_t g = g0; g < g1; ++g) {
+    alignas(32) float bias[InferencePack::kGroup];
+    group_bias(p, g, bias);
     by_row_tiles<kAvx2TileRows>(rows.batch, [&](auto tile, int64_t b) {
-      group_rows_avx2<Bits, decltype(tile)::value>(p, g, rows, b, y, ldy);
+      group_rows_avx2<Bits, decltype(tile)::value>(p, g, bias, rows, b, y, ldy);
     });
   }
 }
 
-// y[n] = slots[slot_of[n]] for a row of `neurons`, eight a gather (AVX-512 CPUs have AVX2).
-SPATIUM_AVX2 void place_row(const float* slots, const int32_t* slot_of, int64_t neurons,
-                            float* y) {
-  int64_t n = 0;
-  for (; n + 8 <= neurons; n += 8) {
-    const __m256i at = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(slot_of + n));
-    _mm256_storeu_ps(y + n, _mm256_i32gather_ps(slots, at, 4));
-  }
-  for (; n < neurons; ++n) y[n] = slots[slot_of[n]];
-}
 #pragma GCC diagnostic pop
 #endif
 
@@ -734,6 +820,29 @@ std::vector<int64_t> grouped_order(const PackedView& v) {
   return {};
 }
 
+// Appends to `out` the placements of a group whose lanes [0, lanes) hold neurons
+// neuron_of(lane): one per block of 16 neurons they fall in, in the blocks' order.
+template <class NeuronOf>
+void add_placements(int64_t lanes, const NeuronOf& neuron_of,
+                    std::vector<InferencePack::Placement>& out) {
+  constexpr int64_t kBlock = InferencePack::kGroup;
+  const auto first = static_cast<std::ptrdiff_t>(out.size());
+  for (int64_t lane = 0; lane < lanes; ++lane) {
+    const int64_t n = neuron_of(lane), block = n / kBlock * kBlock;
+    auto place = std::find_if(out.begin() + first, out.end(),
+                              [&](const InferencePack::Placement& p) { return p.first == block; });
+    if (place == out.end()) {
+      place = out.insert(out.end(), InferencePack::Placement{static_cast<int32_t>(block), 0, {}});
+    }
+    place->mask = static_cast<uint16_t>(place->mask | (1u << (n - block)));
+    place->lane[n - block] = static_cast<uint8_t>(lane);
+  }
+  std::sort(out.begin() + first, out.end(),
+            [](const InferencePack::Placement& a, const InferencePack::Placement& b) {
+              return a.first < b.first;
+            });
+}
+
 }  // namespace
 
 InferencePack::InferencePack(const PackedView& v)
@@ -764,15 +873,16 @@ InferencePack::InferencePack(const PackedView& v)
   }
   const std::vector<int64_t> order = grouped_order(v);
   order_.assign(order.begin(), order.end());  // fits: out_features <= INT32_MAX, checked above
-  slot_of_.resize(order_.size());
-  for (size_t s = 0; s < order_.size(); ++s) slot_of_[order_[s]] = static_cast<int32_t>(s);
   const auto neuron_in = [this](int64_t slot) { return order_.empty() ? slot : order_[slot]; };
   std::vector<int64_t> panel_of(static_cast<size_t>(regions), -1);
   std::vector<char> held(static_cast<size_t>(regions));
   group_begin_.assign(1, 0);
   panel_chunks_.assign(1, 0);
+  placement_begin_.assign(1, 0);
   for (int64_t s0 = 0; s0 < out_features_; s0 += kGroup) {
     const int64_t s1 = std::min(s0 + kGroup, out_features_);
+    add_placements(s1 - s0, [&](int64_t lane) { return neuron_in(s0 + lane); }, placements_);
+    placement_begin_.push_back(static_cast<int64_t>(placements_.size()));
     std::fill(held.begin(), held.end(), 0);
     for (int64_t s = s0; s < s1; ++s) {
       v.for_each_region(neuron_in(s), [&](int64_t r) { held[r] = 1; });
@@ -808,9 +918,10 @@ InferencePack::InferencePack(const PackedView& v)
 int64_t InferencePack::bytes() const {
   return static_cast<int64_t>(codes_.size() + scales_.size() * sizeof(uint16_t) +
                               panel_region_.size() * sizeof(int32_t) +
-                              (order_.size() + slot_of_.size()) * sizeof(int32_t) +
+                              order_.size() * sizeof(int32_t) +
+                              placements_.size() * sizeof(Placement) +
                               (panel_chunks_.size() + group_begin_.size() + padded_begin_.size() +
-                               region_begin_.size()) *
+                               region_begin_.size() + placement_begin_.size()) *
                                   sizeof(int64_t));
 }
 
@@ -861,6 +972,8 @@ void InferencePack::linear_groups(int64_t g0, int64_t g1, const Rows& rows, cons
                  panel_chunks_.data(),
                  codes_.data(),
                  order_.empty() ? nullptr : order_.data(),
+                 placement_begin_.data(),
+                 placements_.data(),
                  bias,
                  out_features_,
                  static_cast<int64_t>(region_begin_.size()) - 1};
@@ -895,22 +1008,6 @@ void InferencePack::linear_groups(int64_t g0, int64_t g1, const Rows& rows, cons
   (void)g0, (void)g1, (void)rows, (void)y, (void)ldy, (void)isa;
   throw std::logic_error("InferencePack: the kernels need x86-64 with AVX2 or AVX-512 VNNI");
 #endif
-}
-
-void InferencePack::place_neurons(float* y, int64_t ldy, int64_t b0, int64_t b1) const {
-  if (slot_of_.empty()) return;
-  std::vector<float> slots(static_cast<size_t>(out_features_));  // one row, in cache
-  for (int64_t b = b0; b < b1; ++b) {
-    float* row = y + b * ldy;
-    std::copy(row, row + out_features_, slots.begin());
-#if defined(__x86_64__)
-    if (cpu::features().avx2) {
-      place_row(slots.data(), slot_of_.data(), out_features_, row);
-      continue;
-    }
-#endif
-    for (int64_t n = 0; n < out_features_; ++n) row[n] = slots[slot_of_[n]];
-  }
 }
 
 }  // namespace spatium

@@ -5,8 +5,9 @@
 // Neurons go in groups of 16 slots, one int32 lane each. A group keeps one panel per region that
 // any of its neurons holds (the union of their blocks; a neuron without the block gets scale 0).
 // Slot s holds neuron s, or for sparse layouts where that pays, the neuron neuron_order()[s]:
-// neurons gathered so that each group's union of regions stays small; the kernels write each
-// slot's output to its neuron's place (a scatter), so callers see neuron order.
+// neurons gathered so that each group's union of regions stays small. The kernels write each
+// slot's output to its neuron's place: per aligned block of 16 neurons a group holds some of,
+// one permute and one masked store a row, so callers see neuron order.
 // A panel holds the 16 neurons' fp16 scales and their stored codes in 64-byte chunks: byte
 // 4m + j of a chunk is neuron m's, and its bit plane p (bits p*b .. p*b+b-1) holds the code of
 // input 4p + j of the chunk. So one load feeds every plane's vpdpbusd for all 16 neurons, each
@@ -89,19 +90,22 @@ class InferencePack {
   // Throws std::invalid_argument for an isa this CPU lacks.
   [[nodiscard]] bool quantize(const float* x, int64_t batch, int64_t ldx, Rows& rows,
                               Isa isa = best_isa()) const;
-  // y[b * ldy + s] = bias[n] + sum_i w[n][i] x[b][i] for the slots s that groups [g0, g1)
-  // hold, n the neuron of slot s (see neuron_order), every row: the sums of products with the
-  // quantized rows, started from the bias (null: none). Each group writes its own slots of y
-  // (contiguous: a scatter to the neurons' places cost 12% of a sparse layer's batch of 256)
-  // and reads its neurons' bias entries, so groups run in parallel; place_neurons then puts
-  // the rows in neuron order. With kAvx512Vnni: AMX tiles for batches of 8 rows
-  // or more where the CPU and OS allow AMX-INT8, VNNI otherwise. Throws
-  // std::invalid_argument for an isa this CPU lacks, or rows quantized for another isa.
+  // y[b * ldy + n] = bias[n] + sum_i w[n][i] x[b][i] for the neurons n that groups [g0, g1)
+  // hold (see neuron_order), every row: the sums of products with the quantized rows, started
+  // from the bias (null: none). Each group writes and reads only its own neurons' entries, so
+  // groups run in parallel. With kAvx512Vnni: AMX tiles for batches of 8 rows or more where
+  // the CPU and OS allow AMX-INT8, VNNI otherwise. Throws std::invalid_argument for an isa
+  // this CPU lacks, or rows quantized for another isa.
   void linear_groups(int64_t g0, int64_t g1, const Rows& rows, const float* bias, float* y,
                      int64_t ldy, Isa isa = best_isa()) const;
-  // Rows [b0, b1) of linear_groups' output y, in place: each neuron's value moves from its slot
-  // to its place (nothing to do when slot s holds neuron s: neuron_order empty).
-  void place_neurons(float* y, int64_t ldy, int64_t b0, int64_t b1) const;
+
+  // A group's part of one aligned block of 16 neurons in an output row: which of them it holds
+  // and in which of its lanes.
+  struct Placement {
+    int32_t first = 0;      // the block's first neuron, a multiple of 16
+    uint16_t mask = 0;      // bit j: the group holds neuron first + j
+    uint8_t lane[16] = {};  // the group's lane holding neuron first + j (0 where it holds none)
+  };
 
  private:
   int bits_ = 0;
@@ -109,7 +113,8 @@ class InferencePack {
   int64_t in_features_ = 0;
   int64_t out_features_ = 0;
   std::vector<int32_t> order_;         // [neurons] the neuron of each slot, or empty
-  std::vector<int32_t> slot_of_;       // [neurons] the slot of each neuron, or empty
+  std::vector<int64_t> placement_begin_;  // [groups + 1] first placement of each group
+  std::vector<Placement> placements_;     // per group, its blocks in order
   std::vector<int64_t> region_begin_;  // [regions + 1] the memory's
   std::vector<int64_t> padded_begin_;  // [regions + 1] where each region starts in a Rows row
   std::vector<int64_t> group_begin_;   // [groups + 1] first panel of each group

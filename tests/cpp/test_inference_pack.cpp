@@ -75,7 +75,6 @@ TEST(InferencePack, SumsOfIntegerProductsAreExact) {
       std::vector<float> y(static_cast<size_t>(batch * out), -1.0f), bias(static_cast<size_t>(out));
       for (int64_t s = 0; s < out; ++s) bias[s] = 0.25f * static_cast<float>(s) - 3.0f;
       pack.linear_groups(0, pack.groups(), rows, bias.data(), y.data(), out, isa);
-      pack.place_neurons(y.data(), out, 0, batch);
       // Expected: the kernels' weights times the rounded activations, in double.
       const std::vector<float> dense = kernel_weights(m);
       for (int64_t b = 0; b < batch; ++b) {
@@ -157,13 +156,14 @@ TEST(InferencePack, GathersNeuronsThatShareRegions) {
   std::vector<int32_t> sorted = order;
   std::sort(sorted.begin(), sorted.end());
   for (int64_t n = 0; n < out; ++n) ASSERT_EQ(sorted[n], n);  // a permutation
-  // Half the panels of the index order: a panel is 16 scales and one 64-byte chunk here.
-  const int64_t panels = out / InferencePack::kGroup * (regions / 2);
-  EXPECT_EQ(pack.bytes(), panels * (64 + 16 * 2 + 4) + 2 * out * 4 +
-                              (panels + 1 + out / 16 + 1 + 2 * (regions + 1)) * 8);
+  // Half the panels of the index order: a panel is 16 scales and one 64-byte chunk here. A
+  // group's 16 even or odd neurons fall in two blocks of 16: two placements a group.
+  const int64_t groups = out / InferencePack::kGroup, panels = groups * (regions / 2);
+  EXPECT_EQ(pack.bytes(), panels * (64 + 16 * 2 + 4) + out * 4 +
+                              2 * groups * static_cast<int64_t>(sizeof(InferencePack::Placement)) +
+                              (panels + 1 + 2 * (groups + 1) + 2 * (regions + 1)) * 8);
   // A one-hot input on input i gives each neuron holding i its weight there, the others 0, plus
-  // its bias: the kernels read each slot's neuron's bias and write the slots; place_neurons
-  // moves them to the neurons' places.
+  // its bias, in the neuron's place whichever slot holds it.
   std::vector<float> bias(static_cast<size_t>(out));
   for (int64_t n = 0; n < out; ++n) bias[n] = 0.5f * static_cast<float>(n);
   const std::vector<float> dense = kernel_weights(m);
@@ -173,15 +173,11 @@ TEST(InferencePack, GathersNeuronsThatShareRegions) {
     for (const InferencePack::Isa isa : isas()) {
       InferencePack::Rows rows;
       ASSERT_TRUE(pack.quantize(x.data(), 1, in, rows, isa));
-      std::vector<float> slots(static_cast<size_t>(out));
-      pack.linear_groups(0, pack.groups(), rows, bias.data(), slots.data(), out, isa);
-      std::vector<float> y = slots;
-      pack.place_neurons(y.data(), out, 0, 1);
-      for (int64_t s = 0; s < out; ++s) {
-        const int64_t n = order[s];
-        EXPECT_FLOAT_EQ(slots[s], bias[n] + dense[n * in + i])
-            << InferencePack::isa_name(isa) << " input " << i << " slot " << s;
-        EXPECT_FLOAT_EQ(y[n], slots[s]) << InferencePack::isa_name(isa) << " neuron " << n;
+      std::vector<float> y(static_cast<size_t>(out), -1.0f);
+      pack.linear_groups(0, pack.groups(), rows, bias.data(), y.data(), out, isa);
+      for (int64_t n = 0; n < out; ++n) {
+        EXPECT_FLOAT_EQ(y[n], bias[n] + dense[n * in + i])
+            << InferencePack::isa_name(isa) << " input " << i << " neuron " << n;
       }
     }
   }
