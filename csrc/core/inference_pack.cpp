@@ -776,43 +776,52 @@ int64_t panels_in_order(const RegionSets& sets, const std::vector<int64_t>& orde
 
 // The neurons in the order the pack lays them out, 16 to a group: each group starts at the
 // first neuron not yet placed and takes, one at a time, the neuron that adds the fewest regions
-// to the group's union among the next kCandidates unplaced ones (the first of equals). A group
-// computes a panel for every region any of its neurons holds, so with sparse layouts whose
-// neighbours share few regions (random connectivity) the index order wastes most of the work.
-// Empty when that order needs no more panels than the greedy one (dense layouts, most local
-// ones): the pack then keeps neuron n in slot n.
+// to the group's union among the next kCandidates unplaced ones; of equals, one in a block of
+// 16 neurons the group already writes to (each block costs the kernels a store a row), then
+// the first. A group computes a panel for every region any of its neurons holds, so with
+// sparse layouts whose neighbours share few regions (random connectivity) the index order
+// wastes most of the work. Empty when that order needs no more panels than the greedy one
+// (dense layouts, most local ones): the pack then keeps neuron n in slot n.
 std::vector<int64_t> grouped_order(const PackedView& v) {
   constexpr int64_t kCandidates = 256;
   const int64_t neurons = v.out_features;
   const RegionSets sets = region_sets(v);
   std::vector<int64_t> order;
   order.reserve(static_cast<size_t>(neurons));
+  constexpr int64_t kBlock = InferencePack::kGroup;
   std::vector<char> placed(static_cast<size_t>(neurons), 0);
+  std::vector<char> written((neurons + kBlock - 1) / kBlock, 0);  // blocks the group writes to
   std::vector<uint64_t> held(static_cast<size_t>(sets.words));
   int64_t first = 0;  // every neuron before it is placed
   while (static_cast<int64_t>(order.size()) < neurons) {
     while (placed[first]) ++first;
-    placed[first] = 1;
-    order.push_back(first);
-    std::copy(sets.of(first), sets.of(first) + sets.words, held.begin());
+    const size_t group_start = order.size();
+    const auto take = [&](int64_t n) {
+      placed[n] = 1;
+      written[n / kBlock] = 1;
+      order.push_back(n);
+      for (int64_t w = 0; w < sets.words; ++w) held[w] |= sets.of(n)[w];
+    };
+    std::fill(held.begin(), held.end(), 0);
+    take(first);
     for (int64_t lane = 1; lane < InferencePack::kGroup; ++lane) {
-      int64_t best = -1, fewest = 0, seen = 0;
+      int64_t best = -1, lowest = 0, seen = 0;
       for (int64_t n = first + 1; n < neurons && seen < kCandidates; ++n) {
         if (placed[n]) continue;
         ++seen;
         int64_t added = 0;
         for (int64_t w = 0; w < sets.words; ++w) added += popcount(sets.of(n)[w] & ~held[w]);
-        if (best < 0 || added < fewest) {
+        const int64_t cost = 2 * added + (written[n / kBlock] ? 0 : 1);
+        if (best < 0 || cost < lowest) {
           best = n;
-          fewest = added;
-          if (added == 0) break;
+          lowest = cost;
+          if (cost == 0) break;
         }
       }
       if (best < 0) break;  // every neuron is placed
-      placed[best] = 1;
-      order.push_back(best);
-      for (int64_t w = 0; w < sets.words; ++w) held[w] |= sets.of(best)[w];
+      take(best);
     }
+    for (size_t s = group_start; s < order.size(); ++s) written[order[s] / kBlock] = 0;
   }
   std::vector<int64_t> identity(static_cast<size_t>(neurons));
   for (int64_t n = 0; n < neurons; ++n) identity[n] = n;
