@@ -64,8 +64,9 @@ inline void group_bias(const Panels& p, int64_t g, float* out) {
 inline void store_group(const Panels& p, int64_t g, const float* values, float* row) {
   for (int64_t k = p.placement_begin[g]; k < p.placement_begin[g + 1]; ++k) {
     const InferencePack::Placement& place = p.placements[k];
-    for (int j = 0; j < InferencePack::kGroup; ++j) {
-      if ((place.mask >> j) & 1u) row[place.first + j] = values[place.lane[j]];
+    for (unsigned mask = place.mask; mask != 0; mask &= mask - 1) {  // its neurons, in turn
+      const int j = __builtin_ctz(mask);
+      row[place.first + j] = values[place.lane[j]];
     }
   }
 }
@@ -560,14 +561,18 @@ SPATIUM_AVX2 bool quantize_rows_avx2(const float* x, int64_t batch, int64_t ldx,
       const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
       int8_t* q = rows.q.data() + b * rows.stride + padded_begin[r];
       __m256i sum = _mm256_setzero_si256();
-      alignas(32) int32_t rounded[8];
+      // Two saturating packs (exact: |q| <= 127) leave bytes 0-3 in dword 0, 4-7 in dword 4.
+      const __m256i dwords_0_4 = _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0);
       for (i = 0; i + 8 <= size; i += 8) {
         const __m256i lanes =
             _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + i), _mm256_set1_ps(inverse)));
         sum = _mm256_add_epi32(sum, lanes);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(rounded), lanes);
-        for (int k = 0; k < 8; ++k) q[i + k] = static_cast<int8_t>(rounded[k]);
+        const __m256i words = _mm256_packs_epi32(lanes, lanes);
+        const __m256i bytes =
+            _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words, words), dwords_0_4);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm256_castsi256_si128(bytes));
       }
+      alignas(32) int32_t rounded[8];
       _mm256_store_si256(reinterpret_cast<__m256i*>(rounded), sum);
       int32_t total = 0;
       for (const int32_t lane : rounded) total += lane;
