@@ -183,6 +183,47 @@ TEST(InferencePack, GathersNeuronsThatShareRegions) {
   }
 }
 
+// Groups run in parallel because each writes only its own neurons' outputs, though with a
+// gathered order it shares blocks of 16 neurons with other groups (masked stores). Run one group
+// at a time over a sentinel: it sets exactly its neurons, to what the whole call gives them.
+TEST(InferencePack, EachGroupWritesOnlyItsNeurons) {
+  if (!InferencePack::cpu_supported()) GTEST_SKIP() << "no AVX2 or AVX-512 VNNI on this CPU";
+  const int64_t out = 40, in = 64, regions = 8;  // the last group holds 8 neurons
+  std::mt19937_64 rng(11);
+  const SpatialMemory m = test_support::memory_with_blocks(
+      out, in, 4, 3, [](int64_t n, int64_t r) { return (r < regions / 2) == (n % 2 == 0); }, rng);
+  const InferencePack pack(m.view());
+  const std::vector<int32_t>& order = pack.neuron_order();
+  ASSERT_EQ(static_cast<int64_t>(order.size()), out);  // gathered, so groups share blocks
+  constexpr float kUntouched = -12345.0f;
+  std::vector<float> bias(static_cast<size_t>(out));
+  for (int64_t n = 0; n < out; ++n) bias[n] = 0.25f * static_cast<float>(n);
+  for (const InferencePack::Isa isa : isas()) {
+    for (int64_t batch : {3, 11}) {  // one partial tile of rows; a whole tile and a partial one
+      std::vector<float> x(static_cast<size_t>(batch * in));
+      std::normal_distribution<float> normal;
+      for (auto& v : x) v = normal(rng);
+      InferencePack::Rows rows;
+      ASSERT_TRUE(pack.quantize(x.data(), batch, in, rows, isa));
+      std::vector<float> whole(static_cast<size_t>(batch * out));
+      pack.linear_groups(0, pack.groups(), rows, bias.data(), whole.data(), out, isa);
+      for (int64_t g = 0; g < pack.groups(); ++g) {
+        std::vector<char> mine(static_cast<size_t>(out), 0);
+        for (int64_t s = g * 16; s < std::min<int64_t>(out, g * 16 + 16); ++s) mine[order[s]] = 1;
+        std::vector<float> y(static_cast<size_t>(batch * out), kUntouched);
+        pack.linear_groups(g, g + 1, rows, bias.data(), y.data(), out, isa);
+        for (int64_t b = 0; b < batch; ++b) {
+          for (int64_t n = 0; n < out; ++n) {
+            EXPECT_EQ(y[b * out + n], mine[n] ? whole[b * out + n] : kUntouched)
+                << InferencePack::isa_name(isa) << " batch " << batch << " group " << g
+                << " row " << b << " neuron " << n;
+          }
+        }
+      }
+    }
+  }
+}
+
 // The VNNI kernel reads rows laid out in tiles, the AVX2 one plain rows: rows quantized for one
 // are refused by the other rather than read wrongly.
 TEST(InferencePack, RefusesRowsQuantizedForAnotherKernel) {
