@@ -147,6 +147,20 @@ SPATIUM_VNNI inline __m512i qword_index(std::array<int64_t, 8> t) {
   return _mm512_set_epi64(t[7], t[6], t[5], t[4], t[3], t[2], t[1], t[0]);
 }
 
+// Dword indices of vpermt2d interleaving two rows' packed words (see quantize_tile_chunk):
+// dword t of the result is word first + t / 2 of row a (t even) or row b (t odd). Two packs
+// leave word w of a row in dword 4 (w % 4) + w / 4; bit 4 of an index picks b.
+constexpr std::array<int32_t, 16> pair_index(int first) {
+  std::array<int32_t, 16> index{};
+  for (int t = 0; t < 16; ++t) {
+    const int w = first + t / 2;
+    index[static_cast<size_t>(t)] = 4 * (w % 4) + w / 4 + 16 * (t % 2);
+  }
+  return index;
+}
+constexpr std::array<int32_t, 16> kLowWordPairs = pair_index(0);
+constexpr std::array<int32_t, 16> kHighWordPairs = pair_index(8);
+
 // 64 inputs (16 words) at xr[j] of each row j of a tile of 8 rows, quantized with inverse[j]
 // into the tile's layout: the 512 bytes at `out`, word w of row j at 4 * (8 w + j). sums[j]
 // gains row j's values. A row's 16 words come out of two saturating packs, which leave word
@@ -167,13 +181,8 @@ SPATIUM_VNNI inline void quantize_tile_chunk(const float* const* xr, const float
     words[j] = _mm512_packs_epi16(_mm512_packs_epi32(v[0], v[1]), _mm512_packs_epi32(v[2], v[3]));
   }
   // Round 1, rows in pairs: words 0-7 (low) or 8-15 (high) of rows j, j + 1 alternating.
-  const auto packed_at = [](int w) { return 4 * (w % 4) + w / 4; };
-  alignas(64) int32_t low_index[16], high_index[16];
-  for (int t = 0; t < 16; ++t) {
-    low_index[t] = packed_at(t / 2) + 16 * (t % 2);
-    high_index[t] = packed_at(8 + t / 2) + 16 * (t % 2);
-  }
-  const __m512i low = _mm512_load_si512(low_index), high = _mm512_load_si512(high_index);
+  const __m512i low = _mm512_loadu_si512(kLowWordPairs.data());
+  const __m512i high = _mm512_loadu_si512(kHighWordPairs.data());
   __m512i pairs[kTileRows];  // [pair][half]
 #pragma GCC unroll 4
   for (int pair = 0; pair < 4; ++pair) {
